@@ -1,0 +1,63 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+// Layers, bottom to top (each may use only the ones before it):
+//   CFaultlineShim  - C: the KVM/userfaultfd ABI structs and request numbers, defined here
+//                     (system headers are older than the kernel); non-variadic ioctl and
+//                     syscall wrappers; union accessors; the kick and SIGBUS signal handlers.
+//   FaultlineCore   - pure Swift, no syscalls: addresses, page bitmap, range map, x86
+//                     encoder and guest workloads, wire codec, statistics.
+//   FaultlineLinux  - owning types over the kernel: Kvm, VirtualMachine, Vcpu,
+//                     Userfaultfd, GuestMemory; one syscall wrapper and error type.
+//   FaultlineEngine - fault delivery (uffd single/per-vCPU, MINOR, vCPU exits), page
+//                     sources, the demand-paging benchmark, migration.
+//   faultline       - the command-line tool.
+let package = Package(
+    name: "faultline",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "faultline", targets: ["faultline"]),
+        .library(name: "FaultlineEngine", targets: ["FaultlineEngine"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-atomics", from: "1.2.0"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
+    ],
+    targets: [
+        .target(name: "CFaultlineShim"),
+        .target(
+            name: "FaultlineCore",
+            dependencies: [.product(name: "Atomics", package: "swift-atomics")]
+        ),
+        .target(
+            name: "FaultlineLinux",
+            dependencies: [
+                "CFaultlineShim", "FaultlineCore",
+                .product(name: "Atomics", package: "swift-atomics"),
+            ]
+        ),
+        .target(
+            name: "FaultlineEngine",
+            dependencies: [
+                "FaultlineCore", "FaultlineLinux",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ]
+        ),
+        .executableTarget(
+            name: "faultline",
+            dependencies: [
+                "FaultlineEngine", "FaultlineLinux", "FaultlineCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "FaultlineCoreTests", dependencies: ["FaultlineCore"]),
+        .testTarget(name: "ABITests", dependencies: ["CFaultlineShim"]),
+        .testTarget(name: "FaultlineLinuxTests", dependencies: ["FaultlineLinux", "FaultlineCore"]),
+        .testTarget(
+            name: "FaultlineEngineTests",
+            dependencies: ["FaultlineEngine", "FaultlineLinux", "FaultlineCore"]
+        ),
+    ],
+    swiftLanguageModes: [.v5]
+)

@@ -1,0 +1,104 @@
+#define _GNU_SOURCE
+#include "faultline_shim.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <string.h>
+#include <fcntl.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+int fl_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
+int fl_ioctl_val(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }
+int fl_errno(void) { return errno; }
+int fl_fallocate(int fd, int mode, int64_t offset, int64_t length) { return fallocate(fd, mode, offset, length); }
+int fl_eventfd(unsigned int initval, int flags) { return eventfd(initval, flags); }
+
+int fl_userfaultfd_syscall(int flags) {
+#ifdef SYS_userfaultfd
+    return (int)syscall(SYS_userfaultfd, flags);
+#else
+    return (int)syscall(323, flags);
+#endif
+}
+
+int fl_memfd_create(const char *name, unsigned int flags) { return (int)syscall(SYS_memfd_create, name, flags); }
+
+uint64_t fl_now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ULL + (uint64_t)t.tv_nsec;
+}
+
+// ---- kick signal --------------------------------------------------------------------
+static int kick_signal = -1;
+static void kick_handler(int sig) { (void)sig; }
+
+int fl_kick_signal_install(void) {
+    if (kick_signal > 0) return kick_signal;
+    int sig = SIGRTMIN + 1;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = kick_handler;  // no SA_RESTART: a blocked ioctl returns EINTR
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(sig, &sa, NULL) != 0) return -1;
+    kick_signal = sig;
+    return sig;
+}
+
+int fl_kick_thread(pthread_t thread) {
+    if (kick_signal < 0) return EINVAL;
+    return pthread_kill(thread, kick_signal);
+}
+
+int fl_kick_signal_block(int block) {
+    if (kick_signal < 0) return EINVAL;
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, kick_signal);
+    return pthread_sigmask(block ? SIG_BLOCK : SIG_UNBLOCK, &set, NULL);
+}
+
+// ---- SIGBUS hook ----------------------------------------------------------------------
+static __thread fl_sigbus_resolver tls_resolver;
+static __thread void *tls_context;
+
+static void sigbus_handler(int sig, siginfo_t *info, void *uctx) {
+    (void)uctx;
+    int saved = errno;
+    fl_sigbus_resolver r = tls_resolver;
+    if (r && info && r(tls_context, (uint64_t)(uintptr_t)info->si_addr) == 0) {
+        errno = saved;
+        return;  // the page is there now: the faulting instruction runs again
+    }
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+int fl_sigbus_install(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = sigbus_handler;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(SIGBUS, &sa, NULL);
+}
+
+void fl_sigbus_set_thread_resolver(fl_sigbus_resolver resolver, void *context) {
+    tls_context = context;
+    tls_resolver = resolver;
+}
+
+int fl_thread_create(pthread_t *thread, size_t stack_size, void *(*entry)(void *), void *arg) {
+    pthread_attr_t attr;
+    int rc = pthread_attr_init(&attr);
+    if (rc) return rc;
+    if (stack_size) pthread_attr_setstacksize(&attr, stack_size);
+    rc = pthread_create(thread, &attr, entry, arg);
+    pthread_attr_destroy(&attr);
+    return rc;
+}

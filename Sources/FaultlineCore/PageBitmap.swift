@@ -1,0 +1,123 @@
+import Atomics
+
+/// One bit per guest page, safe to read and update from any thread (vCPU threads,
+/// uffd readers, the background receiver) without locks.
+///
+/// This is the "userfault bitmap" of the KVM Userfault proposal, inverted: a set bit
+/// means the page is present. Words are 64-bit, bit `i % 64` of word `i / 64` is page
+/// `i` - the layout of every kernel bitmap (dirty log, the proposed userfault_bitmap), so
+/// `words` can be handed to the kernel as is.
+public final class PageBitmap: @unchecked Sendable {
+    public let count: Int
+    public let wordCount: Int
+    @usableFromInline let storage: UnsafeMutablePointer<UInt64.AtomicRepresentation>
+    @usableFromInline let population: ManagedAtomic<Int>
+
+    public init(count: Int) {
+        precondition(count >= 0, "bitmap size must not be negative")
+        self.count = count
+        self.wordCount = (count + 63) / 64
+        storage = .allocate(capacity: max(wordCount, 1))
+        storage.initialize(repeating: UInt64.AtomicRepresentation(0), count: max(wordCount, 1))
+        population = ManagedAtomic(0)
+    }
+
+    deinit { storage.deallocate() }
+
+    @inlinable func word(_ index: Int) -> UnsafeAtomic<UInt64> {
+        UnsafeAtomic(at: storage + index)
+    }
+
+    /// The raw words (for the kernel, or for serialising). Valid while the bitmap lives.
+    public var words: UnsafeMutableRawPointer { UnsafeMutableRawPointer(storage) }
+
+    @inlinable public func contains(_ page: Int) -> Bool {
+        precondition(page >= 0 && page < count, "page \(page) outside bitmap of \(count)")
+        return word(page >> 6).load(ordering: .acquiring) & (1 << UInt64(page & 63)) != 0
+    }
+
+    /// Sets the bit; returns true if this call set it (false if it was already set).
+    @discardableResult
+    @inlinable public func insert(_ page: Int) -> Bool {
+        precondition(page >= 0 && page < count, "page \(page) outside bitmap of \(count)")
+        let mask: UInt64 = 1 << UInt64(page & 63)
+        let old = word(page >> 6).loadThenBitwiseOr(with: mask, ordering: .acquiringAndReleasing)
+        if old & mask == 0 {
+            population.wrappingIncrement(ordering: .relaxed)
+            return true
+        }
+        return false
+    }
+
+    /// Clears the bit; returns true if it was set.
+    @discardableResult
+    public func remove(_ page: Int) -> Bool {
+        precondition(page >= 0 && page < count, "page \(page) outside bitmap of \(count)")
+        let mask: UInt64 = 1 << UInt64(page & 63)
+        let old = word(page >> 6).loadThenBitwiseAnd(with: ~mask, ordering: .acquiringAndReleasing)
+        if old & mask != 0 {
+            population.wrappingDecrement(ordering: .relaxed)
+            return true
+        }
+        return false
+    }
+
+    /// Sets every bit in `range`.
+    public func insert(_ range: Range<Int>) {
+        for page in range { insert(page) }
+    }
+
+    /// Number of set bits.
+    public var populationCount: Int { population.load(ordering: .relaxed) }
+    public var isFull: Bool { populationCount == count }
+
+    /// The first clear bit at or after `start`, wrapping around once; nil when full.
+    public func firstClear(from start: Int = 0) -> Int? {
+        guard count > 0 else { return nil }
+        let s = min(max(start, 0), count - 1)
+        if let hit = scanClear(from: s, to: count) { return hit }
+        return scanClear(from: 0, to: s)
+    }
+
+    private func scanClear(from: Int, to: Int) -> Int? {
+        var page = from
+        while page < to {
+            let w = ~word(page >> 6).load(ordering: .relaxed) >> UInt64(page & 63)
+            if w != 0 {
+                let hit = page + w.trailingZeroBitCount
+                return hit < to ? hit : nil
+            }
+            page = (page | 63) + 1
+        }
+        return nil
+    }
+
+    /// Calls `body` with each maximal run of clear bits (pages still missing).
+    public func forEachClearRange(_ body: (Range<Int>) throws -> Void) rethrows {
+        var page = 0
+        while let start = scanClear(from: page, to: count) {
+            var end = start + 1
+            while end < count && !contains(end) { end += 1 }
+            try body(start..<end)
+            page = end
+        }
+    }
+
+    /// Sets every bit that is set in a kernel-format bitmap of `pages` bits at `bits`,
+    /// offset by `firstPage`. Returns how many were newly set.
+    @discardableResult
+    public func merge(kernelBitmap bits: UnsafeRawPointer, pages: Int, firstPage: Int) -> Int {
+        var added = 0
+        let words = (pages + 63) / 64
+        for w in 0..<words {
+            var v = bits.load(fromByteOffset: w * 8, as: UInt64.self)
+            while v != 0 {
+                let bit = v.trailingZeroBitCount
+                v &= v - 1
+                let page = w * 64 + bit
+                if page < pages, insert(firstPage + page) { added += 1 }
+            }
+        }
+        return added
+    }
+}

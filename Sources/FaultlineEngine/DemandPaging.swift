@@ -1,0 +1,398 @@
+import Atomics
+import CFaultlineShim
+import FaultlineCore
+import FaultlineLinux
+import Histogram
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The outcome of one demand-paging run: the kernel selftest's figures, the C reference's
+/// JSON keys, latency percentiles and the verification verdict.
+public struct DemandPagingResult: Sendable {
+    public var config: DemandPagingConfig
+    public var backend: ExecutionBackend
+    public var seconds: Double
+    public var pages: Int
+    public var resolved: Int
+    public var raced: Int
+    public var badPages: Int
+    public var checksumFailures: Int
+    /// Fault service latency in microseconds (fault seen -> page installed): p50, p90, p99, max.
+    public var latencyMicroseconds: (p50: Double, p90: Double, p99: Double, max: Double)
+    public var faultsMeasured: UInt64
+
+    public var pagesPerSecondPerVcpu: Double { Double(pages) / Double(config.vcpus) / seconds }
+    public var pagesPerSecond: Double { Double(pages) / seconds }
+    public var verified: Bool { badPages == 0 && checksumFailures == 0 }
+}
+
+public enum DemandPagingError: Error, CustomStringConvertible {
+    case unexpectedExit(vcpu: Int, exit: VcpuExit)
+    case threadFailed(String)
+    case kernelLacks(String)
+
+    public var description: String {
+        switch self {
+        case .unexpectedExit(let v, let e): return "vcpu \(v): unexpected exit \(e)"
+        case .threadFailed(let s): return s
+        case .kernelLacks(let s): return s
+        }
+    }
+}
+
+/// Collects the first error raised by any thread of a run and tells the others to stop.
+final class RunControl: @unchecked Sendable {
+    let stopping = ManagedAtomic(false)
+    private var lock = pthread_mutex_t()
+    private(set) var errors: [String] = []
+    var onFailure: (() -> Void)?
+
+    init() { pthread_mutex_init(&lock, nil) }
+
+    func fail(_ message: String) {
+        pthread_mutex_lock(&lock)
+        errors.append(message)
+        let first = errors.count == 1
+        pthread_mutex_unlock(&lock)
+        stopping.store(true, ordering: .sequentiallyConsistent)
+        if first { onFailure?() }
+    }
+}
+
+/// Runs the demand-paging experiment: N vCPUs (real or software) each touch every page of
+/// their own chunk of guest RAM while faults are resolved from a page source by the chosen
+/// mode; afterwards every page is verified.
+public final class DemandPagingBenchmark {
+    public let config: DemandPagingConfig
+    public let backend: ExecutionBackend
+
+    public init(config: DemandPagingConfig) throws {
+        try config.validate()
+        self.config = config
+        self.backend = config.backend
+    }
+
+    static let codeRegionSize: UInt64 = 0x10000
+
+    public func run() throws -> DemandPagingResult {
+        let cfg = config
+        let total = cfg.totalBytes
+        let workload = try GuestWorkload(pattern: cfg.pattern, pagesPerVcpu: cfg.pagesPerVcpu)
+        let source = try LocalPageSource(size: total, delayMicroseconds: cfg.delayMicroseconds)
+        let backing = MemoryBacking(rawValue: cfg.effectiveBacking.rawValue)!
+
+        // KVM objects (kvm backend only). Guest RAM must outlive the VM's memslots, so the
+        // region is created after the VM and released before it (reverse declaration order).
+        var vm: VirtualMachine?
+        var lowMemory: GuestMemoryRegion?
+        if backend == .kvm {
+            let kvm = try KVM()
+            let machine = try kvm.createVM()
+            let low = try GuestMemoryRegion(backing: .anonymous, size: Self.codeRegionSize, label: "guest-code")
+            let code = try workload.program()
+            code.withUnsafeBytes { low.base.advanced(by: Int(GuestWorkload.codeAddress)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+            try machine.setMemoryRegion(slot: 0, guestPhysicalAddress: GuestPhysicalAddress(0), size: Self.codeRegionSize,
+                                        hostAddress: low.hostAddress)
+            vm = machine
+            lowMemory = low
+        }
+        let region = try GuestMemoryRegion(backing: backing, size: total, vm: vm)
+        switch cfg.mode {
+        case .prefilled: region.base.copyMemory(from: source.base, byteCount: Int(total))
+        case .uffdMinor: try region.allocateFile()
+        default: break
+        }
+        if let vm {
+            try vm.setMemoryRegion(slot: 1, flags: backing == .guestMemfd ? .guestMemfd : [],
+                                   guestPhysicalAddress: GuestPhysicalAddress(DemandPagingConfig.ramBase), size: total,
+                                   hostAddress: region.hostAddress, guestMemfd: region.guestMemfd)
+        }
+
+        let present = PageBitmap(count: Int(total / backing.pageSize))
+        let resolver = FaultResolver(region: region, source: source, present: present,
+                                     method: cfg.mode == .uffdMinor ? .writeThenContinue : .copy)
+        let control = RunControl()
+
+        // userfaultfds and their ranges.
+        var uffds: [(Userfaultfd, UInt64, UInt64)] = []  // fd, offset, length
+        if cfg.mode.usesUserfaultfd {
+            var features: UffdFeatures = []
+            var mode: UffdRegisterMode = .missing
+            switch (cfg.mode, backing) {
+            case (.uffdMinor, .hugetlb): features = .minorHugetlbfs; mode = .minor
+            case (.uffdMinor, _): features = .minorShmem; mode = .minor
+            case (.vcpuExit, _): features = .sigbus
+            case (_, .hugetlb): features = .missingHugetlbfs
+            case (_, .memfd): features = .missingShmem
+            default: break
+            }
+            let n = cfg.uffdCount
+            for i in 0..<n {
+                let offset = n == 1 ? 0 : UInt64(i) * cfg.bytesPerVcpu
+                let length = n == 1 ? total : cfg.bytesPerVcpu
+                let flags: Userfaultfd.OpenFlags = backend == .soft ? [.nonBlocking, .userModeOnly] : [.nonBlocking]
+                let uffd = try Userfaultfd(required: features, flags: flags, label: "uffd \(i)")
+                try uffd.register(start: region.hostAddress.adding(offset)!, length: length, mode: mode)
+                uffds.append((uffd, offset, length))
+            }
+        }
+        // On any failure: unregister every range, which wakes all faulting threads (they
+        // then see plain memory and finish; verification reports the damage), and kick vCPUs.
+        var vcpuHandles: [Vcpu?] = Array(repeating: nil, count: cfg.vcpus)
+        var vcpuLock = pthread_mutex_t()
+        pthread_mutex_init(&vcpuLock, nil)
+        control.onFailure = {
+            for (uffd, offset, length) in uffds { try? uffd.unregister(start: region.hostAddress.adding(offset)!, length: length) }
+            pthread_mutex_lock(&vcpuLock)
+            for v in vcpuHandles { v?.kick() }
+            pthread_mutex_unlock(&vcpuLock)
+        }
+
+        // Handler threads (uffd-missing / uffd-minor).
+        let stopFD = fl_eventfd(0, Int32(O_CLOEXEC))
+        guard stopFD >= 0 else { throw SystemError("eventfd", errno: fl_errno()) }
+        defer { close(stopFD) }
+        var readerStates: [FaultThreadState] = []
+        var readers: [OSThread] = []
+        if cfg.mode.hasReaders {
+            for (index, entry) in uffds.enumerated() {
+                for r in 0..<cfg.readers {
+                    let state = FaultThreadState(pageSize: Int(backing.pageSize))
+                    readerStates.append(state)
+                    let uffd = entry.0
+                    readers.append(try OSThread(name: "uffd \(index) reader \(r)") {
+                        _ = fl_kick_signal_block(1)
+                        Self.readerLoop(uffd: uffd, stopFD: stopFD, resolver: resolver, state: state, control: control)
+                    })
+                }
+            }
+        }
+
+        // vCPUs.
+        let vcpuStates = (0..<cfg.vcpus).map { _ in FaultThreadState(pageSize: Int(backing.pageSize)) }
+        let checksums = UnsafeMutableBufferPointer<UInt32>.allocate(capacity: cfg.vcpus)
+        checksums.initialize(repeating: 0)
+        defer { checksums.deallocate() }
+        let exitUffd = cfg.mode == .vcpuExit ? uffds.first?.0 : nil
+        if backend == .soft && cfg.mode == .vcpuExit { _ = fl_sigbus_install() }
+
+        let start = fl_now_ns()
+        var threads: [OSThread] = []
+        for id in 0..<cfg.vcpus {
+            let state = vcpuStates[id]
+            let body: () -> Void
+            if let vm {
+                body = {
+                    do {
+                        let vcpu = try vm.createVcpu(id: id)
+                        pthread_mutex_lock(&vcpuLock)
+                        vcpuHandles[id] = vcpu
+                        pthread_mutex_unlock(&vcpuLock)
+                        checksums[id] = try Self.runKVMVcpu(vcpu, id: id, config: cfg, workload: workload, region: region,
+                                                            resolver: resolver, exitUffd: exitUffd, state: state, control: control)
+                    } catch {
+                        control.fail("vcpu \(id): \(error)")
+                    }
+                }
+            } else {
+                body = {
+                    checksums[id] = Self.runSoftVcpu(id: id, config: cfg, workload: workload, region: region,
+                                                     resolver: resolver, exitUffd: exitUffd, state: state, control: control)
+                }
+            }
+            do {
+                threads.append(try OSThread(name: "vcpu \(id)", body))
+            } catch {
+                control.fail("\(error)")
+                break
+            }
+        }
+        for t in threads { t.join() }
+        let elapsed = Double(fl_now_ns() - start) / 1e9
+
+        var one: UInt64 = 1
+        _ = write(stopFD, &one, 8)
+        for t in readers { t.join() }
+        if let first = control.errors.first { throw DemandPagingError.threadFailed(first) }
+
+        // Verification: every page, after the run.
+        let (bad, checksumFailures) = verify(region: region, workload: workload, checksums: checksums)
+        var merged = Histogram<UInt32>(lowestDiscernibleValue: 1, highestTrackableValue: 120_000_000_000,
+                                       numberOfSignificantValueDigits: .two)
+        var resolved = 0, raced = 0
+        for s in readerStates + vcpuStates {
+            merged.add(s.latency)
+            resolved += s.resolved
+            raced += s.raced
+        }
+        let us = { (p: Double) in Double(merged.valueAtPercentile(p)) / 1000 }
+        _ = lowMemory
+        return DemandPagingResult(
+            config: cfg, backend: backend, seconds: elapsed, pages: Int(total / 4096), resolved: resolved, raced: raced,
+            badPages: bad, checksumFailures: checksumFailures,
+            latencyMicroseconds: merged.totalCount == 0 ? (0, 0, 0, 0) : (us(50), us(90), us(99), Double(merged.max) / 1000),
+            faultsMeasured: merged.totalCount)
+    }
+
+    // MARK: handler threads
+
+    static func readerLoop(uffd: Userfaultfd, stopFD: Int32, resolver: FaultResolver, state: FaultThreadState,
+                           control: RunControl) {
+        let events = UnsafeMutableBufferPointer<fl_uffd_msg>.allocate(capacity: 16)
+        defer { events.deallocate() }
+        let base = resolver.region.hostAddress.rawValue
+        do {
+            while try uffd.waitReadable(orStop: stopFD) {
+                let n = try uffd.readEvents(into: events)
+                for i in 0..<n {
+                    guard case .pagefault(let address, _, _) = UffdEvent(events[i]) else { continue }
+                    try resolver.resolve(offset: address.rawValue &- base, uffd: uffd, wake: true, state: state)
+                }
+            }
+        } catch {
+            control.fail("\(uffd.label) handler: \(error)")
+        }
+    }
+
+    // MARK: vCPUs
+
+    /// Runs one KVM vCPU to HLT, resolving its own faults in vcpu-exit mode. Returns edx
+    /// (the read workload's checksum).
+    static func runKVMVcpu(_ vcpu: Vcpu, id: Int, config: DemandPagingConfig, workload: GuestWorkload,
+                           region: GuestMemoryRegion, resolver: FaultResolver, exitUffd: Userfaultfd?,
+                           state: FaultThreadState, control: RunControl) throws -> UInt32 {
+        try vcpu.enterFlatProtectedMode()
+        var regs = fl_kvm_regs()
+        let chunk = DemandPagingConfig.ramBase + UInt64(id) * config.bytesPerVcpu
+        regs.rip = GuestWorkload.codeAddress
+        regs.rflags = 2
+        regs.rsi = chunk
+        regs.rdi = chunk + config.bytesPerVcpu
+        regs.rax = UInt64(GuestWorkload.storeValue(forVcpu: id))
+        regs.rbp = UInt64(workload.seed(forVcpu: id))
+        try vcpu.setRegisters(regs)
+        vcpu.bindToCurrentThread()
+        defer { vcpu.unbindThread() }
+        let ramBase = DemandPagingConfig.ramBase
+        let ramSize = region.size
+        while true {
+            let exit = try vcpu.runOnce()
+            switch exit {
+            case .hlt:
+                return UInt32(truncatingIfNeeded: try vcpu.registers().rdx)
+            case .interrupted:
+                vcpu.clearKick()
+                if control.stopping.load(ordering: .relaxed) { return 0 }
+            case .mmio(let address, let length, let isWrite, let data)
+                where exitUffd != nil && address.rawValue >= ramBase && address.rawValue - ramBase < ramSize:
+                let offset = address.rawValue - ramBase
+                try resolver.resolve(offset: offset, uffd: exitUffd!, wake: false, state: state)
+                let last = offset + UInt64(max(length, 1)) - 1
+                if last >> 12 != offset >> 12 && last < ramSize {
+                    try resolver.resolve(offset: last, uffd: exitUffd!, wake: false, state: state)
+                }
+                let host = region.base + Int(offset)
+                if isWrite {
+                    withUnsafeBytes(of: data.littleEndian) { host.copyMemory(from: $0.baseAddress!, byteCount: Int(min(length, 8))) }
+                } else {
+                    vcpu.completeMMIORead(from: host, length: Int(length))
+                }
+            case .memoryFault(let address, _, _)
+                where exitUffd != nil && address.rawValue >= ramBase && address.rawValue - ramBase < ramSize:
+                try resolver.resolve(offset: address.rawValue - ramBase, uffd: exitUffd!, wake: false, state: state)
+            default:
+                throw DemandPagingError.unexpectedExit(vcpu: id, exit: exit)
+            }
+        }
+    }
+
+    /// A software vCPU: the same page order with plain loads and stores on guest RAM.
+    /// In vcpu-exit mode a missing page raises SIGBUS on this thread, and the handler
+    /// resolves it here, on the faulting thread.
+    static func runSoftVcpu(id: Int, config: DemandPagingConfig, workload: GuestWorkload, region: GuestMemoryRegion,
+                            resolver: FaultResolver, exitUffd: Userfaultfd?, state: FaultThreadState,
+                            control: RunControl) -> UInt32 {
+        let order = workload.pageOrder(forVcpu: id)
+        let chunk = region.base + id * Int(config.bytesPerVcpu)
+        var context: SoftFaultContext?
+        if let exitUffd {
+            let ctx = SoftFaultContext(resolver: resolver, uffd: exitUffd, state: state, control: control)
+            context = ctx
+            fl_sigbus_set_thread_resolver({ raw, address in
+                let ctx = Unmanaged<SoftFaultContext>.fromOpaque(raw!).takeUnretainedValue()
+                return ctx.handle(address: address)
+            }, Unmanaged.passUnretained(ctx).toOpaque())
+        }
+        defer {
+            if context != nil { fl_sigbus_set_thread_resolver(nil, nil) }
+            withExtendedLifetime(context) {}
+        }
+        let value = GuestWorkload.storeValue(forVcpu: id)
+        var sum: UInt32 = 0
+        if workload.writes {
+            for page in order { (chunk + page * 4096).storeBytes(of: value, as: UInt32.self) }
+        } else {
+            for page in order { sum &+= (chunk + page * 4096).load(as: UInt32.self) }
+        }
+        return sum
+    }
+
+    // MARK: verification
+
+    func verify(region: GuestMemoryRegion, workload: GuestWorkload, checksums: UnsafeMutableBufferPointer<UInt32>) -> (Int, Int) {
+        let cfg = config
+        var bad = 0
+        let pagesPerVcpu = cfg.pagesPerVcpu
+        let zeroRest = cfg.mode == .none
+        for page in 0..<Int(cfg.totalBytes / 4096) {
+            let words = (region.base + page * 4096).assumingMemoryBound(to: UInt32.self)
+            let vcpu = page / pagesPerVcpu
+            let first = workload.writes ? GuestWorkload.storeValue(forVcpu: vcpu)
+                                        : (zeroRest ? 0 : SourcePattern.word(page: page, word: 0))
+            if words[0] != first { bad += 1; continue }
+            for w in 1..<1024 where words[w] != (zeroRest ? 0 : SourcePattern.word(page: page, word: w)) {
+                bad += 1
+                break
+            }
+        }
+        var checksumFailures = 0
+        if !workload.writes {
+            for id in 0..<cfg.vcpus {
+                let firstWords = (0..<pagesPerVcpu).map { zeroRest ? 0 : SourcePattern.word(page: id * pagesPerVcpu + $0, word: 0) }
+                if checksums[id] != GuestWorkload.expectedReadChecksum(firstWords: firstWords) { checksumFailures += 1 }
+            }
+        }
+        return (bad, checksumFailures)
+    }
+}
+
+/// What the SIGBUS handler of a software vCPU needs. Resolving runs inside a signal
+/// handler: it only fetches, ioctls and updates atomics - no allocation, no locks.
+final class SoftFaultContext {
+    let resolver: FaultResolver
+    let uffd: Userfaultfd
+    let state: FaultThreadState
+    let control: RunControl
+    let base: UInt64
+    let size: UInt64
+
+    init(resolver: FaultResolver, uffd: Userfaultfd, state: FaultThreadState, control: RunControl) {
+        self.resolver = resolver
+        self.uffd = uffd
+        self.state = state
+        self.control = control
+        self.base = resolver.region.hostAddress.rawValue
+        self.size = resolver.region.size
+    }
+
+    func handle(address: UInt64) -> Int32 {
+        guard address >= base, address - base < size else { return -1 }
+        do {
+            try resolver.resolve(offset: address - base, uffd: uffd, wake: false, state: state)
+            return 0
+        } catch {
+            return -1
+        }
+    }
+}

@@ -1,0 +1,126 @@
+import CFaultlineShim
+import FaultlineCore
+import FaultlineLinux
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What this machine offers Faultline, found by asking the kernel (never assumed).
+public struct SystemProbe: Sendable {
+    public struct Row: Sendable {
+        public let name: String
+        public let value: String
+        public let note: String
+    }
+
+    public var rows: [Row] = []
+    public var kvmError: String?
+    public var uffdError: String?
+    public var uffdFeatures: UffdFeatures = []
+    public var guestMemfdFlags: Int32 = 0
+    public var hugePages = 0
+    /// Mode name -> nil when it can run here, else why not.
+    public var modes: [(String, String?)] = []
+
+    public static func collect() -> SystemProbe {
+        var p = SystemProbe()
+        func row(_ n: String, _ v: String, _ note: String = "") { p.rows.append(Row(name: n, value: v, note: note)) }
+
+        row("euid", "\(geteuid())", geteuid() == 0 ? "root" : "unprivileged")
+        var kvm: KVM?
+        do {
+            kvm = try KVM()
+            row("/dev/kvm", "yes", "API 12, vcpu mmap \(kvm!.vcpuMmapSize) bytes")
+        } catch {
+            p.kvmError = "\(error)"
+            row("/dev/kvm", "no", "\(error)")
+        }
+        if let kvm {
+            for cap in KVMCapability.allCases {
+                let v = kvm.check(cap)
+                var note = ""
+                switch cap {
+                case .vmTypes:
+                    note = VMType.allCases.filter { v & (1 << Int32($0.rawValue)) != 0 }.map { "\($0)" }.joined(separator: ",")
+                case .guestMemfdFlags:
+                    var names: [String] = []
+                    if v & 1 != 0 { names.append("MMAP") }
+                    if v & 2 != 0 { names.append("INIT_SHARED") }
+                    note = names.joined(separator: "|")
+                    p.guestMemfdFlags = v
+                case .memoryAttributes: note = v & 8 != 0 ? "PRIVATE" : "no private memory"
+                case .preFaultMemory: note = v == 0 ? "KVM_PRE_FAULT_MEMORY unsupported (EOPNOTSUPP without TDP)" : ""
+                default: break
+                }
+                row(cap.description, "\(v)", note)
+            }
+            // KVM Userfault: never merged; probe by trying the memslot flag.
+            var userfault = "no"
+            if let vm = try? kvm.createVM(), let mem = try? GuestMemoryRegion(backing: .anonymous, size: 4096) {
+                do {
+                    try vm.setMemoryRegion(slot: 0, flags: .userfault, guestPhysicalAddress: GuestPhysicalAddress(0), size: 4096,
+                                           hostAddress: mem.hostAddress)
+                    userfault = "yes"
+                } catch {
+                    userfault = "no (\(error))"
+                }
+                withExtendedLifetime(mem) {}
+            }
+            row("KVM_MEM_USERFAULT", userfault, "proposed in the KVM Userfault series")
+        }
+        row("/dev/userfaultfd", access("/dev/userfaultfd", R_OK | W_OK) == 0 ? "yes" : "no")
+        do {
+            p.uffdFeatures = try Userfaultfd.availableFeatures()
+            row("userfaultfd features", "0x" + String(p.uffdFeatures.rawValue, radix: 16), p.uffdFeatures.description)
+        } catch {
+            p.uffdError = "\(error)"
+            row("userfaultfd", "no", "\(error)")
+        }
+        if let v = try? String(contentsOfFileAtPath: "/proc/sys/vm/unprivileged_userfaultfd") {
+            row("vm.unprivileged_userfaultfd", v)
+        }
+        p.hugePages = hugePagesFree()
+        row("hugepages free (2 MiB)", "\(p.hugePages)", p.hugePages == 0 ? "hugetlb backing unavailable" : "")
+
+        let kvmOK = p.kvmError == nil
+        let uffdOK = p.uffdError == nil
+        func need(_ ok: Bool, _ why: String) -> String? { ok ? nil : why }
+        p.modes = [
+            ("none (kvm)", need(kvmOK, "no /dev/kvm")),
+            ("prefilled (kvm)", need(kvmOK, "no /dev/kvm")),
+            ("uffd-missing (kvm)", need(kvmOK && uffdOK, "needs /dev/kvm and userfaultfd")),
+            ("uffd-minor (kvm)", need(kvmOK && p.uffdFeatures.contains(.minorShmem), "needs /dev/kvm and UFFD_FEATURE_MINOR_SHMEM")),
+            ("vcpu-exit (kvm)", need(kvmOK && p.uffdFeatures.contains(.sigbus),
+                                     "needs /dev/kvm and UFFD_FEATURE_SIGBUS")),
+            ("uffd-* / vcpu-exit (soft)", need(uffdOK, "needs userfaultfd")),
+            ("backing guest-memfd", need(kvmOK && p.guestMemfdFlags & 1 != 0, "needs KVM_CAP_GUEST_MEMFD_FLAGS with MMAP")),
+            ("backing hugetlb", need(p.hugePages > 0, "no free 2 MiB huge pages")),
+            ("guest-memfd post-copy (KVM Userfault)", "KVM_MEM_USERFAULT is not in this kernel"),
+        ]
+        return p
+    }
+}
+
+extension String {
+    init?(contentsOfFileAtPath path: String) throws {
+        guard let f = fopen(path, "r") else { return nil }
+        defer { fclose(f) }
+        var buf = [CChar](repeating: 0, count: 128)
+        guard fgets(&buf, 128, f) != nil else { return nil }
+        self = String(cString: buf).trimmed(of: " \n")
+    }
+}
+
+/// Picks the execution backend: the one asked for, or KVM when /dev/kvm works, else the
+/// software vCPUs - and always says which and why.
+public enum BackendSelection {
+    public static func resolve(_ requested: ExecutionBackend?) -> (ExecutionBackend, String) {
+        if let requested { return (requested, "requested") }
+        do {
+            _ = try KVM()
+            return (.kvm, "/dev/kvm is usable")
+        } catch {
+            return (.soft, "no usable /dev/kvm (\(error)); software vCPUs run the workload")
+        }
+    }
+}

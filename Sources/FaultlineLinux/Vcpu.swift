@@ -1,0 +1,243 @@
+import CFaultlineShim
+import Atomics
+import FaultlineCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Why KVM_RUN returned, decoded from kvm_run. Payloads are plain values copied out of
+/// the shared page, so an exit never outlives the data it describes and decoding never
+/// allocates.
+public enum VcpuExit: Equatable, Sendable {
+    /// Port I/O. For `out`, the bytes are at `Vcpu.ioData` (size * count bytes).
+    case io(port: UInt16, size: UInt8, count: UInt32, isOut: Bool)
+    /// An access to guest physical memory KVM could not satisfy from a memslot.
+    /// For writes, `data` holds the little-endian bytes written; for reads, answer with
+    /// `Vcpu.completeMMIORead`.
+    case mmio(address: GuestPhysicalAddress, length: UInt32, isWrite: Bool, data: UInt64)
+    case hlt
+    case shutdown
+    case failEntry(reason: UInt64, cpu: UInt32)
+    case internalError(suberror: UInt32)
+    case systemEvent(type: UInt32)
+    /// KVM_EXIT_MEMORY_FAULT (after EFAULT/EHWPOISON from KVM_RUN).
+    case memoryFault(address: GuestPhysicalAddress, size: UInt64, flags: UInt64)
+    /// KVM_RUN returned EINTR: a signal (the kick) or immediate_exit.
+    case interrupted
+    case unknown(reason: UInt32)
+
+    public static let memoryFaultFlagPrivate: UInt64 = 1 << 3
+    /// Proposed by KVM Userfault; never merged upstream.
+    public static let memoryFaultFlagUserfault: UInt64 = 1 << 4
+}
+
+/// Exit reason numbers (kvm_run.exit_reason).
+public enum KVMExitReason {
+    public static let io: UInt32 = 2
+    public static let hlt: UInt32 = 5
+    public static let mmio: UInt32 = 6
+    public static let shutdown: UInt32 = 8
+    public static let failEntry: UInt32 = 9
+    public static let internalError: UInt32 = 17
+    public static let systemEvent: UInt32 = 24
+    public static let memoryFault: UInt32 = 39
+}
+
+/// A vCPU: its fd and the mmapped kvm_run page. One thread runs it (KVM_RUN blocks);
+/// `kick()` may be called from any thread to make that KVM_RUN return `.interrupted`.
+public final class Vcpu: @unchecked Sendable {
+    public let id: Int
+    public let fd: FileDescriptor
+    @usableFromInline let run: UnsafeMutablePointer<fl_kvm_run>
+    let runSize: Int
+    private var thread: pthread_t?
+    private let threadLock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+
+    init(id: Int, fd: FileDescriptor, run: UnsafeMutableRawPointer, runSize: Int) {
+        self.id = id
+        self.fd = fd
+        self.run = run.assumingMemoryBound(to: fl_kvm_run.self)
+        self.runSize = runSize
+        pthread_mutex_init(threadLock, nil)
+    }
+
+    deinit {
+        munmap(UnsafeMutableRawPointer(run), runSize)
+        pthread_mutex_destroy(threadLock)
+        threadLock.deallocate()
+    }
+
+    /// One KVM_RUN. EINTR is `.interrupted`, not an error; EFAULT/EHWPOISON carrying a
+    /// memory-fault exit is `.memoryFault`; anything else throws naming the vCPU.
+    @inlinable
+    public func runOnce() throws(SystemError) -> VcpuExit {
+        let rc = fd.ioctl(FL_KVM_RUN, value: 0)
+        if rc < 0 {
+            let code = fl_errno()
+            if code == EINTR { return .interrupted }
+            if (code == EFAULT || code == EHWPOISON) && run.pointee.exit_reason == KVMExitReason.memoryFault {
+                let f = run.pointee.u.memory_fault
+                return .memoryFault(address: GuestPhysicalAddress(f.gpa), size: f.size, flags: f.flags)
+            }
+            throw SystemError("KVM_RUN vcpu \(id)", errno: code)
+        }
+        return decodeExit()
+    }
+
+    @inlinable
+    func decodeExit() -> VcpuExit {
+        let reason = run.pointee.exit_reason
+        switch reason {
+        case KVMExitReason.mmio:
+            let m = run.pointee.u.mmio
+            let data = withUnsafeBytes(of: m.data) { $0.loadUnaligned(as: UInt64.self) }
+            return .mmio(address: GuestPhysicalAddress(m.phys_addr), length: m.len, isWrite: m.is_write != 0, data: data)
+        case KVMExitReason.io:
+            let io = run.pointee.u.io
+            return .io(port: io.port, size: io.size, count: io.count, isOut: io.direction == 1)
+        case KVMExitReason.hlt: return .hlt
+        case KVMExitReason.shutdown: return .shutdown
+        case KVMExitReason.failEntry:
+            let f = run.pointee.u.fail_entry
+            return .failEntry(reason: f.hardware_entry_failure_reason, cpu: f.cpu)
+        case KVMExitReason.internalError: return .internalError(suberror: run.pointee.u.internal.suberror)
+        case KVMExitReason.systemEvent: return .systemEvent(type: run.pointee.u.system_event.type)
+        case KVMExitReason.memoryFault:
+            let f = run.pointee.u.memory_fault
+            return .memoryFault(address: GuestPhysicalAddress(f.gpa), size: f.size, flags: f.flags)
+        default: return .unknown(reason: reason)
+        }
+    }
+
+    /// Supplies the value of an MMIO read before the next KVM_RUN (little-endian, `length` bytes).
+    @inlinable
+    public func completeMMIORead(_ value: UInt64) {
+        withUnsafeMutableBytes(of: &run.pointee.u.mmio.data) { $0.storeBytes(of: value.littleEndian, as: UInt64.self) }
+    }
+
+    /// Copies `length` bytes from `source` into kvm_run's MMIO data (an MMIO read answered from memory).
+    @inlinable
+    public func completeMMIORead(from source: UnsafeRawPointer, length: Int) {
+        withUnsafeMutableBytes(of: &run.pointee.u.mmio.data) { $0.baseAddress!.copyMemory(from: source, byteCount: min(length, 8)) }
+    }
+
+    /// The data of an `.io` exit (valid until the next KVM_RUN).
+    public var ioData: UnsafeMutableRawBufferPointer {
+        let io = run.pointee.u.io
+        let base = UnsafeMutableRawPointer(run) + Int(io.data_offset)
+        return UnsafeMutableRawBufferPointer(start: base, count: Int(io.size) * Int(io.count))
+    }
+
+    // MARK: registers
+
+    public func registers() throws(SystemError) -> fl_kvm_regs {
+        var regs = fl_kvm_regs()
+        try systemCall("KVM_GET_REGS vcpu \(id)") { fd.ioctl(FL_KVM_GET_REGS, &regs) }
+        return regs
+    }
+
+    public func setRegisters(_ regs: fl_kvm_regs) throws(SystemError) {
+        var r = regs
+        try systemCall("KVM_SET_REGS vcpu \(id)") { fd.ioctl(FL_KVM_SET_REGS, &r) }
+    }
+
+    public func specialRegisters() throws(SystemError) -> fl_kvm_sregs {
+        var sregs = fl_kvm_sregs()
+        try systemCall("KVM_GET_SREGS vcpu \(id)") { fd.ioctl(FL_KVM_GET_SREGS, &sregs) }
+        return sregs
+    }
+
+    public func setSpecialRegisters(_ sregs: fl_kvm_sregs) throws(SystemError) {
+        var s = sregs
+        try systemCall("KVM_SET_SREGS vcpu \(id)") { fd.ioctl(FL_KVM_SET_SREGS, &s) }
+    }
+
+    /// 32-bit protected mode, flat 4 GiB code and data segments, paging off - the mode
+    /// of Faultline's guest programs.
+    public func enterFlatProtectedMode() throws(SystemError) {
+        var s = try specialRegisters()
+        var code = fl_kvm_segment()
+        code.base = 0
+        code.limit = 0xffff_ffff
+        code.selector = 8
+        code.type = 11
+        code.present = 1
+        code.db = 1
+        code.s = 1
+        code.g = 1
+        var data = code
+        data.type = 3
+        data.selector = 16
+        s.cs = code
+        s.ds = data; s.es = data; s.fs = data; s.gs = data; s.ss = data
+        s.cr0 |= 1
+        try setSpecialRegisters(s)
+    }
+
+    // MARK: pre-fault
+
+    /// The result of KVM_PRE_FAULT_MEMORY over a range: how far it got, and the error that
+    /// stopped it (if any). Partial progress is normal; the error is reported, not hidden.
+    public struct PreFaultOutcome: Sendable {
+        public var bytesMapped: UInt64
+        public var error: SystemError?
+    }
+
+    /// KVM_PRE_FAULT_MEMORY, re-issued until the whole range is mapped or the kernel
+    /// reports an error on what is left (EOPNOTSUPP without TDP - the case here).
+    public func preFault(_ range: GuestMemoryRange) -> PreFaultOutcome {
+        var arg = fl_kvm_pre_fault_memory()
+        arg.gpa = range.start.rawValue
+        arg.size = range.size
+        var mapped: UInt64 = 0
+        while arg.size > 0 {
+            let before = arg.size
+            let rc = fd.ioctl(FL_KVM_PRE_FAULT_MEMORY, &arg)
+            mapped += before - arg.size
+            if rc < 0 {
+                let code = fl_errno()
+                if code == EINTR || code == EAGAIN { continue }
+                let op = "KVM_PRE_FAULT_MEMORY vcpu \(id) gpa 0x\(String(arg.gpa, radix: 16)) size \(arg.size)"
+                return PreFaultOutcome(bytesMapped: mapped, error: SystemError(op, errno: code))
+            }
+        }
+        return PreFaultOutcome(bytesMapped: mapped, error: nil)
+    }
+
+    // MARK: kicking
+
+    /// Records the calling thread as this vCPU's runner (call before the first KVM_RUN).
+    public func bindToCurrentThread() {
+        _ = fl_kick_signal_install()
+        _ = fl_kick_signal_block(0)
+        pthread_mutex_lock(threadLock)
+        thread = pthread_self()
+        pthread_mutex_unlock(threadLock)
+    }
+
+    public func unbindThread() {
+        pthread_mutex_lock(threadLock)
+        thread = nil
+        pthread_mutex_unlock(threadLock)
+    }
+
+    /// Makes the current or next KVM_RUN return `.interrupted`: sets immediate_exit, then
+    /// signals the runner so a KVM_RUN already blocked in the guest returns EINTR.
+    public func kick() {
+        withUnsafeMutablePointer(to: &run.pointee.immediate_exit) { p in
+            UnsafeMutableRawPointer(p).storeBytes(of: 1, as: UInt8.self)
+        }
+        atomicFence()
+        pthread_mutex_lock(threadLock)
+        if let t = thread { _ = fl_kick_thread(t) }
+        pthread_mutex_unlock(threadLock)
+    }
+
+    /// Clears immediate_exit after handling an `.interrupted` exit.
+    public func clearKick() {
+        run.pointee.immediate_exit = 0
+        atomicFence()
+    }
+}
+
+@inline(__always) func atomicFence() { atomicMemoryFence(ordering: .sequentiallyConsistent) }

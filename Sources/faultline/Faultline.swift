@@ -1,0 +1,198 @@
+import ArgumentParser
+import FaultlineCore
+import FaultlineEngine
+import FaultlineLinux
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@main
+struct Faultline: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "faultline",
+        abstract: "Post-copy live migration and lazy restore of KVM guest memory.",
+        subcommands: [Demo.self, Probe.self, Bench.self]
+    )
+}
+
+/// Errors reach the user as one line naming the operation, with exit code 2.
+struct CLIError: Error, CustomStringConvertible {
+    let description: String
+}
+
+func fail(_ error: Error) -> Never {
+    fputs("faultline: error: \(error)\n", stderr)
+    Glibc.exit(2)
+}
+
+struct Probe: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show what this machine's kernel offers and which modes can run.")
+
+    @Flag(help: "One JSON object instead of the table.") var json = false
+
+    func run() throws {
+        let p = SystemProbe.collect()
+        if json {
+            var fields = p.rows.map { "\"\(jsonEscape($0.name))\":\"\(jsonEscape($0.value))\"" }
+            fields.append("\"modes\":{" + p.modes.map { "\"\(jsonEscape($0.0))\":\($0.1 == nil ? "true" : "false")" }.joined(separator: ",") + "}")
+            print("{" + fields.joined(separator: ",") + "}")
+            return
+        }
+        let width = p.rows.map(\.name.count).max() ?? 10
+        print("Kernel capabilities")
+        for r in p.rows {
+            let pad = String(repeating: " ", count: width - r.name.count)
+            print("  \(r.name)\(pad)  \(r.value)\(r.note.isEmpty ? "" : "  (\(r.note))")")
+        }
+        print("Faultline modes")
+        let mw = p.modes.map(\.0.count).max() ?? 10
+        for (mode, why) in p.modes {
+            let pad = String(repeating: " ", count: mw - mode.count)
+            print("  \(mode)\(pad)  \(why == nil ? "yes" : "no: \(why!)")")
+        }
+    }
+}
+
+func jsonEscape(_ s: String) -> String {
+    var out = ""
+    for c in s.unicodeScalars {
+        switch c {
+        case "\"": out += "\\\""
+        case "\\": out += "\\\\"
+        case "\n": out += "\\n"
+        default: out.unicodeScalars.append(c)
+        }
+    }
+    return out
+}
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Benchmarks (JSON with --json).",
+                                                    subcommands: [DemandPaging.self])
+}
+
+extension FaultMode: ExpressibleByArgument {}
+extension UffdTopology: ExpressibleByArgument {}
+extension ExecutionBackend: ExpressibleByArgument {}
+extension BackingKind: ExpressibleByArgument {}
+
+struct DemandPagingOptions: ParsableArguments {
+    @Option(help: "none | prefilled | uffd-missing | uffd-minor | vcpu-exit") var mode: FaultMode = .vcpuExit
+    @Option(help: "single | per-vcpu: one userfaultfd for all memory or one per vCPU chunk") var uffd: UffdTopology = .single
+    @Option(help: "Reader threads per userfaultfd") var readers = 1
+    @Option(help: "Number of vCPUs") var vcpus = 1
+    @Option(name: .customLong("mem-per-vcpu"), help: "MiB of guest memory per vCPU") var memPerVcpu = 64
+    @Option(name: .customLong("delay-us"), help: "Injected page-fetch latency in microseconds") var delayUs = 0
+    @Option(help: "anonymous | memfd | hugetlb | guest-memfd (default: memfd for uffd-minor, else anonymous)")
+    var backing: BackingKind?
+    @Option(help: "sequential | random | read | stride") var pattern = "sequential"
+    @Option(help: "kvm | soft (default: kvm when /dev/kvm is usable)") var backend: ExecutionBackend?
+
+    func config(backend: ExecutionBackend) throws -> DemandPagingConfig {
+        guard let access = AccessPattern(name: pattern) else {
+            throw CLIError(description: "unknown --pattern '\(pattern)' (sequential, random, read, stride)")
+        }
+        guard memPerVcpu >= 1 else { throw CLIError(description: "--mem-per-vcpu must be at least 1 MiB (got \(memPerVcpu))") }
+        var c = DemandPagingConfig()
+        c.mode = mode
+        c.uffd = uffd
+        c.readers = readers
+        c.vcpus = vcpus
+        c.bytesPerVcpu = UInt64(memPerVcpu) << 20
+        c.delayMicroseconds = delayUs
+        c.backing = backing
+        c.pattern = access
+        c.backend = backend
+        try c.validate()
+        return c
+    }
+}
+
+struct DemandPaging: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "demand-paging",
+        abstract: "Each vCPU touches every page of its chunk while faults are resolved from a page source.")
+
+    @OptionGroup var options: DemandPagingOptions
+    @Option(help: "Run this many times") var `repeat` = 1
+    @Flag(help: "One JSON line per run (the C reference's keys plus latency and backend)") var json = false
+
+    func run() {
+        let (backend, why) = BackendSelection.resolve(options.backend)
+        do {
+            let config = try options.config(backend: backend)
+            if !json { print("backend: \(backend) (\(why))") }
+            var failed = false
+            for _ in 0..<max(1, self.repeat) {
+                let result = try DemandPagingBenchmark(config: config).run()
+                print(json ? result.jsonLine : result.humanReport)
+                if !result.verified { failed = true }
+            }
+            if failed { Glibc.exit(1) }
+        } catch {
+            fail(error)
+        }
+    }
+}
+
+struct Demo: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "The main job with embedded defaults: the demand-paging demonstration (vcpu-exit vs uffd-missing).")
+
+    func run() {
+        let (backend, why) = BackendSelection.resolve(nil)
+        print("backend: \(backend) (\(why))")
+        var failed = false
+        for mode in [FaultMode.uffdMissing, .vcpuExit] {
+            var c = DemandPagingConfig()
+            c.mode = mode
+            c.vcpus = 2
+            c.bytesPerVcpu = 16 << 20
+            c.backend = backend
+            do {
+                let r = try DemandPagingBenchmark(config: c).run()
+                print(r.humanReport)
+                if !r.verified { failed = true }
+            } catch {
+                fail(error)
+            }
+        }
+        if failed { Glibc.exit(1) }
+    }
+}
+
+extension DemandPagingResult {
+    var humanReport: String {
+        let c = config
+        let l = latencyMicroseconds
+        return """
+        mode \(c.mode), \(c.vcpus) vCPU(s) x \(c.bytesPerVcpu >> 20) MiB, uffd \(c.uffd), \(c.readers) reader(s), \
+        delay \(c.delayMicroseconds) us, backing \(c.effectiveBacking), pattern \(c.pattern), backend \(backend)
+        Total guest execution time:\t\(fmt(seconds, 6))s
+        Per-vcpu demand paging rate:\t\(fmt(pagesPerSecondPerVcpu, 6)) pgs/sec/vcpu
+        Overall demand paging rate:\t\(fmt(pagesPerSecond, 6)) pgs/sec
+        Fault latency (us): p50 \(fmt(l.p50, 1)) p90 \(fmt(l.p90, 1)) p99 \(fmt(l.p99, 1)) max \(fmt(l.max, 1)) over \(faultsMeasured) faults
+        Verification: \(verified ? "OK" : "FAILED") - \(pages) pages checked, \(badPages) bad\
+        \(checksumFailures > 0 ? ", \(checksumFailures) vCPU read checksums wrong" : ""); \(resolved) resolved, \(raced) raced
+        """
+    }
+
+    var jsonLine: String {
+        let c = config
+        let l = latencyMicroseconds
+        return "{\"implementation\":\"faultline\",\"backend\":\"\(backend)\",\"mode\":\"\(c.mode)\",\"uffd\":\"\(c.uffd)\","
+            + "\"readers\":\(c.readers),\"vcpus\":\(c.vcpus),\"mem_per_vcpu_mib\":\(c.bytesPerVcpu >> 20),"
+            + "\"delay_us\":\(c.delayMicroseconds),\"backing\":\"\(c.effectiveBacking)\",\"pattern\":\"\(c.pattern)\","
+            + "\"seconds\":\(fmt(seconds, 6)),\"pages_per_sec_per_vcpu\":\(fmt(pagesPerSecondPerVcpu, 0)),"
+            + "\"pages_per_sec\":\(fmt(pagesPerSecond, 0)),\"resolved\":\(resolved),\"raced\":\(raced),\"bad_pages\":\(badPages),"
+            + "\"checksum_failures\":\(checksumFailures),"
+            + "\"latency_us\":{\"p50\":\(fmt(l.p50, 2)),\"p90\":\(fmt(l.p90, 2)),\"p99\":\(fmt(l.p99, 2)),\"max\":\(fmt(l.max, 2))}}"
+    }
+}
+
+func fmt(_ v: Double, _ digits: Int) -> String {
+    guard v.isFinite else { return "0" }
+    var buf = [CChar](repeating: 0, count: 64)
+    _ = withVaList([v]) { vsnprintf(&buf, 64, "%.\(digits)f", $0) }
+    return String(cString: buf)
+}
