@@ -91,7 +91,8 @@ public final class Vcpu: @unchecked Sendable {
         case KVMExitReason.mmio:
             let m = run.pointee.u.mmio
             let data = withUnsafeBytes(of: m.data) { $0.loadUnaligned(as: UInt64.self) }
-            return .mmio(address: GuestPhysicalAddress(m.phys_addr), length: m.len, isWrite: m.is_write != 0, data: data)
+            return .mmio(address: GuestPhysicalAddress(m.phys_addr), length: m.len, isWrite: m.is_write != 0,
+                         data: m.is_write != 0 ? data : 0)
         case KVMExitReason.io:
             let io = run.pointee.u.io
             return .io(port: io.port, size: io.size, count: io.count, isOut: io.direction == 1)

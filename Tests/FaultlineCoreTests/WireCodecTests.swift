@@ -99,33 +99,6 @@ private func decodeAll(_ bytes: [UInt8], chunk: Int = .max) -> (messages: [WireM
     }
 }
 
-// MARK: - CRC32C
-
-@Suite struct CRC32CTests {
-    @Test func knownVectors() {
-        #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
-        #expect(CRC32C.checksum([UInt8](repeating: 0, count: 32)) == 0x8A91_36AA)
-        #expect(CRC32C.checksum([UInt8](repeating: 0xFF, count: 32)) == 0x62A8_AB43)  // RFC 3720 B.4
-        #expect(CRC32C.checksum(Array(0..<32)) == 0x46DD_794E)
-        #expect(CRC32C.checksum([]) == 0)
-    }
-
-    @Test func matchesBitwiseReferenceAtEveryLengthAndSplit() {
-        var random = SeededRandom(seed: 1)
-        // Lengths around the 8-byte words and the four 1 KiB lanes.
-        for length in [0, 1, 7, 8, 9, 63, 4095, 4096, 4097, 8191, 8192, 12_345] + (0..<40).map({ _ in Int.random(in: 0..<9000, using: &random) }) {
-            let bytes = (0..<length).map { _ in UInt8.random(in: 0...255, using: &random) }
-            let expected = referenceCRC32C(bytes)
-            #expect(CRC32C.checksum(bytes) == expected, "length \(length)")
-            let split = Int.random(in: 0...length, using: &random)
-            var running = CRC32C()
-            running.update(bytes[..<split])
-            running.update(bytes[split...])
-            #expect(running.value == expected, "length \(length) split at \(split)")
-        }
-    }
-}
-
 // MARK: - Codec
 
 @Suite struct WireCodecTests {
@@ -250,8 +223,7 @@ private func decodeAll(_ bytes: [UInt8], chunk: Int = .max) -> (messages: [WireM
             #expect(decoded == [.ack(1)], "cut \(cut)")
             #expect(error == .truncated(bufferedBytes: stream.count - 28 - cut), "cut \(cut)")
         }
-        var decoder = WireDecoder()
-        try decoder.finish()  // an empty stream is a clean end
+        try WireDecoder().finish()  // an empty stream is a clean end
     }
 
     @Test func flippedBitInPageIsNamedAndTheStreamStaysInSync() throws {
@@ -461,6 +433,38 @@ private func decodeAll(_ bytes: [UInt8], chunk: Int = .max) -> (messages: [WireM
                 }
             }
             _ = try? decoder.finish()
+        }
+    }
+}
+
+// MARK: - CRC32C
+
+extension WireCodecTests {
+    /// CRC32C against published vectors and a bit-at-a-time reference.
+    @Suite struct Checksums {
+        @Test func knownVectors() {
+            #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
+            #expect(CRC32C.checksum([UInt8](repeating: 0, count: 32)) == 0x8A91_36AA)
+            #expect(CRC32C.checksum([UInt8](repeating: 0xFF, count: 32)) == 0x62A8_AB43)  // RFC 3720 B.4
+            #expect(CRC32C.checksum(Array(0..<32)) == 0x46DD_794E)
+            #expect(CRC32C.checksum([]) == 0)
+        }
+
+        @Test func matchesBitwiseReferenceAtEveryLengthAndSplit() {
+            var random = SeededRandom(seed: 1)
+            // Lengths around the 8-byte words and the four 1 KiB lanes.
+            let lengths = [0, 1, 7, 8, 9, 63, 4095, 4096, 4097, 8191, 8192, 12_345]
+                + (0..<40).map { _ in Int.random(in: 0..<9000, using: &random) }
+            for length in lengths {
+                let bytes = (0..<length).map { _ in UInt8.random(in: 0...255, using: &random) }
+                let expected = referenceCRC32C(bytes)
+                #expect(CRC32C.checksum(bytes) == expected, "length \(length)")
+                let split = Int.random(in: 0...length, using: &random)
+                var running = CRC32C()
+                running.update(bytes[..<split])
+                running.update(bytes[split...])
+                #expect(running.value == expected, "length \(length) split at \(split)")
+            }
         }
     }
 }

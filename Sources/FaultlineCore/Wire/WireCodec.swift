@@ -37,7 +37,7 @@ public struct PageBatch: Sequence, Equatable, Sendable, CustomStringConvertible 
     /// Number of pages (data and zero).
     public let count: Int
     /// The batch in wire form: page size u32, then the page entries.
-    @usableFromInline let wire: ArraySlice<UInt8>
+    let wire: ArraySlice<UInt8>
 
     init(pageSize: UInt32, count: Int, wire: ArraySlice<UInt8>) {
         self.pageSize = pageSize
@@ -89,7 +89,7 @@ public struct PageBatch: Sequence, Equatable, Sendable, CustomStringConvertible 
     public func makeIterator() -> Iterator { Iterator(batch: self) }
 
     /// Walks the entries of a validated batch.
-    public struct Iterator: IteratorProtocol {
+    public struct Iterator: IteratorProtocol, Sendable {
         let batch: PageBatch
         var offset = 4  // past the page size, relative to the start of `wire`
 
@@ -155,7 +155,7 @@ public struct PageBatch: Sequence, Equatable, Sendable, CustomStringConvertible 
 ///     encoder.appendPage(index: 7, bytes: pagePointer)   // copied once, checksummed in place
 ///     encoder.endPages()
 ///     send(encoder.bytes); encoder.removeAll()           // capacity is kept
-public struct WireEncoder {
+public struct WireEncoder: Sendable {
     /// The encoded frames so far.
     public private(set) var bytes: [UInt8]
     private var batch: OpenBatch?
@@ -386,7 +386,7 @@ public struct WireEncoder {
 /// Errors with `leavesStreamInSync` (a bad page, a bad payload, an unknown type) consume
 /// just the offending frame, so the caller may carry on; other errors are sticky.
 /// Never traps on any input.
-public struct WireDecoder {
+public struct WireDecoder: Sendable {
     private var storage: [UInt8] = []
     private var readIndex = 0
     private var writeIndex = 0
@@ -475,8 +475,8 @@ public struct WireDecoder {
                                expectedCRC: UInt32) throws(WireError) -> WireMessage {
         let result = storage.withUnsafeBytes { raw -> Result<WireMessage, WireError> in
             do throws(WireError) {
-                return .success(try Self.decode(type, UnsafeRawBufferPointer(rebasing: raw[range]),
-                                                expectedCRC: expectedCRC, batchWire: { storage[$0.shifted(by: range.lowerBound)] }))
+                let payload = UnsafeRawBufferPointer(rebasing: raw[range])
+                return .success(try Self.decode(type, payload, expectedCRC: expectedCRC) { storage[$0.shifted(by: range.lowerBound)] })
             } catch {
                 return .failure(error)
             }
@@ -581,23 +581,28 @@ public struct WireDecoder {
         storage.withUnsafeBytes { T(littleEndian: $0.loadUnaligned(fromByteOffset: offset, as: T.self)) }
     }
 
-    /// Makes room for `count` more bytes after `writeIndex`, first by moving unread bytes to
-    /// the front, then by growing.
+    /// Makes room for `count` more bytes after `writeIndex`: moves the unread bytes to the
+    /// front, into a larger buffer when they would not fit with `count` more.
     private mutating func reserveWritable(_ count: Int) {
         if storage.count - writeIndex >= count { return }
         let unread = writeIndex - readIndex
-        if readIndex > 0 {
-            storage.withUnsafeMutableBytes { raw in
-                guard let base = raw.baseAddress else { return }
-                base.copyMemory(from: base + readIndex, byteCount: unread)  // memmove: may overlap
-            }
-            (readIndex, writeIndex) = (0, unread)
-        }
         let needed = unread + count
-        if storage.count < needed {
-            let newSize = max(needed, storage.count * 2, 64 << 10)
-            storage.append(contentsOf: repeatElement(0, count: newSize - storage.count))
+        if storage.count >= needed {
+            storage.withUnsafeMutableBytes { raw in
+                guard unread > 0, let base = raw.baseAddress else { return }
+                base.copyMemory(from: base + readIndex, byteCount: unread)  // a memmove: may overlap
+            }
+        } else {
+            var grown = [UInt8](repeating: 0, count: max(needed, storage.count * 2, 4096))
+            grown.withUnsafeMutableBytes { target in
+                storage.withUnsafeBytes { source in
+                    guard unread > 0, let to = target.baseAddress, let from = source.baseAddress else { return }
+                    to.copyMemory(from: from + readIndex, byteCount: unread)
+                }
+            }
+            storage = grown
         }
+        (readIndex, writeIndex) = (0, unread)
     }
 }
 
