@@ -58,6 +58,8 @@ let package = Package(
             name: "FaultlineEngineTests",
             dependencies: ["FaultlineEngine", "FaultlineLinux", "FaultlineCore"]
         ),
+        // Runs the built `faultline` binary: exit codes and messages of the CLI.
+        .testTarget(name: "FaultlineCLITests", dependencies: ["faultline"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -143,7 +143,9 @@ public final class Userfaultfd: @unchecked Sendable {
             let fd = fl_ioctl_val(dev, FL_USERFAULTFD_IOC_NEW, UInt(all))
             if fd >= 0 { return (fd, .devUserfaultfd) }
         }
-        let fd = try systemCall("userfaultfd(flags 0x\(String(all, radix: 16)))") { fl_userfaultfd_syscall(all) }
+        let hint = flags.contains(.userModeOnly) ? ""
+            : " (catching KVM's faults needs root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)"
+        let fd = try systemCall("userfaultfd(flags 0x\(String(all, radix: 16)))\(hint)") { fl_userfaultfd_syscall(all) }
         return (fd, .syscall)
     }
 

@@ -1,0 +1,128 @@
+import Foundation
+import Testing
+
+/// Runs the `faultline` binary built next to the test bundle.
+struct CLIRun {
+    let status: Int32
+    let stdout: String
+    let stderr: String
+}
+
+func faultlineBinary() -> URL {
+    let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+    var dir = exe.deletingLastPathComponent()
+    while dir.path != "/" {
+        let candidate = dir.appendingPathComponent("faultline")
+        if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate }
+        dir = dir.deletingLastPathComponent()
+    }
+    return URL(fileURLWithPath: ".build/debug/faultline")
+}
+
+func run(_ arguments: [String], as prefix: [String] = [], timeout: TimeInterval = 120) throws -> CLIRun {
+    let p = Process()
+    if prefix.isEmpty {
+        p.executableURL = faultlineBinary()
+        p.arguments = arguments
+    } else {
+        p.executableURL = URL(fileURLWithPath: prefix[0])
+        p.arguments = Array(prefix.dropFirst()) + [faultlineBinary().path] + arguments
+    }
+    let out = Pipe(), err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    try p.run()
+    let deadline = Date().addingTimeInterval(timeout)
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    let errData = err.fileHandleForReading.readDataToEndOfFile()
+    while p.isRunning && Date() < deadline { usleep(10_000) }
+    if p.isRunning { p.terminate(); Issue.record("faultline \(arguments) hung") }
+    p.waitUntilExit()
+    return CLIRun(status: p.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+                  stderr: String(decoding: errData, as: UTF8.self))
+}
+
+let kvmUsable = FileManager.default.isWritableFile(atPath: "/dev/kvm")
+let isRoot = getuid() == 0
+
+@Suite("faultline CLI", .serialized)
+struct CLITests {
+    @Test(arguments: [
+        (["--vcpus", "0"], "--vcpus must be at least 1"),
+        (["--vcpus", "64", "--mem-per-vcpu", "64"], "does not fit the guest's address range"),
+        (["--mem-per-vcpu", "0"], "--mem-per-vcpu must be at least 1"),
+        (["--mode", "uffd-missing", "--backing", "guest-memfd"], "cannot register a guest_memfd"),
+        (["--mode", "vcpu-exit", "--backing", "guest-memfd"], "KVM Userfault"),
+        (["--mode", "uffd-minor", "--backing", "anonymous"], "page cache"),
+        (["--pattern", "zigzag"], "unknown --pattern"),
+        (["--readers", "0"], "--readers"),
+    ])
+    func badInputIsRefusedClearly(args: [String], message: String) throws {
+        let r = try run(["bench", "demand-paging", "--backend", "soft"] + args)
+        #expect(r.status == 2, "\(args): exit \(r.status)")
+        #expect(r.stderr.contains(message), "\(args): \(r.stderr)")
+        #expect(!r.stderr.contains("Fatal error"))
+    }
+
+    @Test func unknownModeIsAUsageError() throws {
+        let r = try run(["bench", "demand-paging", "--mode", "telepathy"])
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("telepathy"))
+    }
+
+    @Test(.enabled(if: FileManager.default.fileExists(atPath: "/proc/meminfo")))
+    func hugetlbWithoutReservedPages() throws {
+        let meminfo = (try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8)) ?? ""
+        guard meminfo.contains("HugePages_Free:        0") else { print("SKIP: huge pages are reserved here"); return }
+        let r = try run(["bench", "demand-paging", "--backend", "soft", "--mode", "uffd-missing", "--backing", "hugetlb",
+                         "--mem-per-vcpu", "2"])
+        #expect(r.status == 2)
+        #expect(r.stderr.contains("huge pages"), "\(r.stderr)")
+    }
+
+    @Test func softBackendRunsAndSaysSo() throws {
+        let r = try run(["bench", "demand-paging", "--backend", "soft", "--mode", "uffd-missing", "--vcpus", "2",
+                         "--mem-per-vcpu", "1"])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.contains("backend: soft"))
+        #expect(r.stdout.contains("Verification: OK - 512 pages checked, 0 bad"))
+        #expect(r.stdout.contains("Per-vcpu demand paging rate:"))
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs /dev/kvm"))
+    func jsonHasTheReferenceKeys() throws {
+        let r = try run(["bench", "demand-paging", "--mode", "vcpu-exit", "--vcpus", "2", "--mem-per-vcpu", "1", "--json",
+                         "--repeat", "2"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let lines = r.stdout.split(separator: "\n")
+        #expect(lines.count == 2)
+        let object = try JSONSerialization.jsonObject(with: Data(lines[0].utf8)) as? [String: Any]
+        for key in ["mode", "uffd", "readers", "vcpus", "mem_per_vcpu_mib", "delay_us", "seconds", "pages_per_sec_per_vcpu",
+                    "pages_per_sec", "resolved", "bad_pages", "latency_us", "backend"] {
+            #expect(object?[key] != nil, "missing \(key)")
+        }
+        #expect(object?["bad_pages"] as? Int == 0)
+        #expect(object?["resolved"] as? Int == 512)
+        #expect(object?["backend"] as? String == "kvm")
+    }
+
+    @Test(.enabled(if: isRoot && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv"), "needs root and setpriv"))
+    func withoutPermissionForKVM() throws {
+        let nobody = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        let explicit = try run(["bench", "demand-paging", "--backend", "kvm", "--mem-per-vcpu", "1"], as: nobody)
+        #expect(explicit.status == 2)
+        #expect(explicit.stderr.contains("open /dev/kvm: EACCES"), "\(explicit.stderr)")
+        // Left to choose, it falls back to software vCPUs and says why.
+        let auto = try run(["bench", "demand-paging", "--mode", "uffd-missing", "--mem-per-vcpu", "1"], as: nobody)
+        #expect(auto.status == 0, "\(auto.stderr)")
+        #expect(auto.stdout.contains("backend: soft (no usable /dev/kvm (open /dev/kvm: EACCES"))
+        #expect(auto.stdout.contains("Verification: OK"))
+    }
+
+    @Test func probePrintsTheTable() throws {
+        let r = try run(["probe"])
+        #expect(r.status == 0)
+        #expect(r.stdout.contains("userfaultfd"))
+        #expect(r.stdout.contains("Faultline modes"))
+    }
+}

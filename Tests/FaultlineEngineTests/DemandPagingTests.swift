@@ -1,0 +1,120 @@
+import FaultlineCore
+import FaultlineEngine
+import FaultlineLinux
+import Testing
+
+enum Kernel {
+    static let kvmUnavailable: String? = {
+        do { _ = try KVM(); return nil } catch {
+            print("SKIP KVM end-to-end tests: \(error)")
+            return "\(error)"
+        }
+    }()
+    static let uffdUnavailable: String? = {
+        do { _ = try Userfaultfd(required: [], flags: [.nonBlocking, .userModeOnly]); return nil } catch {
+            print("SKIP userfaultfd end-to-end tests: \(error)")
+            return "\(error)"
+        }
+    }()
+    static var kvm: Bool { kvmUnavailable == nil && uffdUnavailable == nil }
+    static var uffd: Bool { uffdUnavailable == nil }
+}
+
+func config(_ mode: FaultMode, backend: ExecutionBackend = .kvm, vcpus: Int = 2, kib: UInt64 = 1024,
+            _ edit: (inout DemandPagingConfig) -> Void = { _ in }) -> DemandPagingConfig {
+    var c = DemandPagingConfig()
+    c.mode = mode
+    c.vcpus = vcpus
+    c.bytesPerVcpu = kib << 10
+    c.backend = backend
+    edit(&c)
+    return c
+}
+
+func runVerified(_ c: DemandPagingConfig) throws -> DemandPagingResult {
+    let r = try DemandPagingBenchmark(config: c).run()
+    #expect(r.badPages == 0, "\(c.mode) \(c.pattern): \(r.badPages) bad pages")
+    #expect(r.checksumFailures == 0, "\(c.mode) \(c.pattern): read checksums")
+    #expect(r.pages == Int(c.totalBytes / 4096))
+    return r
+}
+
+@Suite("Demand paging on KVM, every mode", .serialized, .enabled(if: Kernel.kvm, "needs /dev/kvm and userfaultfd"))
+struct KVMDemandPagingTests {
+    @Test(arguments: FaultMode.allCases)
+    func everyModeVerifiesEveryPage(mode: FaultMode) throws {
+        let r = try runVerified(config(mode))
+        if mode.usesUserfaultfd {
+            #expect(r.resolved + r.raced == r.pages, "every page was faulted in exactly once")
+            #expect(r.faultsMeasured > 0)
+        } else {
+            #expect(r.resolved == 0)
+        }
+    }
+
+    @Test(arguments: ["random", "read", "stride"])
+    func patternsUnderEachResolver(pattern: String) throws {
+        for mode in [FaultMode.uffdMissing, .uffdMinor, .vcpuExit] {
+            _ = try runVerified(config(mode) { $0.pattern = AccessPattern(name: pattern)! })
+        }
+    }
+
+    @Test func perVcpuUffdsAndManyReaders() throws {
+        _ = try runVerified(config(.uffdMissing, vcpus: 4, kib: 512) { $0.uffd = .perVcpu; $0.readers = 2 })
+        _ = try runVerified(config(.uffdMinor, vcpus: 4, kib: 512) { $0.uffd = .perVcpu })
+        _ = try runVerified(config(.uffdMissing, vcpus: 3, kib: 256) { $0.readers = 3 })
+    }
+
+    @Test func injectedDelayIsPaid() throws {
+        let r = try runVerified(config(.vcpuExit, vcpus: 1, kib: 256) { $0.delayMicroseconds = 200 })
+        // 64 faults, each sleeping at least 200 us.
+        #expect(r.seconds >= 64 * 200e-6)
+        #expect(r.latencyMicroseconds.p50 >= 200)
+    }
+
+    @Test func guestMemfdBackingRunsTheBaselines() throws {
+        _ = try runVerified(config(.prefilled) { $0.backing = .guestMemfd })
+        _ = try runVerified(config(.none) { $0.backing = .guestMemfd })
+    }
+
+    @Test func twoHundredFiftySixVcpus() throws {
+        let r = try runVerified(config(.vcpuExit, vcpus: 256, kib: 64))
+        #expect(r.resolved == 256 * 16)
+    }
+}
+
+@Suite("Demand paging on software vCPUs", .serialized, .enabled(if: Kernel.uffd, "needs userfaultfd"))
+struct SoftDemandPagingTests {
+    @Test(arguments: FaultMode.allCases)
+    func everyModeVerifiesEveryPage(mode: FaultMode) throws {
+        let r = try runVerified(config(mode, backend: .soft, vcpus: 3))
+        #expect(r.backend == .soft)
+        if mode.usesUserfaultfd { #expect(r.resolved + r.raced == r.pages) }
+    }
+
+    @Test func softPatternsAndPerVcpu() throws {
+        _ = try runVerified(config(.uffdMissing, backend: .soft, vcpus: 4) { $0.uffd = .perVcpu; $0.pattern = .random(seed: 9) })
+        _ = try runVerified(config(.vcpuExit, backend: .soft) { $0.pattern = .read })
+        _ = try runVerified(config(.uffdMinor, backend: .soft) { $0.pattern = .stride(pages: 3) })
+    }
+}
+
+@Suite("Refusals")
+struct RefusalTests {
+    @Test func badConfigurationsThrowBeforeTouchingTheKernel() {
+        for c in [config(.vcpuExit, vcpus: 0), config(.uffdMissing) { $0.backing = .guestMemfd },
+                  config(.vcpuExit, vcpus: 64, kib: 64 << 10)] {
+            #expect(throws: DemandPagingConfig.Invalid.self) { _ = try DemandPagingBenchmark(config: c) }
+        }
+    }
+
+    @Test(.enabled(if: hugePagesFree() == 0, "huge pages are reserved here"))
+    func hugetlbWithoutReservedPagesSaysSo() throws {
+        do {
+            _ = try DemandPagingBenchmark(config: config(.uffdMissing, backend: .soft, kib: 2048) { $0.backing = .hugetlb }).run()
+            Issue.record("hugetlb without reserved pages ran")
+        } catch {
+            #expect("\(error)".contains("huge pages"))
+        }
+    }
+}
