@@ -59,7 +59,7 @@ let package = Package(
             dependencies: ["FaultlineEngine", "FaultlineLinux", "FaultlineCore"]
         ),
         // Runs the built `faultline` binary: exit codes and messages of the CLI.
-        .testTarget(name: "FaultlineCLITests", dependencies: ["faultline"]),
+        .testTarget(name: "FaultlineCLITests", dependencies: ["faultline", "FaultlineCore"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -102,3 +102,5 @@ int fl_thread_create(pthread_t *thread, size_t stack_size, void *(*entry)(void *
     pthread_attr_destroy(&attr);
     return rc;
 }
+
+int fl_gettid(void) { return (int)syscall(SYS_gettid); }

@@ -72,7 +72,7 @@ public struct DemandPagingConfig: Sendable, Equatable {
 
     public struct Invalid: Error, CustomStringConvertible, Equatable {
         public let description: String
-        init(_ d: String) { description = d }
+        public init(_ d: String) { description = d }
     }
 
     /// Checks everything that can be checked without a kernel.

@@ -11,7 +11,6 @@ public final class PageBitmap: @unchecked Sendable {
     public let count: Int
     public let wordCount: Int
     @usableFromInline let storage: UnsafeMutablePointer<UInt64.AtomicRepresentation>
-    @usableFromInline let population: ManagedAtomic<Int>
 
     public init(count: Int) {
         precondition(count >= 0, "bitmap size must not be negative")
@@ -19,7 +18,6 @@ public final class PageBitmap: @unchecked Sendable {
         self.wordCount = (count + 63) / 64
         storage = .allocate(capacity: max(wordCount, 1))
         storage.initialize(repeating: UInt64.AtomicRepresentation(0), count: max(wordCount, 1))
-        population = ManagedAtomic(0)
     }
 
     deinit { storage.deallocate() }
@@ -42,11 +40,7 @@ public final class PageBitmap: @unchecked Sendable {
         precondition(page >= 0 && page < count, "page \(page) outside bitmap of \(count)")
         let mask: UInt64 = 1 << UInt64(page & 63)
         let old = word(page >> 6).loadThenBitwiseOr(with: mask, ordering: .acquiringAndReleasing)
-        if old & mask == 0 {
-            population.wrappingIncrement(ordering: .relaxed)
-            return true
-        }
-        return false
+        return old & mask == 0
     }
 
     /// Clears the bit; returns true if it was set.
@@ -55,11 +49,7 @@ public final class PageBitmap: @unchecked Sendable {
         precondition(page >= 0 && page < count, "page \(page) outside bitmap of \(count)")
         let mask: UInt64 = 1 << UInt64(page & 63)
         let old = word(page >> 6).loadThenBitwiseAnd(with: ~mask, ordering: .acquiringAndReleasing)
-        if old & mask != 0 {
-            population.wrappingDecrement(ordering: .relaxed)
-            return true
-        }
-        return false
+        return old & mask != 0
     }
 
     /// Sets every bit in `range`.
@@ -67,8 +57,13 @@ public final class PageBitmap: @unchecked Sendable {
         for page in range { insert(page) }
     }
 
-    /// Number of set bits.
-    public var populationCount: Int { population.load(ordering: .relaxed) }
+    /// Number of set bits (a scan: kept off the fault path, where a shared counter would
+    /// bounce one cache line between every vCPU).
+    public var populationCount: Int {
+        var n = 0
+        for w in 0..<wordCount { n += word(w).load(ordering: .relaxed).nonzeroBitCount }
+        return n
+    }
     public var isFull: Bool { populationCount == count }
 
     /// The first clear bit at or after `start`, wrapping around once; nil when full.

@@ -11,7 +11,7 @@ struct Faultline: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "faultline",
         abstract: "Post-copy live migration and lazy restore of KVM guest memory.",
-        subcommands: [Demo.self, Probe.self, Bench.self]
+        subcommands: [Demo.self, Run.self, Receive.self, Probe.self, Bench.self]
     )
 }
 
@@ -132,32 +132,6 @@ struct DemandPaging: ParsableCommand {
         } catch {
             fail(error)
         }
-    }
-}
-
-struct Demo: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        abstract: "The main job with embedded defaults: the demand-paging demonstration (vcpu-exit vs uffd-missing).")
-
-    func run() {
-        let (backend, why) = BackendSelection.resolve(nil)
-        print("backend: \(backend) (\(why))")
-        var failed = false
-        for mode in [FaultMode.uffdMissing, .vcpuExit] {
-            var c = DemandPagingConfig()
-            c.mode = mode
-            c.vcpus = 2
-            c.bytesPerVcpu = 16 << 20
-            c.backend = backend
-            do {
-                let r = try DemandPagingBenchmark(config: c).run()
-                print(r.humanReport)
-                if !r.verified { failed = true }
-            } catch {
-                fail(error)
-            }
-        }
-        if failed { Glibc.exit(1) }
     }
 }
 

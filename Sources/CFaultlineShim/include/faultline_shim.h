@@ -318,5 +318,6 @@ int fl_thread_create(pthread_t *thread, size_t stack_size, void *(*entry)(void *
 
 // Monotonic time in nanoseconds (vDSO clock_gettime).
 uint64_t fl_now_ns(void);
+int fl_gettid(void);
 
 #endif

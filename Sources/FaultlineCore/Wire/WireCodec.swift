@@ -172,9 +172,10 @@ public struct WireEncoder: Sendable {
         bytes.reserveCapacity(capacity)
     }
 
-    /// Forgets the encoded bytes but keeps the buffer's capacity.
+    /// Forgets the encoded bytes (and abandons an open page batch) but keeps the buffer's
+    /// capacity - after a failed send, the frames are simply dropped.
     public mutating func removeAll() {
-        precondition(batch == nil, "removeAll() inside an open page batch")
+        batch = nil
         bytes.removeAll(keepingCapacity: true)
     }
 

@@ -1,0 +1,320 @@
+import Atomics
+import CFaultlineShim
+import FaultlineCore
+import FaultlineLinux
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The machine layout every Faultline VM shares, so source and destination agree on it:
+/// 64 KiB of low memory at GPA 0 (the guest program at 0x1000) and RAM at 0x10000000,
+/// split evenly between the vCPUs.
+public struct MachineLayout: Sendable, Equatable {
+    public static let lowSize: UInt64 = 0x10000
+    public static let ramBase: UInt64 = DemandPagingConfig.ramBase
+    public static let pageSize: UInt64 = 4096
+
+    public let vcpus: Int
+    public let ramSize: UInt64
+    public let memory: GuestMemoryLayout
+
+    public struct Invalid: Error, CustomStringConvertible { public let description: String }
+
+    public init(vcpus: Int, ramSize: UInt64) throws {
+        guard vcpus >= 1, vcpus <= DemandPagingConfig.maxVcpus else {
+            throw Invalid(description: "--vcpus must be between 1 and \(DemandPagingConfig.maxVcpus) (got \(vcpus))")
+        }
+        guard ramSize > 0, ramSize % (UInt64(vcpus) * Self.pageSize) == 0 else {
+            throw Invalid(description: "memory size \(ramSize) must be a positive multiple of \(vcpus) x 4096 bytes")
+        }
+        guard ramSize <= DemandPagingConfig.ramLimit - Self.ramBase else {
+            throw Invalid(description: "memory of \(ramSize >> 20) MiB does not fit below 0xF0000000 in this 32-bit guest "
+                          + "(at most \((DemandPagingConfig.ramLimit - Self.ramBase) >> 20) MiB)")
+        }
+        self.vcpus = vcpus
+        self.ramSize = ramSize
+        self.memory = try GuestMemoryLayout(regions: [
+            GuestMemoryRange(start: GuestPhysicalAddress(0), size: Self.lowSize)!,
+            GuestMemoryRange(start: GuestPhysicalAddress(Self.ramBase), size: ramSize)!,
+        ])
+    }
+
+    /// Rebuilds (and checks) a layout received from a peer.
+    public init(vcpus: Int, memory: GuestMemoryLayout) throws {
+        guard memory.pageSize == Self.pageSize, memory.regions.count == 2,
+              memory.regions[0] == GuestMemoryRange(start: GuestPhysicalAddress(0), size: Self.lowSize),
+              memory.regions[1].start == GuestPhysicalAddress(Self.ramBase) else {
+            throw Invalid(description: "the peer's memory layout is not a Faultline machine layout: \(memory.regions)")
+        }
+        try self.init(vcpus: vcpus, ramSize: memory.regions[1].size)
+    }
+
+    public var lowPages: Int { Int(Self.lowSize / Self.pageSize) }
+    public var ramPages: Int { Int(ramSize / Self.pageSize) }
+    public var totalPages: Int { lowPages + ramPages }
+    public var bytesPerVcpu: UInt64 { ramSize / UInt64(vcpus) }
+    public var pagesPerVcpu: Int { Int(bytesPerVcpu / Self.pageSize) }
+}
+
+/// Counters a running guest reports through its I/O ports.
+public final class GuestCounters: @unchecked Sendable {
+    public let passes: UnsafeMutablePointer<UInt64.AtomicRepresentation>
+    public let mismatches = ManagedAtomic<Int>(0)
+    public let count: Int
+    private var lock = pthread_mutex_t()
+    public private(set) var firstMismatch: String?
+
+    init(vcpus: Int) {
+        count = vcpus
+        passes = .allocate(capacity: vcpus)
+        passes.initialize(repeating: .init(0), count: vcpus)
+        pthread_mutex_init(&lock, nil)
+    }
+
+    deinit { passes.deallocate() }
+
+    public func passes(of vcpu: Int) -> UInt64 { UnsafeAtomic<UInt64>(at: passes + vcpu).load(ordering: .relaxed) }
+    public var totalPasses: UInt64 { (0..<count).reduce(0) { $0 + passes(of: $1) } }
+
+    func recordPass(_ vcpu: Int) { UnsafeAtomic<UInt64>(at: passes + vcpu).wrappingIncrement(ordering: .relaxed) }
+
+    func recordMismatch(_ text: String) {
+        mismatches.wrappingIncrement(ordering: .relaxed)
+        pthread_mutex_lock(&lock)
+        if firstMismatch == nil { firstMismatch = text }
+        pthread_mutex_unlock(&lock)
+    }
+}
+
+/// Handles a vCPU access to guest RAM that KVM could not satisfy (vcpu-exit post-copy):
+/// make the page at `offset` present. Called on the vCPU's own thread.
+public protocol RAMFaultHandler: AnyObject, Sendable {
+    func resolveOnVcpu(_ vcpu: Int, ramOffset: UInt64) throws
+}
+
+/// A VM whose vCPUs run a never-ending guest program on dedicated threads and can be
+/// paused, resumed and stopped from another thread (the kick: immediate_exit + signal).
+public final class MigratableVM: @unchecked Sendable {
+    public let layout: MachineLayout
+    public let vm: VirtualMachine
+    public let low: GuestMemoryRegion
+    public let ram: GuestMemoryRegion
+    public private(set) var vcpus: [Vcpu] = []
+    public let counters: GuestCounters
+    /// Thread ids (gettid) of the vCPU threads, for attributing userfaultfd events.
+    public let threadIDs: UnsafeMutablePointer<Int32>
+
+    enum RunState: Int { case running = 0, pausing = 1, stopping = 2 }
+    private let state = ManagedAtomic<Int>(RunState.running.rawValue)
+    private var lock = pthread_mutex_t()
+    private var cond = pthread_cond_t()
+    private var parked = 0
+    private var threads: [OSThread] = []
+    private var failure: String?
+    public var faultHandler: RAMFaultHandler?
+
+    /// Creates the VM, its memory (RAM with `backing`) and its memslots; no vCPU yet.
+    public init(layout: MachineLayout, backing: MemoryBacking, dirtyLogging: Bool = false) throws {
+        self.layout = layout
+        vm = try KVM().createVM()
+        low = try GuestMemoryRegion(backing: .anonymous, size: MachineLayout.lowSize, label: "guest-low")
+        ram = try GuestMemoryRegion(backing: backing, size: layout.ramSize, vm: vm, label: "guest-ram")
+        counters = GuestCounters(vcpus: layout.vcpus)
+        threadIDs = .allocate(capacity: layout.vcpus)
+        threadIDs.initialize(repeating: 0, count: layout.vcpus)
+        pthread_mutex_init(&lock, nil)
+        pthread_cond_init(&cond, nil)
+        try vm.setMemoryRegion(slot: 0, guestPhysicalAddress: GuestPhysicalAddress(0), size: MachineLayout.lowSize,
+                               hostAddress: low.hostAddress)
+        try setRAMSlot(dirtyLogging: dirtyLogging)
+        for id in 0..<layout.vcpus { vcpus.append(try vm.createVcpu(id: id)) }
+    }
+
+    deinit { threadIDs.deallocate() }
+
+    /// (Re)declares the RAM memslot, turning dirty logging on or off.
+    public func setRAMSlot(dirtyLogging: Bool) throws {
+        try vm.setMemoryRegion(slot: 1, flags: dirtyLogging ? .logDirtyPages : [],
+                               guestPhysicalAddress: GuestPhysicalAddress(MachineLayout.ramBase), size: layout.ramSize,
+                               hostAddress: ram.hostAddress, guestMemfd: ram.guestMemfd)
+    }
+
+    /// Host pointer of a page index of the machine layout.
+    public func pagePointer(_ page: Int) -> UnsafeMutableRawPointer {
+        page < layout.lowPages ? low.base + page * 4096 : ram.base + (page - layout.lowPages) * 4096
+    }
+
+    // MARK: vCPU state
+
+    /// regs + sregs, as raw ABI bytes (the same kernel ABI on both ends).
+    public func vcpuStateBlob(_ id: Int) throws -> [UInt8] {
+        var regs = try vcpus[id].registers()
+        var sregs = try vcpus[id].specialRegisters()
+        var blob = [UInt8]()
+        blob.reserveCapacity(MemoryLayout<fl_kvm_regs>.size + MemoryLayout<fl_kvm_sregs>.size)
+        withUnsafeBytes(of: &regs) { blob.append(contentsOf: $0) }
+        withUnsafeBytes(of: &sregs) { blob.append(contentsOf: $0) }
+        return blob
+    }
+
+    public func loadVcpuState(_ id: Int, blob: [UInt8]) throws {
+        let rs = MemoryLayout<fl_kvm_regs>.size, ss = MemoryLayout<fl_kvm_sregs>.size
+        guard id >= 0, id < vcpus.count else { throw MachineLayout.Invalid(description: "vCPU state for unknown vCPU \(id)") }
+        guard blob.count == rs + ss else {
+            throw MachineLayout.Invalid(description: "vCPU \(id) state is \(blob.count) bytes, expected \(rs + ss)")
+        }
+        var regs = fl_kvm_regs()
+        var sregs = fl_kvm_sregs()
+        blob.withUnsafeBytes { raw in
+            withUnsafeMutableBytes(of: &regs) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: raw[0..<rs])) }
+            withUnsafeMutableBytes(of: &sregs) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: raw[rs...])) }
+        }
+        try vcpus[id].setSpecialRegisters(sregs)
+        try vcpus[id].setRegisters(regs)
+    }
+
+    /// Boots the guest program: code into low memory, flat protected mode, registers.
+    public func boot(workload: RunningWorkload) throws {
+        let code = try workload.program()
+        code.withUnsafeBytes { (low.base + Int(GuestWorkload.codeAddress)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        for (id, vcpu) in vcpus.enumerated() {
+            try vcpu.enterFlatProtectedMode()
+            let r = workload.initialRegisters(vcpu: id, chunkBase: MachineLayout.ramBase + UInt64(id) * layout.bytesPerVcpu)
+            var regs = fl_kvm_regs()
+            regs.rip = GuestWorkload.codeAddress
+            regs.rflags = 2
+            regs.rax = UInt64(r.eax); regs.rbx = UInt64(r.ebx); regs.rcx = UInt64(r.ecx); regs.rdx = UInt64(r.edx)
+            regs.rsi = UInt64(r.esi); regs.rdi = UInt64(r.edi); regs.rbp = UInt64(r.ebp)
+            try vcpu.setRegisters(regs)
+        }
+    }
+
+    // MARK: running
+
+    /// Starts every vCPU on its own thread.
+    public func start() throws {
+        state.store(RunState.running.rawValue, ordering: .sequentiallyConsistent)
+        for id in vcpus.indices {
+            threads.append(try OSThread(name: "vcpu \(id)") { [self] in vcpuLoop(id) })
+        }
+    }
+
+    private func vcpuLoop(_ id: Int) {
+        let vcpu = vcpus[id]
+        threadIDs[id] = Int32(fl_gettid())
+        vcpu.bindToCurrentThread()
+        defer { vcpu.unbindThread() }
+        let ramBase = MachineLayout.ramBase, ramSize = layout.ramSize
+        do {
+            while true {
+                let exit = try vcpu.runOnce()
+                switch exit {
+                case .io(let port, _, _, true) where port == UInt16(RunningWorkload.progressPort):
+                    counters.recordPass(id)
+                case .io(let port, _, _, true) where port == UInt16(RunningWorkload.mismatchPort):
+                    let value = vcpu.ioData.load(as: UInt32.self)
+                    let address = (try? vcpu.registers().rdx) ?? 0
+                    counters.recordMismatch("vcpu \(id): read 0x\(String(value, radix: 16)) at GPA 0x\(String(address, radix: 16))")
+                case .interrupted:
+                    vcpu.clearKick()
+                    if !parkIfAsked() { return }
+                case .mmio(let address, let length, let isWrite, let data)
+                    where faultHandler != nil && address.rawValue >= ramBase && address.rawValue - ramBase < ramSize:
+                    let offset = address.rawValue - ramBase
+                    try faultHandler!.resolveOnVcpu(id, ramOffset: offset)
+                    let last = offset + UInt64(max(length, 1)) - 1
+                    if last >> 12 != offset >> 12 && last < ramSize { try faultHandler!.resolveOnVcpu(id, ramOffset: last) }
+                    let host = ram.base + Int(offset)
+                    if isWrite {
+                        withUnsafeBytes(of: data.littleEndian) { host.copyMemory(from: $0.baseAddress!, byteCount: Int(min(length, 8))) }
+                    } else {
+                        vcpu.completeMMIORead(from: host, length: Int(length))
+                    }
+                case .memoryFault(let address, _, _)
+                    where faultHandler != nil && address.rawValue >= ramBase && address.rawValue - ramBase < ramSize:
+                    try faultHandler!.resolveOnVcpu(id, ramOffset: address.rawValue - ramBase)
+                case .hlt:
+                    return
+                default:
+                    throw DemandPagingError.unexpectedExit(vcpu: id, exit: exit)
+                }
+            }
+        } catch {
+            pthread_mutex_lock(&lock)
+            if failure == nil { failure = "vcpu \(id): \(error)" }
+            pthread_mutex_unlock(&lock)
+        }
+    }
+
+    /// Called on a vCPU thread after a kick: parks while paused. False = stop.
+    private func parkIfAsked() -> Bool {
+        pthread_mutex_lock(&lock)
+        defer { pthread_mutex_unlock(&lock) }
+        while true {
+            switch RunState(rawValue: state.load(ordering: .sequentiallyConsistent))! {
+            case .running: return true
+            case .stopping: return false
+            case .pausing:
+                parked += 1
+                pthread_cond_broadcast(&cond)
+                while state.load(ordering: .sequentiallyConsistent) == RunState.pausing.rawValue {
+                    pthread_cond_wait(&cond, &lock)
+                }
+                parked -= 1
+            }
+        }
+    }
+
+    /// Stops every vCPU at an instruction boundary and waits until all are parked.
+    public func pause() {
+        state.store(RunState.pausing.rawValue, ordering: .sequentiallyConsistent)
+        pthread_mutex_lock(&lock)
+        while parked < runningThreads() {
+            pthread_mutex_unlock(&lock)
+            for v in vcpus { v.kick() }
+            pthread_mutex_lock(&lock)
+            var deadline = timespec()
+            clock_gettime(CLOCK_REALTIME, &deadline)
+            deadline.tv_nsec += 1_000_000
+            if deadline.tv_nsec >= 1_000_000_000 { deadline.tv_sec += 1; deadline.tv_nsec -= 1_000_000_000 }
+            _ = pthread_cond_timedwait(&cond, &lock, &deadline)
+        }
+        pthread_mutex_unlock(&lock)
+    }
+
+    private func runningThreads() -> Int { failure == nil ? vcpus.count : 0 }
+
+    public func resume() {
+        pthread_mutex_lock(&lock)
+        state.store(RunState.running.rawValue, ordering: .sequentiallyConsistent)
+        pthread_cond_broadcast(&cond)
+        pthread_mutex_unlock(&lock)
+    }
+
+    /// Stops and joins every vCPU thread. Returns the first vCPU error, if any.
+    @discardableResult
+    public func stop() -> String? {
+        pthread_mutex_lock(&lock)
+        state.store(RunState.stopping.rawValue, ordering: .sequentiallyConsistent)
+        pthread_cond_broadcast(&cond)
+        pthread_mutex_unlock(&lock)
+        for v in vcpus { v.kick() }
+        for t in threads { t.join() }
+        threads = []
+        return failure
+    }
+
+    /// Sets the scheduling niceness of every vCPU thread (0 normal, higher yields the CPU
+    /// to other threads - during post-copy the page stream is what the guest waits for).
+    public func setVcpuNiceness(_ value: Int32) {
+        for i in 0..<layout.vcpus where threadIDs[i] != 0 {
+            _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(threadIDs[i]), value)
+        }
+    }
+
+    public var error: String? {
+        pthread_mutex_lock(&lock)
+        defer { pthread_mutex_unlock(&lock) }
+        return failure
+    }
+}

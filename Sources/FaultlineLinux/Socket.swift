@@ -1,0 +1,167 @@
+import CFaultlineShim
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A host:port pair (IPv4 or a resolvable name).
+public struct SocketEndpoint: Sendable, CustomStringConvertible, Equatable {
+    public let host: String
+    public let port: UInt16
+
+    public init(host: String, port: UInt16) {
+        self.host = host
+        self.port = port
+    }
+
+    /// Parses "HOST:PORT" (or ":PORT" / "PORT" for all interfaces).
+    public init?(parsing text: String) {
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+        guard let last = parts.last, let port = UInt16(last) else { return nil }
+        let host = parts.count > 1 ? parts.dropLast().joined(separator: ":") : ""
+        self.init(host: host.isEmpty ? "0.0.0.0" : host, port: port)
+    }
+
+    public var description: String { "\(host):\(port)" }
+
+    func sockaddr() throws(SystemError) -> sockaddr_in {
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = port.bigEndian
+        if inet_pton(AF_INET, host, &addr.sin_addr) == 1 { return addr }
+        var hints = addrinfo()
+        hints.ai_family = AF_INET
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var result: UnsafeMutablePointer<addrinfo>?
+        let rc = getaddrinfo(host, nil, &hints, &result)
+        guard rc == 0, let info = result, let sa = info.pointee.ai_addr else {
+            throw SystemError("resolve \(host): \(String(cString: gai_strerror(rc)))", errno: ENOENT)
+        }
+        defer { freeaddrinfo(result) }
+        addr.sin_addr = sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee.sin_addr }
+        return addr
+    }
+}
+
+/// A connected TCP stream socket: owns its fd; blocking I/O meant for a dedicated thread.
+/// (Faultline's page traffic runs on dedicated threads with blocking sockets: a fault reply
+/// goes from recv() to UFFDIO_COPY on the same thread, with no event-loop hop.)
+public final class StreamSocket: @unchecked Sendable {
+    public let fd: FileDescriptor
+    public let peer: String
+
+    init(fd: FileDescriptor, peer: String) {
+        self.fd = fd
+        self.peer = peer
+        var one: Int32 = 1
+        setsockopt(fd.rawValue, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        var size: Int32 = 4 << 20
+        setsockopt(fd.rawValue, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        setsockopt(fd.rawValue, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    /// Connects to `endpoint`, retrying refused connections until `timeoutSeconds` pass.
+    public static func connect(to endpoint: SocketEndpoint, timeoutSeconds: Double = 10) throws(SystemError) -> StreamSocket {
+        let addr = try endpoint.sockaddr()
+        let deadline = fl_now_ns() + UInt64(timeoutSeconds * 1e9)
+        while true {
+            let raw = try systemCall("socket") { socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+            let fd = FileDescriptor(adopting: raw, label: "tcp \(endpoint)")
+            var a = addr
+            let rc = withUnsafePointer(to: &a) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(raw, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+            if rc == 0 { return StreamSocket(fd: fd, peer: endpoint.description) }
+            let code = fl_errno()
+            if (code == ECONNREFUSED || code == ENETUNREACH || code == EINTR || code == ETIMEDOUT) && fl_now_ns() < deadline {
+                usleep(50_000)
+                continue
+            }
+            throw SystemError("connect \(endpoint)", errno: code)
+        }
+    }
+
+    /// Sends every byte (retrying short writes and EINTR).
+    public func sendAll(_ bytes: UnsafeRawBufferPointer) throws(SystemError) {
+        var done = 0
+        while done < bytes.count {
+            let n = send(fd.rawValue, bytes.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL))
+            if n < 0 {
+                let code = fl_errno()
+                if code == EINTR { continue }
+                throw SystemError("send to \(peer)", errno: code)
+            }
+            done += n
+        }
+    }
+
+    public func sendAll(_ bytes: [UInt8]) throws(SystemError) {
+        let result: Result<Void, SystemError> = bytes.withUnsafeBytes { raw in Result { () throws(SystemError) in try sendAll(raw) } }
+        try result.get()
+    }
+
+    /// Receives up to `buffer.count` bytes; 0 means the peer closed the connection.
+    public func receive(into buffer: UnsafeMutableRawBufferPointer) throws(SystemError) -> Int {
+        while true {
+            let n = recv(fd.rawValue, buffer.baseAddress, buffer.count, 0)
+            if n >= 0 { return n }
+            let code = fl_errno()
+            if code == EINTR { continue }
+            throw SystemError("recv from \(peer)", errno: code)
+        }
+    }
+
+    /// Sets a receive timeout (0 = none); a timed-out receive throws EAGAIN.
+    public func setReceiveTimeout(seconds: Double) {
+        var tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - Double(Int(seconds))) * 1e6))
+        setsockopt(fd.rawValue, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// Shuts both directions down: wakes a thread blocked in receive on this socket.
+    public func shutdown() { _ = Glibc.shutdown(fd.rawValue, Int32(SHUT_RDWR)) }
+}
+
+/// A listening TCP socket.
+public final class ListeningSocket: @unchecked Sendable {
+    public let fd: FileDescriptor
+    public let endpoint: SocketEndpoint
+
+    public init(endpoint: SocketEndpoint) throws(SystemError) {
+        let raw = try systemCall("socket") { socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        fd = FileDescriptor(adopting: raw, label: "listen \(endpoint)")
+        var one: Int32 = 1
+        setsockopt(raw, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        var addr = try endpoint.sockaddr()
+        try systemCall("bind \(endpoint)") {
+            withUnsafePointer(to: &addr) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(raw, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+        }
+        try systemCall("listen \(endpoint)") { listen(raw, 16) }
+        var bound = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &bound) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(raw, $0, &len) }
+        }
+        self.endpoint = SocketEndpoint(host: endpoint.host, port: UInt16(bigEndian: bound.sin_port))
+    }
+
+    /// Waits up to `timeoutSeconds` (nil: forever) for a connection; nil on timeout.
+    public func accept(timeoutSeconds: Double? = nil) throws(SystemError) -> StreamSocket? {
+        if let timeoutSeconds {
+            var p = pollfd(fd: fd.rawValue, events: Int16(POLLIN), revents: 0)
+            let rc = try systemCall("poll \(endpoint)") { poll(&p, 1, Int32(timeoutSeconds * 1000)) }
+            if rc == 0 { return nil }
+        }
+        var addr = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let raw = try systemCall("accept on \(endpoint)") {
+            withUnsafeMutablePointer(to: &addr) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.accept(fd.rawValue, $0, &len) }
+            }
+        }
+        var text = [CChar](repeating: 0, count: 32)
+        inet_ntop(AF_INET, &addr.sin_addr, &text, 32)
+        let peer = "\(String(cString: text)):\(UInt16(bigEndian: addr.sin_port))"
+        return StreamSocket(fd: FileDescriptor(adopting: raw, label: "tcp \(peer)"), peer: peer)
+    }
+}

@@ -1,0 +1,105 @@
+import ArgumentParser
+import FaultlineCore
+import FaultlineEngine
+import FaultlineLinux
+import Foundation
+
+/// The main job: a live migration between two processes on loopback, with defaults.
+struct Demo: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Migrate a running guest between two processes on loopback and print the report.")
+
+    @Option(help: "Number of vCPUs") var vcpus = 2
+    @Option(help: "Guest RAM") var memory = "512M"
+    @Option(help: "dirtier | selfcheck") var workload: RunningWorkloadKind = .selfcheck
+    @Option(name: .customLong("fault-mode"), help: "vcpu-exit | uffd-missing | uffd-minor") var faultMode: FaultMode = .vcpuExit
+    @Option(help: "single | per-vcpu (uffd modes)") var uffd: UffdTopology = .single
+    @Option(name: .customLong("precopy-rounds"), help: "Pre-copy rounds before the switch-over") var precopyRounds = 1
+    @Option(name: .customLong("migrate-after"), help: "Seconds the guest runs on the source first") var migrateAfter = 1.0
+    @Option(name: .customLong("run-after"), help: "Seconds the guest runs on the destination afterwards") var runAfter = 1.0
+    @Flag(help: "Also time a plain TCP copy of the same non-zero bytes") var baseline = false
+    @Flag(help: "One JSON line with both sides' figures") var json = false
+    @Option(name: .customLong("inject-disconnect-after-pages"), help: .hidden) var disconnectAfter: Int?
+    @Flag(name: .customLong("inject-corrupt-page"), help: .hidden) var corruptPage = false
+
+    func run() {
+        do {
+            let (backend, why) = BackendSelection.resolve(nil)
+            guard backend == .kvm else { throw CLIError(description: "the migration demo needs KVM: \(why)") }
+            guard let size = parseSize(memory) else { throw CLIError(description: "cannot read --memory '\(memory)'") }
+            let layout = try MachineLayout(vcpus: vcpus, ramSize: size)
+            let wl = try RunningWorkload(kind: workload, pagesPerVcpu: layout.pagesPerVcpu)
+
+            // The destination: a second process.
+            let child = Process()
+            child.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+            child.arguments = ["receive", "--listen", "127.0.0.1:0", "--json", "--fault-mode", faultMode.rawValue,
+                               "--uffd", uffd.rawValue, "--run-after", String(runAfter), "--accept-seconds", "30"]
+            let out = Pipe()
+            child.standardOutput = out
+            try child.run()
+            let reader = out.fileHandleForReading
+            var firstLine = ""
+            while !firstLine.hasSuffix("\n") {
+                let byte = reader.readData(ofLength: 1)
+                if byte.isEmpty { throw CLIError(description: "the destination process exited before listening") }
+                firstLine += String(decoding: byte, as: UTF8.self)
+            }
+            guard let endpoint = SocketEndpoint(parsing: firstLine.replacingOccurrences(of: "listening on ", with: "")
+                .trimmingCharacters(in: .whitespacesAndNewlines)) else {
+                throw CLIError(description: "unexpected destination output: \(firstLine)")
+            }
+            if !json {
+                print("backend: kvm; demo: \(vcpus) vCPU(s), \(size >> 20) MiB, workload \(workload), fault mode \(faultMode), "
+                      + "\(precopyRounds) pre-copy round(s); destination pid \(child.processIdentifier) on \(endpoint)")
+            }
+
+            // The source: this process.
+            let vm = try MigratableVM(layout: layout, backing: .anonymous)
+            try vm.boot(workload: wl)
+            try vm.start()
+            Thread.sleep(forTimeInterval: migrateAfter)
+            var options = MigrationOptions(destination: endpoint)
+            options.precopyRounds = precopyRounds
+            options.progress = !json
+            options.disconnectAfterPages = disconnectAfter
+            options.corruptOnePage = corruptPage
+            let source = MigrationSource(vm: vm, options: options)
+            var report: SourceReport
+            do {
+                report = try source.migrate()
+                if baseline { try source.measureBaseline(&report) }
+            } catch {
+                child.terminate()
+                throw error
+            }
+            _ = vm.stop()
+            let rest = String(decoding: reader.readDataToEndOfFile(), as: UTF8.self)
+            child.waitUntilExit()
+            let destinationJSON = rest.split(separator: "\n").last(where: { $0.hasPrefix("{") }).map(String.init)
+            guard let destinationJSON, let object = try JSONSerialization.jsonObject(with: Data(destinationJSON.utf8)) as? [String: Any] else {
+                throw CLIError(description: "the destination process failed (exit \(child.terminationStatus))")
+            }
+            let digestMatch = object["digest_match"] as? Bool ?? false
+            let guestCheck = (object["guest_check"] as? Bool ?? false) && report.guestCheck
+            if json {
+                let dest = destinationJSON.dropFirst().dropLast().replacingOccurrences(of: "\"side\":\"destination\",", with: "")
+                    .replacingOccurrences(of: "\"guest_check\":\(object["guest_check"] as? Bool ?? false)", with: "\"guest_check\":\(guestCheck)")
+                print("{" + report.jsonFields.joined(separator: ",") + "," + dest + "}")
+            } else {
+                print(report.human)
+                let l = object["fault_latency_us"] as? [String: Double] ?? [:]
+                print("destination (fault mode \(faultMode))")
+                print("  faults                \(object["faults"] ?? 0), latency p50 \(l["p50"] ?? 0) us, p90 \(l["p90"] ?? 0) us, "
+                      + "p99 \(l["p99"] ?? 0) us, max \(l["max"] ?? 0) us")
+                print("  vCPU stall (ms)       \(object["vcpu_stall_ms"] ?? [])")
+                print("  digest_match          \(digestMatch)")
+                print("  guest_check           \(guestCheck ? "green" : "RED") (\(object["guest_mismatches"] ?? 0) mismatches on the destination, "
+                      + "\(object["passes_after_migration"] ?? 0) passes after the migration)")
+            }
+            if child.terminationStatus != 0 || !digestMatch || !guestCheck { Foundation.exit(1) }
+        } catch {
+            fail(error)
+        }
+    }
+}

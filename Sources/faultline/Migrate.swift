@@ -1,0 +1,118 @@
+import ArgumentParser
+import FaultlineCore
+import FaultlineEngine
+import FaultlineLinux
+import Foundation
+
+extension RunningWorkloadKind: ExpressibleByArgument {}
+
+/// Parses sizes like 512M, 1G, 65536K or plain bytes.
+func parseSize(_ text: String) -> UInt64? {
+    let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30]
+    var t = text.uppercased()
+    if t.hasSuffix("IB") { t.removeLast(2) } else if t.hasSuffix("B") { t.removeLast() }
+    if let last = t.last, let unit = units[last] { return UInt64(t.dropLast()).map { $0 * unit } }
+    return UInt64(t)
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Boot a guest that keeps running; optionally migrate it to a `faultline receive`.")
+
+    @Option(help: "Number of vCPUs") var vcpus = 2
+    @Option(help: "Guest RAM, e.g. 512M or 1G") var memory = "512M"
+    @Option(help: "dirtier | selfcheck") var workload: RunningWorkloadKind = .selfcheck
+    @Option(name: .customLong("working-set"), help: "dirtier: pages per vCPU rewritten each pass (default: all)") var workingSet: Int?
+    @Option(help: "Busy-loop iterations between page writes (lower = faster dirtying)") var spin: UInt32 = 0
+    @Option(name: .customLong("migrate-to"), help: "HOST:PORT of `faultline receive`") var migrateTo: String?
+    @Option(name: .customLong("migrate-after"), help: "Seconds to run before migrating") var migrateAfter = 1.0
+    @Option(name: .customLong("precopy-rounds"), help: "Pre-copy rounds with dirty logging (0 = pure post-copy)") var precopyRounds = 0
+    @Option(name: .customLong("precopy-seconds"), help: "Time bound for pre-copy") var precopySeconds = 10.0
+    @Option(name: .customLong("run-seconds"), help: "Without --migrate-to: run this long, then stop") var runSeconds = 2.0
+    @Option(name: .customLong("reconnect-seconds"), help: "How long to retry a broken connection") var reconnectSeconds = 30.0
+    @Flag(help: "After the migration, time a plain TCP copy of the same non-zero bytes on the same link") var baseline = false
+    @Flag(help: "One JSON line") var json = false
+    @Option(name: .customLong("inject-disconnect-after-pages"), help: .hidden) var disconnectAfter: Int?
+    @Flag(name: .customLong("inject-corrupt-page"), help: .hidden) var corruptPage = false
+
+    func run() {
+        do {
+            guard let size = parseSize(memory) else { throw CLIError(description: "cannot read --memory '\(memory)'") }
+            let layout = try MachineLayout(vcpus: vcpus, ramSize: size)
+            let wl = try RunningWorkload(kind: workload, pagesPerVcpu: layout.pagesPerVcpu, workingSetPages: workingSet,
+                                         spinIterations: spin)
+            var target: SocketEndpoint?
+            if let migrateTo {
+                guard let e = SocketEndpoint(parsing: migrateTo) else { throw CLIError(description: "cannot read --migrate-to '\(migrateTo)' (HOST:PORT)") }
+                target = e
+            }
+            let (backend, why) = BackendSelection.resolve(nil)
+            guard backend == .kvm else { throw CLIError(description: "`run` needs KVM: \(why)") }
+            if !json { print("backend: kvm; guest: \(vcpus) vCPU(s), \(size >> 20) MiB, workload \(workload)") }
+            let vm = try MigratableVM(layout: layout, backing: .anonymous)
+            try vm.boot(workload: wl)
+            try vm.start()
+            guard let target else {
+                Thread.sleep(forTimeInterval: runSeconds)
+                let err = vm.stop()
+                let mismatches = vm.counters.mismatches.load(ordering: .relaxed)
+                print("ran \(runSeconds) s: \(vm.counters.totalPasses) passes, \(mismatches) guest mismatches")
+                if let err { throw CLIError(description: err) }
+                if mismatches > 0 { Foundation.exit(1) }
+                return
+            }
+            Thread.sleep(forTimeInterval: migrateAfter)
+            var options = MigrationOptions(destination: target)
+            options.precopyRounds = precopyRounds
+            options.precopySeconds = precopySeconds
+            options.reconnectSeconds = reconnectSeconds
+            options.disconnectAfterPages = disconnectAfter
+            options.corruptOnePage = corruptPage
+            options.progress = !json
+            let source = MigrationSource(vm: vm, options: options)
+            var report = try source.migrate()
+            if baseline { try source.measureBaseline(&report) }
+            _ = vm.stop()
+            print(json ? report.json : report.human)
+        } catch {
+            fail(error)
+        }
+    }
+}
+
+struct Receive: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Receive a migrating VM and run it.")
+
+    @Option(help: "HOST:PORT to listen on (port 0 picks one; it is printed)") var listen = "0.0.0.0:7077"
+    @Option(name: .customLong("fault-mode"), help: "vcpu-exit | uffd-missing | uffd-minor") var faultMode: FaultMode = .vcpuExit
+    @Option(help: "single | per-vcpu (uffd modes)") var uffd: UffdTopology = .single
+    @Option(help: "Reader threads per userfaultfd (uffd modes)") var readers = 1
+    @Option(name: .customLong("run-after"), help: "Seconds the guest keeps running after the migration") var runAfter = 1.0
+    @Option(name: .customLong("accept-seconds"), help: "How long to wait for the source") var acceptSeconds = 60.0
+    @Option(name: .customLong("reconnect-seconds"), help: "How long to wait for a reconnect") var reconnectSeconds = 30.0
+    @Flag(help: "One JSON line") var json = false
+
+    func run() {
+        do {
+            guard let endpoint = SocketEndpoint(parsing: listen) else { throw CLIError(description: "cannot read --listen '\(listen)'") }
+            var options = DestinationOptions(listen: endpoint)
+            options.faultMode = faultMode
+            options.uffd = uffd
+            options.readers = readers
+            options.runAfterSeconds = runAfter
+            options.acceptSeconds = acceptSeconds
+            options.reconnectSeconds = reconnectSeconds
+            let (backend, why) = BackendSelection.resolve(nil)
+            guard backend == .kvm else { throw CLIError(description: "`receive` needs KVM: \(why)") }
+            let destination = try MigrationDestination(options: options)
+            let report = try destination.run { bound in
+                print("listening on \(bound)")
+                fflush(stdout)
+            }
+            print(json ? report.json : report.human)
+            if !report.digestMatch || report.guestMismatches > 0 { Foundation.exit(1) }
+        } catch {
+            fail(error)
+        }
+    }
+}

@@ -1,0 +1,81 @@
+import FaultlineCore
+import FaultlineEngine
+
+func ms(_ v: Double) -> String { fmt(v, 2) }
+
+extension SourceReport {
+    var guestCheck: Bool { guestMismatchesBeforeMigration == 0 }
+
+    var human: String {
+        var lines = [
+            "migration complete (source)",
+            "  total time            \(fmt(totalSeconds, 3)) s (post-copy \(fmt(postcopySeconds, 3)) s)",
+            "  downtime              \(ms(downtimeMilliseconds)) ms (vCPUs paused until the destination's run)",
+            "  pre-copy              \(precopyRounds) round(s), \(precopyPages) pages",
+            "  post-copy             \(demandPages) on demand, \(backgroundPages) in background, \(zeroPages) zero pages",
+            "  fault requests        \(faultRequests)",
+            "  bytes on the wire     \(bytesSent) (\(fmt(throughputMBps, 1)) MB/s in post-copy)",
+            "  reconnects            \(reconnects)",
+            "  digest                0x\(String(digest, radix: 16)) - confirmed by the destination",
+            "  guest check (source)  \(guestCheck ? "green" : "RED: \(guestMismatchesBeforeMigration) mismatches")",
+        ]
+        if let b = baselineSeconds {
+            lines.append("  plain TCP copy        \(fmt(b, 3)) s for the same \(nonZeroBytes) non-zero bytes; migration/TCP = "
+                         + fmt(totalSeconds / b, 2))
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    var jsonFields: [String] {
+        var f = [
+            "\"total_seconds\":\(fmt(totalSeconds, 6))", "\"downtime_ms\":\(fmt(downtimeMilliseconds, 3))",
+            "\"precopy_rounds\":\(precopyRounds)", "\"precopy_pages\":\(precopyPages)", "\"demand_pages\":\(demandPages)",
+            "\"background_pages\":\(backgroundPages)", "\"zero_pages\":\(zeroPages)", "\"bytes_sent\":\(bytesSent)",
+            "\"nonzero_bytes\":\(nonZeroBytes)", "\"throughput_mbps\":\(fmt(throughputMBps, 1))",
+            "\"postcopy_seconds\":\(fmt(postcopySeconds, 6))", "\"reconnects\":\(reconnects)",
+            "\"source_guest_mismatches\":\(guestMismatchesBeforeMigration)",
+        ]
+        if let b = baselineSeconds { f.append("\"tcp_baseline_seconds\":\(fmt(b, 6))") }
+        return f
+    }
+
+    var json: String { "{\"side\":\"source\"," + (jsonFields + ["\"digest_match\":true", "\"guest_check\":\(guestCheck)"]).joined(separator: ",") + "}" }
+}
+
+extension DestinationReport {
+    var guestCheck: Bool { guestMismatches == 0 }
+
+    var human: String {
+        let l = faultLatencyMicroseconds
+        return [
+            "migration complete (destination, fault mode \(faultMode))",
+            "  switch-over           \(ms(switchoverMilliseconds)) ms from the first vCPU state to running",
+            "  post-copy             \(fmt(postcopySeconds, 3)) s: \(demandPages) pages on demand, \(backgroundPages) in background, \(zeroPages) zero",
+            "  pre-copy pages        \(precopyPages)",
+            "  faults                \(faults), latency p50 \(fmt(l.p50, 1)) us, p90 \(fmt(l.p90, 1)) us, p99 \(fmt(l.p99, 1)) us, max \(fmt(l.max, 1)) us",
+            "  vCPU stall            " + vcpuStallMilliseconds.enumerated().map { "vcpu\($0.offset) \(ms($0.element)) ms" }.joined(separator: ", "),
+            "  corrupt pages refused \(corruptPagesRejected)",
+            "  reconnects            \(reconnects)",
+            "  bytes received        \(bytesReceived)",
+            "  digest                \(digestMatch ? "match" : "MISMATCH") (0x\(String(destinationDigest, radix: 16)))",
+            "  guest check           \(guestCheck ? "green" : "RED: \(guestMismatches) mismatches, first: \(firstMismatch ?? "")") "
+                + "(\(passesAfterMigration) passes after the migration)",
+        ].joined(separator: "\n")
+    }
+
+    var jsonFields: [String] {
+        let l = faultLatencyMicroseconds
+        return [
+            "\"fault_mode\":\"\(faultMode)\"", "\"switchover_ms\":\(fmt(switchoverMilliseconds, 3))",
+            "\"destination_postcopy_seconds\":\(fmt(postcopySeconds, 6))", "\"faults\":\(faults)",
+            "\"fault_latency_us\":{\"p50\":\(fmt(l.p50, 2)),\"p90\":\(fmt(l.p90, 2)),\"p99\":\(fmt(l.p99, 2)),\"max\":\(fmt(l.max, 2))}",
+            "\"vcpu_stall_ms\":[" + vcpuStallMilliseconds.map { fmt($0, 3) }.joined(separator: ",") + "]",
+            "\"installed_demand_pages\":\(demandPages)", "\"installed_background_pages\":\(backgroundPages)",
+            "\"corrupt_pages_rejected\":\(corruptPagesRejected)", "\"destination_reconnects\":\(reconnects)",
+            "\"bytes_received\":\(bytesReceived)", "\"digest_match\":\(digestMatch)", "\"guest_check\":\(guestCheck)",
+            "\"guest_mismatches\":\(guestMismatches)", "\"passes_after_migration\":\(passesAfterMigration)",
+        ]
+    }
+
+    var json: String { "{\"side\":\"destination\"," + jsonFields.joined(separator: ",") + "}" }
+}
