@@ -112,6 +112,8 @@ public final class MigratableVM: @unchecked Sendable {
     private var threads: [OSThread] = []
     private var failure: String?
     public var faultHandler: RAMFaultHandler?
+    /// Niceness each vCPU thread gives itself when it starts.
+    public var startNiceness: Int32 = 0
 
     /// Creates the VM, its memory (RAM with `backing`) and its memslots; no vCPU yet.
     public init(layout: MachineLayout, backing: MemoryBacking, dirtyLogging: Bool = false) throws {
@@ -202,6 +204,7 @@ public final class MigratableVM: @unchecked Sendable {
     private func vcpuLoop(_ id: Int) {
         let vcpu = vcpus[id]
         threadIDs[id] = Int32(fl_gettid())
+        if startNiceness != 0 { OSThread.setCurrentNiceness(startNiceness) }
         vcpu.bindToCurrentThread()
         defer { vcpu.unbindThread() }
         let ramBase = MachineLayout.ramBase, ramSize = layout.ramSize

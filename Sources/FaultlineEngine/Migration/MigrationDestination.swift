@@ -19,7 +19,7 @@ public struct DestinationOptions: Sendable {
     public var reconnectSeconds = 30.0
     /// Niceness of the vCPU threads while post-copy runs (the stream they wait for goes
     /// first); back to 0 once every page is in.
-    public var vcpuNicenessDuringPostcopy: Int32 = 10
+    public var vcpuNicenessDuringPostcopy: Int32 = OSThread.Niceness.vcpuDuringPostcopy
 
     public init(listen: SocketEndpoint) { self.listen = listen }
 
@@ -373,7 +373,7 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
 
     func startFaultReceiver() {
         let channel = fault!
-        faultReceiver = try? OSThread(name: "fault receiver") { [self] in
+        faultReceiver = try? OSThread(name: "fault receiver", niceness: OSThread.Niceness.faultPath) { [self] in
             let staging = UnsafeMutableRawPointer.allocate(byteCount: 64 * 4096, alignment: 4096)
             defer { staging.deallocate() }
             while true {
@@ -458,16 +458,15 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
         } else {
             for u in uffds {
                 for _ in 0..<options.readers {
-                    readerThreads.append(try OSThread(name: "\(u.label) reader") { [self] in readerLoop(u) })
+                    readerThreads.append(try OSThread(name: "\(u.label) reader", niceness: OSThread.Niceness.faultPath) { [self] in
+                        readerLoop(u)
+                    })
                 }
             }
         }
         startFaultReceiver()
+        vm.startNiceness = options.vcpuNicenessDuringPostcopy
         try vm.start()
-        if options.vcpuNicenessDuringPostcopy != 0 {
-            while (0..<layout.vcpus).contains(where: { vm.threadIDs[$0] == 0 }) && vm.error == nil { usleep(100) }
-            vm.setVcpuNiceness(options.vcpuNicenessDuringPostcopy)
-        }
     }
 
     func finishPostcopy() {

@@ -213,7 +213,7 @@ public final class MigrationSource: @unchecked Sendable {
 
         // Post-copy: digest of the paused memory, fault server, background stream.
         var digestValue: UInt64 = 0
-        let digestThread = try OSThread(name: "digest") { [self] in
+        let digestThread = try OSThread(name: "digest", niceness: OSThread.Niceness.background) { [self] in
             var d: UInt64 = 0
             for page in 0..<layout.totalPages {
                 d ^= MemoryDigest.mix(page: page, crc: CRC32C.checksum(UnsafeRawBufferPointer(start: vm.pagePointer(page), count: 4096)))
@@ -347,7 +347,7 @@ public final class MigrationSource: @unchecked Sendable {
 
     func startFaultServer() {
         let channel = fault!
-        faultThread = try? OSThread(name: "fault server") { [self] in
+        faultThread = try? OSThread(name: "fault server", niceness: OSThread.Niceness.faultPath) { [self] in
             var encoder = WireEncoder(reservingCapacity: 64 * 4200)
             do {
                 while true {
