@@ -234,7 +234,7 @@ public struct RunningWorkload: Sendable {
         asm.bind(firstOK)
         asm.add(.edx, imm: lastWord)
         asm.load(.eax, from: .edx)
-        asm.cmp(.eax, .eax)
+        asm.cmp(.eax, .ecx)
         asm.je(lastOK)
         asm.out(port: Self.mismatchPort)
         asm.bind(lastOK)
