@@ -5,6 +5,7 @@ import PackageDescription
 //   CFaultlineShim  - C: the KVM/userfaultfd ABI structs and request numbers, defined here
 //                     (system headers are older than the kernel); non-variadic ioctl and
 //                     syscall wrappers; union accessors; the kick and SIGBUS signal handlers.
+//   CFaultlineCRC   - C: the hardware CRC-32C instruction, nothing else.
 //   FaultlineCore   - pure Swift, no syscalls: addresses, page bitmap, range map, x86
 //                     encoder and guest workloads, wire codec, statistics.
 //   FaultlineLinux  - owning types over the kernel: Kvm, VirtualMachine, Vcpu,
@@ -26,9 +27,11 @@ let package = Package(
     ],
     targets: [
         .target(name: "CFaultlineShim"),
+        // The SSE4.2 CRC-32C instruction (no syscalls; used by the pure core's checksum).
+        .target(name: "CFaultlineCRC"),
         .target(
             name: "FaultlineCore",
-            dependencies: [.product(name: "Atomics", package: "swift-atomics")]
+            dependencies: ["CFaultlineCRC", .product(name: "Atomics", package: "swift-atomics")]
         ),
         .target(
             name: "FaultlineLinux",

@@ -30,8 +30,14 @@ public final class OSThread: @unchecked Sendable {
 
     public func join() { pthread_join(thread, nil) }
 
-    /// Sets the calling thread's niceness (Linux: per thread, by tid).
+    /// Sets the calling thread's niceness (Linux: per thread, by tid). The fault path asks
+    /// for real-time FIFO scheduling first (it blocks on its socket or uffd almost always and
+    /// must preempt the bulk stream at once); without the privilege it gets nice -10.
     public static func setCurrentNiceness(_ value: Int32) {
+        if value == Niceness.faultPath {
+            var param = sched_param(sched_priority: 1)
+            if pthread_setschedparam(pthread_self(), SCHED_FIFO, &param) == 0 { return }
+        }
         _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(fl_gettid()), value)
     }
 

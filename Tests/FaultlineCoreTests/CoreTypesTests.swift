@@ -175,3 +175,17 @@ struct ConfigTests {
         #expect(page[1023] == SourcePattern.word(page: 7, word: 1023))
     }
 }
+
+@Suite("CRC32C hardware path")
+struct CRCHardwareTests {
+    @Test func hardwareAndSoftwareAgree() {
+        var rng = SystemRandomNumberGenerator()
+        for length in [0, 1, 7, 8, 9, 63, 4096, 4097, 10_000] {
+            let bytes = (0..<length).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            bytes.withUnsafeBytes { raw in
+                #expect(CRC32C.checksum(raw) == CRC32C.softwareChecksum(raw), "length \(length)")
+            }
+        }
+        #expect(Array("123456789".utf8).withUnsafeBytes { CRC32C.checksum($0) } == 0xE306_9283)
+    }
+}

@@ -20,6 +20,8 @@ public struct DestinationOptions: Sendable {
     /// Niceness of the vCPU threads while post-copy runs (the stream they wait for goes
     /// first); back to 0 once every page is in.
     public var vcpuNicenessDuringPostcopy: Int32 = OSThread.Niceness.vcpuDuringPostcopy
+    /// Install MISSING-mode pages by UFFDIO_MOVE from a pre-populated pool (when the kernel has MOVE).
+    public var usePool = true
 
     public init(listen: SocketEndpoint) { self.listen = listen }
 
@@ -100,6 +102,11 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
                                     numberOfSignificantValueDigits: .two)
     var report = DestinationReport()
     let zeroPage = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+    /// Pre-populated private pages that incoming data is written into and then moved into
+    /// guest RAM with UFFDIO_MOVE (no page allocation, no second copy on the install path).
+    var pool: UnsafeMutableRawPointer?
+    var poolPages = 0
+    let poolNext = ManagedAtomic<Int>(0)
 
     public init(options: DestinationOptions) throws {
         try options.validate()
@@ -119,7 +126,7 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
     // MARK: connections
 
     /// Accepts a bulk and a fault connection of one session (any order).
-    func acceptPair(timeout: Double, expectSession: UInt64?) throws -> (WireChannel, WireChannel, WireMessage.Hello) {
+    func acceptPair(timeout: Double, expectSession: UInt64?, ack: Bool = true) throws -> (WireChannel, WireChannel, WireMessage.Hello) {
         var channels: [ConnectionRole: WireChannel] = [:]
         var hello: WireMessage.Hello?
         let deadline = fl_now_ns() + UInt64(timeout * 1e9)
@@ -146,8 +153,8 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
                 continue
             }
             socket.setReceiveTimeout(seconds: 0)
-            try channel.send(.helloAck(version: WireProtocol.version, features: h.features.intersection(.supported)))
             channels[h.role] = WireChannel(socket: socket, role: h.role)
+            if ack { try channels[h.role]!.send(.helloAck(version: WireProtocol.version, features: h.features.intersection(.supported))) }
             hello = h
         }
         return (channels[.bulk]!, channels[.fault]!, hello!)
@@ -157,6 +164,25 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
         pthread_mutex_lock(&channelLock)
         defer { pthread_mutex_unlock(&channelLock) }
         return fault
+    }
+
+    /// MISSING-based modes: populate a pool as large as guest RAM before the switch-over.
+    func preparePool() {
+        guard options.faultMode != .uffdMinor, options.usePool,
+              (try? Userfaultfd.availableFeatures().contains(.move)) == true else { return }
+        let size = Int(layout.ramSize)
+        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0),
+              p != MAP_FAILED else { return }
+        pool = p
+        poolPages = layout.ramPages
+    }
+
+    /// Takes `count` contiguous pool pages, or nil when the pool is used up.
+    func takePool(_ count: Int) -> UnsafeMutableRawPointer? {
+        guard let pool else { return nil }
+        let first = poolNext.loadThenWrappingIncrement(by: count, ordering: .relaxed)
+        guard first + count <= poolPages else { return nil }
+        return pool + first * 4096
     }
 
     // MARK: installing pages
@@ -212,8 +238,14 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
             else { for i in 0..<count { try vm.ram.writeFile(at: offset + UInt64(i * 4096), from: zeroPage, length: 4096) } }
             outcome = try uffd.continue(at: destination, length: UInt64(length), dontWake: !wake)
         default:
-            if let data { outcome = try uffd.copy(to: destination, from: data, length: UInt64(length), dontWake: !wake) }
-            else { outcome = try uffd.zeroPage(at: destination, length: UInt64(length), dontWake: !wake) }
+            if let data, let slot = takePool(count) {
+                slot.copyMemory(from: data, byteCount: length)
+                outcome = try uffd.move(to: destination, from: HostAddress(slot), length: UInt64(length), dontWake: !wake)
+            } else if let data {
+                outcome = try uffd.copy(to: destination, from: data, length: UInt64(length), dontWake: !wake)
+            } else {
+                outcome = try uffd.zeroPage(at: destination, length: UInt64(length), dontWake: !wake)
+            }
         }
         return outcome == .installed
     }
@@ -447,7 +479,8 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
         let count = options.uffd == .perVcpu && options.faultMode != .vcpuExit ? layout.vcpus : 1
         pagesPerUffd = layout.ramPages / count
         for i in 0..<count {
-            let u = try Userfaultfd(required: features.union(options.faultMode == .vcpuExit ? [] : [.threadID]), label: "uffd \(i)")
+            let u = try Userfaultfd(required: features.union(options.faultMode == .vcpuExit ? [] : [.threadID])
+                                        .union(pool != nil ? [.move] : []), label: "uffd \(i)")
             try u.register(start: vm.ram.hostAddress.adding(UInt64(i * pagesPerUffd) * 4096)!,
                            length: UInt64(pagesPerUffd) * 4096, mode: mode)
             uffds.append(u)
@@ -484,7 +517,9 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
         stopFD = fl_eventfd(0, Int32(O_CLOEXEC))
         defer { close(stopFD) }
         onReady?(listener.endpoint)
-        let (b, f, hello) = try acceptPair(timeout: options.acceptSeconds, expectSession: nil)
+        // The hellos are answered once guest memory is ready, so preparing it never counts
+        // as downtime (the source pauses only after both acks).
+        let (b, f, hello) = try acceptPair(timeout: options.acceptSeconds, expectSession: nil, ack: false)
         let t0 = fl_now_ns()
         bulk = b
         fault = f
@@ -503,8 +538,13 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
         crc.initialize(repeating: 0, count: layout.totalPages)
         stallNanoseconds = .allocate(capacity: layout.vcpus)
         stallNanoseconds.initialize(repeating: .init(0), count: layout.vcpus)
+        preparePool()
+        for channel in [bulk!, fault!] {
+            try channel.send(.helloAck(version: WireProtocol.version, features: hello.features.intersection(.supported)))
+        }
         defer {
             requestTime.deallocate(); requestVcpu.deallocate(); crc.deallocate(); stallNanoseconds.deallocate()
+            if let pool { munmap(pool, Int(layout.ramSize)) }
         }
 
         let staging = UnsafeMutableRawPointer.allocate(byteCount: 256 * 4096, alignment: 4096)
