@@ -38,6 +38,11 @@ PRESETS = {
         dict(mode="uffd-missing", vcpus=64, mem=4, delay=30),
         dict(mode="vcpu-exit", vcpus=64, mem=4, delay=30),
     ],
+    # The vcpu-exit rows of the acceptance set.
+    "vcpu-exit": [dict(mode="vcpu-exit", vcpus=1, mem=64), dict(mode="vcpu-exit", vcpus=4, mem=16)],
+    # vcpu-exit against uffd-missing single (the seed's scaling claim): run with --pair.
+    "scaling": [dict(mode="uffd-missing", vcpus=1, mem=64), dict(mode="vcpu-exit", vcpus=1, mem=64),
+                dict(mode="uffd-missing", vcpus=64, mem=4, delay=30), dict(mode="vcpu-exit", vcpus=64, mem=4, delay=30)],
     # Every mode x {1, 4, 16, 64, 256} vCPUs x {0, 30 us}.
     "sweep": [dict(mode=m, uffd=u, vcpus=v, mem=mem_for(v), delay=d)
               for d in (0, 30) for v in (1, 4, 16, 64, 256)

@@ -284,25 +284,11 @@ public final class DemandPagingBenchmark {
             case .interrupted:
                 vcpu.clearKick()
                 if control.stopping.load(ordering: .relaxed) { return 0 }
-            case .mmio(let address, let length, let isWrite, let data)
-                where exitUffd != nil && address.rawValue >= ramBase && address.rawValue - ramBase < ramSize:
-                let offset = address.rawValue - ramBase
-                try resolver.resolve(offset: offset, uffd: exitUffd!, wake: false, state: state)
-                let last = offset + UInt64(max(length, 1)) - 1
-                if last >> 12 != offset >> 12 && last < ramSize {
-                    try resolver.resolve(offset: last, uffd: exitUffd!, wake: false, state: state)
-                }
-                let host = region.base + Int(offset)
-                if isWrite {
-                    withUnsafeBytes(of: data.littleEndian) { host.copyMemory(from: $0.baseAddress!, byteCount: Int(min(length, 8))) }
-                } else {
-                    vcpu.completeMMIORead(from: host, length: Int(length))
-                }
-            case .memoryFault(let address, _, _)
-                where exitUffd != nil && address.rawValue >= ramBase && address.rawValue - ramBase < ramSize:
-                try resolver.resolve(offset: address.rawValue - ramBase, uffd: exitUffd!, wake: false, state: state)
             default:
-                throw DemandPagingError.unexpectedExit(vcpu: id, exit: exit)
+                guard let uffd = exitUffd,
+                      try completeRAMAccess(exit, vcpu: vcpu, ramBase: ramBase, ram: region.base, ramSize: ramSize,
+                                            resolve: { try resolver.resolve(offset: $0, uffd: uffd, wake: false, state: state) })
+                else { throw DemandPagingError.unexpectedExit(vcpu: id, exit: exit) }
             }
         }
     }

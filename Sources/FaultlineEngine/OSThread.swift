@@ -52,3 +52,15 @@ public final class OSThread: @unchecked Sendable {
     }
 }
 
+
+/// `pthread_cond_timedwait` for at most `nanoseconds` (a relative timeout).
+@discardableResult
+func conditionWait(_ cond: UnsafeMutablePointer<pthread_cond_t>, _ mutex: UnsafeMutablePointer<pthread_mutex_t>,
+                   nanoseconds: Int) -> Int32 {
+    var deadline = timespec()
+    clock_gettime(CLOCK_REALTIME, &deadline)
+    deadline.tv_nsec += nanoseconds
+    deadline.tv_sec += deadline.tv_nsec / 1_000_000_000
+    deadline.tv_nsec %= 1_000_000_000
+    return pthread_cond_timedwait(cond, mutex, &deadline)
+}

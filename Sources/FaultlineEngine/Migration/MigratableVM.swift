@@ -221,25 +221,13 @@ public final class MigratableVM: @unchecked Sendable {
                 case .interrupted:
                     vcpu.clearKick()
                     if !parkIfAsked() { return }
-                case .mmio(let address, let length, let isWrite, let data)
-                    where faultHandler != nil && address.rawValue >= ramBase && address.rawValue - ramBase < ramSize:
-                    let offset = address.rawValue - ramBase
-                    try faultHandler!.resolveOnVcpu(id, ramOffset: offset)
-                    let last = offset + UInt64(max(length, 1)) - 1
-                    if last >> 12 != offset >> 12 && last < ramSize { try faultHandler!.resolveOnVcpu(id, ramOffset: last) }
-                    let host = ram.base + Int(offset)
-                    if isWrite {
-                        withUnsafeBytes(of: data.littleEndian) { host.copyMemory(from: $0.baseAddress!, byteCount: Int(min(length, 8))) }
-                    } else {
-                        vcpu.completeMMIORead(from: host, length: Int(length))
-                    }
-                case .memoryFault(let address, _, _)
-                    where faultHandler != nil && address.rawValue >= ramBase && address.rawValue - ramBase < ramSize:
-                    try faultHandler!.resolveOnVcpu(id, ramOffset: address.rawValue - ramBase)
                 case .hlt:
                     return
                 default:
-                    throw DemandPagingError.unexpectedExit(vcpu: id, exit: exit)
+                    guard let handler = faultHandler,
+                          try completeRAMAccess(exit, vcpu: vcpu, ramBase: ramBase, ram: ram.base, ramSize: ramSize,
+                                                resolve: { try handler.resolveOnVcpu(id, ramOffset: $0) })
+                    else { throw DemandPagingError.unexpectedExit(vcpu: id, exit: exit) }
                 }
             }
         } catch {
@@ -276,11 +264,7 @@ public final class MigratableVM: @unchecked Sendable {
             pthread_mutex_unlock(&lock)
             for v in vcpus { v.kick() }
             pthread_mutex_lock(&lock)
-            var deadline = timespec()
-            clock_gettime(CLOCK_REALTIME, &deadline)
-            deadline.tv_nsec += 1_000_000
-            if deadline.tv_nsec >= 1_000_000_000 { deadline.tv_sec += 1; deadline.tv_nsec -= 1_000_000_000 }
-            _ = pthread_cond_timedwait(&cond, &lock, &deadline)
+            conditionWait(&cond, &lock, nanoseconds: 1_000_000)
         }
         pthread_mutex_unlock(&lock)
     }

@@ -337,10 +337,10 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
     // MARK: faults
 
     /// Sends a page request unless one is outstanding. Thread-safe; never blocks on the page.
-    func request(_ page: Int, vcpu: Int, encoder: inout WireEncoder) {
+    func request(_ page: Int, vcpu: Int, faultTime: UInt64 = fl_now_ns(), encoder: inout WireEncoder) {
         guard requested.insert(page) else { return }
         requestVcpu[page] = Int32(vcpu)
-        requestTime[page] = fl_now_ns()
+        requestTime[page] = faultTime
         faultCount.wrappingIncrement(ordering: .relaxed)
         guard let channel = currentFault else { return }
         do {
@@ -351,20 +351,54 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
         }
     }
 
+    /// vcpu-exit: requests are handed to a fault-path thread, so a vCPU thread (which runs at
+    /// low priority during post-copy) never holds the fault connection's send lock.
+    var pendingLock = pthread_mutex_t()
+    var pending: [(page: Int, vcpu: Int, time: UInt64)] = []
+    var requestFD: Int32 = -1
+    var requester: OSThread?
+
+    func startRequester() throws {
+        pthread_mutex_init(&pendingLock, nil)
+        pending.reserveCapacity(layout.vcpus * 2)
+        requestFD = fl_eventfd(0, Int32(O_CLOEXEC))
+        requester = try OSThread(name: "fault requester", niceness: OSThread.Niceness.faultPath) { [self] in
+            var encoder = WireEncoder(reservingCapacity: 4096)
+            var batch: [(page: Int, vcpu: Int, time: UInt64)] = []
+            batch.reserveCapacity(layout.vcpus * 2)
+            var counter: UInt64 = 0
+            while read(requestFD, &counter, 8) == 8 && !stopping.load(ordering: .relaxed) {
+                pthread_mutex_lock(&pendingLock)
+                swap(&batch, &pending)
+                pthread_mutex_unlock(&pendingLock)
+                for r in batch { request(r.page, vcpu: r.vcpu, faultTime: r.time, encoder: &encoder) }
+                batch.removeAll(keepingCapacity: true)
+            }
+        }
+    }
+
+    func stopRequester() {
+        guard let requester else { return }
+        var one: UInt64 = 1
+        _ = write(requestFD, &one, 8)
+        requester.join()
+        close(requestFD)
+        self.requester = nil
+    }
+
     /// vcpu-exit: the vCPU thread asks for the page and waits until it is installed.
     public func resolveOnVcpu(_ vcpu: Int, ramOffset: UInt64) throws {
         let page = layout.lowPages + Int(ramOffset / 4096)
         if present.contains(page) { return }
         let t0 = fl_now_ns()
-        var encoder = WireEncoder(reservingCapacity: 64)
-        request(page, vcpu: vcpu, encoder: &encoder)
+        pthread_mutex_lock(&pendingLock)
+        pending.append((page, vcpu, t0))
+        pthread_mutex_unlock(&pendingLock)
+        var one: UInt64 = 1
+        _ = write(requestFD, &one, 8)
         pthread_mutex_lock(&waitLock)
         while !present.contains(page) && !stopping.load(ordering: .relaxed) {
-            var deadline = timespec()
-            clock_gettime(CLOCK_REALTIME, &deadline)
-            deadline.tv_nsec += 50_000_000
-            if deadline.tv_nsec >= 1_000_000_000 { deadline.tv_sec += 1; deadline.tv_nsec -= 1_000_000_000 }
-            _ = pthread_cond_timedwait(&waitCond, &waitLock, &deadline)
+            conditionWait(&waitCond, &waitLock, nanoseconds: 50_000_000)
         }
         pthread_mutex_unlock(&waitLock)
         UnsafeAtomic<UInt64>(at: stallNanoseconds + vcpu).wrappingIncrement(by: fl_now_ns() &- t0, ordering: .relaxed)
@@ -487,6 +521,7 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
         }
         switchedOver = true
         if options.faultMode == .vcpuExit {
+            try startRequester()
             vm.faultHandler = self
         } else {
             for u in uffds {
@@ -650,6 +685,7 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
         while fl_now_ns() < runUntil && vm.error == nil { usleep(10_000) }
         stopping.store(true, ordering: .relaxed)
         let vcpuError = vm.stop()
+        stopRequester()
         bulk.close()
         fault.close()
         faultReceiver?.join()
