@@ -18,6 +18,7 @@ struct Demo: ParsableCommand {
     @Option(name: .customLong("migrate-after"), help: "Seconds the guest runs on the source first") var migrateAfter = 1.0
     @Option(name: .customLong("run-after"), help: "Seconds the guest runs on the destination afterwards") var runAfter = 1.0
     @Flag(help: "Also time a plain TCP copy of the same non-zero bytes") var baseline = false
+    @Flag(help: "Let the destination populate its memory before the migration starts (QEMU's -mem-prealloc)") var prealloc = false
     @Flag(help: "One JSON line with both sides' figures") var json = false
     @Option(name: .customLong("inject-disconnect-after-pages"), help: .hidden) var disconnectAfter: Int?
     @Flag(name: .customLong("inject-corrupt-page"), help: .hidden) var corruptPage = false
@@ -34,7 +35,8 @@ struct Demo: ParsableCommand {
             let child = Process()
             child.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
             child.arguments = ["receive", "--listen", "127.0.0.1:0", "--json", "--fault-mode", faultMode.rawValue,
-                               "--uffd", uffd.rawValue, "--run-after", String(runAfter), "--accept-seconds", "30"]
+                               "--uffd", uffd.rawValue, "--run-after", String(runAfter), "--accept-seconds", "60"]
+                + (prealloc ? ["--prealloc", String(size)] : [])
             let out = Pipe()
             child.standardOutput = out
             try child.run()

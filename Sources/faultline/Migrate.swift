@@ -90,6 +90,7 @@ struct Receive: ParsableCommand {
     @Option(name: .customLong("run-after"), help: "Seconds the guest keeps running after the migration") var runAfter = 1.0
     @Option(name: .customLong("accept-seconds"), help: "How long to wait for the source") var acceptSeconds = 60.0
     @Option(name: .customLong("reconnect-seconds"), help: "How long to wait for a reconnect") var reconnectSeconds = 30.0
+    @Option(help: "Populate this much memory before the source connects, e.g. 1G (as QEMU's -mem-prealloc)") var prealloc: String?
     @Flag(help: "One JSON line") var json = false
 
     func run() {
@@ -102,6 +103,10 @@ struct Receive: ParsableCommand {
             options.runAfterSeconds = runAfter
             options.acceptSeconds = acceptSeconds
             options.reconnectSeconds = reconnectSeconds
+            if let prealloc {
+                guard let bytes = parseSize(prealloc) else { throw CLIError(description: "cannot read --prealloc '\(prealloc)'") }
+                options.preallocBytes = bytes
+            }
             let (backend, why) = BackendSelection.resolve(nil)
             guard backend == .kvm else { throw CLIError(description: "`receive` needs KVM: \(why)") }
             let destination = try MigrationDestination(options: options)

@@ -56,6 +56,8 @@ struct MigrationTests {
         ["--fault-mode", "uffd-missing", "--uffd", "per-vcpu"],
         ["--fault-mode", "uffd-minor"],
         ["--fault-mode", "vcpu-exit", "--precopy-rounds", "0", "--workload", "dirtier"],
+        ["--fault-mode", "uffd-missing", "--prealloc", "--precopy-rounds", "2"],
+        ["--fault-mode", "uffd-minor", "--prealloc", "--precopy-rounds", "0"],
     ])
     func everyFaultModeMigratesWithMatchingDigests(args: [String]) throws {
         let r = try run(["demo", "--memory", "64M", "--json", "--migrate-after", "0.5", "--run-after", "0.5"] + args, timeout: 300)

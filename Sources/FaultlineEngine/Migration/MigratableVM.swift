@@ -116,11 +116,12 @@ public final class MigratableVM: @unchecked Sendable {
     public var startNiceness: Int32 = 0
 
     /// Creates the VM, its memory (RAM with `backing`) and its memslots; no vCPU yet.
-    public init(layout: MachineLayout, backing: MemoryBacking, dirtyLogging: Bool = false) throws {
+    /// `ram`: guest RAM prepared in advance (it must be `layout.ramSize` bytes).
+    public init(layout: MachineLayout, backing: MemoryBacking, dirtyLogging: Bool = false, ram prepared: GuestMemoryRegion? = nil) throws {
         self.layout = layout
         vm = try KVM().createVM()
         low = try GuestMemoryRegion(backing: .anonymous, size: MachineLayout.lowSize, label: "guest-low")
-        ram = try GuestMemoryRegion(backing: backing, size: layout.ramSize, vm: vm, label: "guest-ram")
+        ram = try prepared ?? GuestMemoryRegion(backing: backing, size: layout.ramSize, vm: vm, label: "guest-ram")
         counters = GuestCounters(vcpus: layout.vcpus)
         threadIDs = .allocate(capacity: layout.vcpus)
         threadIDs.initialize(repeating: 0, count: layout.vcpus)

@@ -22,6 +22,10 @@ public struct DestinationOptions: Sendable {
     public var vcpuNicenessDuringPostcopy: Int32 = OSThread.Niceness.vcpuDuringPostcopy
     /// Install MISSING-mode pages by UFFDIO_MOVE from a pre-populated pool (when the kernel has MOVE).
     public var usePool = true
+    /// Populate this much memory before the source connects (like QEMU's -mem-prealloc on
+    /// an incoming VM): the cost of backing fresh pages is paid before the migration, not
+    /// during it. 0: prepare memory when the source says how much it needs.
+    public var preallocBytes: UInt64 = 0
 
     public init(listen: SocketEndpoint) { self.listen = listen }
 
@@ -167,14 +171,17 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
     }
 
     /// MISSING-based modes: populate a pool as large as guest RAM before the switch-over.
-    func preparePool() {
+    func preparePool(ramBytes: UInt64) {
         guard options.faultMode != .uffdMinor, options.usePool,
               (try? Userfaultfd.availableFeatures().contains(.move)) == true else { return }
-        let size = Int(layout.ramSize)
-        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0),
+        // Room for every RAM page plus the partly used chunks of two installer threads.
+        let pages = Int(ramBytes / 4096) + 8 * PoolCursor.chunkPages
+        if pool != nil && poolPages >= pages { return }
+        if let old = pool { munmap(old, poolPages * 4096); pool = nil }
+        guard let p = mmap(nil, pages * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0),
               p != MAP_FAILED else { return }
         pool = p
-        poolPages = layout.ramPages
+        poolPages = pages
     }
 
     /// Takes `count` contiguous pool pages, or nil when the pool is used up.
@@ -212,7 +219,7 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
 
     /// Maps `count` consecutive pages from contiguous `data` (nil: zero pages) with one
     /// ioctl. False when some page was already there (the caller falls back to single pages).
-    func installRun(first page: Int, count: Int, data: UnsafeRawPointer?) throws -> Bool {
+    func installRun(first page: Int, count: Int, data: UnsafeRawPointer?, fromPool: Bool = false) throws -> Bool {
         let length = count * 4096
         if page < layout.lowPages || !switchedOver {
             // Before the switch-over nothing runs: plain stores (pwrite for MINOR, so the
@@ -238,9 +245,8 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
             else { for i in 0..<count { try vm.ram.writeFile(at: offset + UInt64(i * 4096), from: zeroPage, length: 4096) } }
             outcome = try uffd.continue(at: destination, length: UInt64(length), dontWake: !wake)
         default:
-            if let data, let slot = takePool(count) {
-                slot.copyMemory(from: data, byteCount: length)
-                outcome = try uffd.move(to: destination, from: HostAddress(slot), length: UInt64(length), dontWake: !wake)
+            if let data, fromPool {
+                outcome = try uffd.move(to: destination, from: HostAddress(data), length: UInt64(length), dontWake: !wake)
             } else if let data {
                 outcome = try uffd.copy(to: destination, from: data, length: UInt64(length), dontWake: !wake)
             } else {
@@ -279,8 +285,19 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
 
     /// Installs a verified batch: runs of consecutive missing pages of one kind go in with one
     /// ioctl each (staged contiguously), the rest page by page.
-    func installBatch(_ batch: PageBatch, demand: Bool, staging: UnsafeMutableRawPointer, stagingPages: Int) throws {
+    /// An installer thread's current chunk of pool pages (runs are written straight into it).
+    struct PoolCursor {
+        var base: UnsafeMutableRawPointer?
+        var used = 0
+        var capacity = 0
+        static let chunkPages = 1024
+    }
+
+    func installBatch(_ batch: PageBatch, demand: Bool, staging: UnsafeMutableRawPointer, stagingPages: Int,
+                      cursor: inout PoolCursor) throws {
         var runStart = -1, runCount = 0, runZero = false
+        var runBuffer = staging
+        var runInPool = false
         var runCRC: [UInt32] = []
         runCRC.reserveCapacity(stagingPages)
         let counter = demand ? demandCount : backgroundCount
@@ -288,7 +305,8 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
             guard runCount > 0 else { return }
             let installedRun: Bool
             do {
-                installedRun = try installRun(first: runStart, count: runCount, data: runZero ? nil : UnsafeRawPointer(staging))
+                installedRun = try installRun(first: runStart, count: runCount, data: runZero ? nil : UnsafeRawPointer(runBuffer),
+                                              fromPool: runInPool)
             } catch {
                 for i in 0..<runCount { claimed.remove(runStart + i) }  // someone else may install them later
                 runCount = 0
@@ -305,12 +323,14 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
                 for i in 0..<runCount {
                     let page = runStart + i
                     if present.contains(page) { continue }
-                    _ = try installRun(first: page, count: 1, data: runZero ? nil : UnsafeRawPointer(staging + i * 4096))
+                    _ = try installRun(first: page, count: 1, data: runZero ? nil : UnsafeRawPointer(runBuffer + i * 4096),
+                                       fromPool: runInPool)
                     if markInstalled(page, checksum: runCRC[i]), switchedOver {
                         counter.wrappingIncrement(ordering: .relaxed)
                     }
                 }
             }
+            if runInPool { cursor.used += runCount }
             runCount = 0
             runCRC.removeAll(keepingCapacity: true)
         }
@@ -325,8 +345,21 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
                 try flush()
                 runStart = page
                 runZero = zero
+                // MISSING modes after the switch-over: write the run straight into pool pages,
+                // which UFFDIO_MOVE then maps (no page allocation, no second copy).
+                runInPool = false
+                runBuffer = staging
+                if !zero && switchedOver && pool != nil && page >= layout.lowPages {
+                    if cursor.capacity - cursor.used < stagingPages, let chunk = takePool(PoolCursor.chunkPages) {
+                        cursor = PoolCursor(base: chunk, used: 0, capacity: PoolCursor.chunkPages)
+                    }
+                    if let base = cursor.base, cursor.capacity - cursor.used >= stagingPages {
+                        runBuffer = base + cursor.used * 4096
+                        runInPool = true
+                    }
+                }
             }
-            if !zero { p.withUnsafeBytes { (staging + runCount * 4096).copyMemory(from: $0.baseAddress!, byteCount: 4096) } }
+            if !zero { p.withUnsafeBytes { (runBuffer + runCount * 4096).copyMemory(from: $0.baseAddress!, byteCount: 4096) } }
             runCRC.append(zero ? MemoryDigest.zeroPageCRC : p.checksum)
             runCount += 1
         }
@@ -442,10 +475,11 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
         faultReceiver = try? OSThread(name: "fault receiver", niceness: OSThread.Niceness.faultPath) { [self] in
             let staging = UnsafeMutableRawPointer.allocate(byteCount: 64 * 4096, alignment: 4096)
             defer { staging.deallocate() }
+            var cursor = PoolCursor()
             while true {
                 do {
                     switch try channel.receive() {
-                    case .pageReply(_, let batch): try installBatch(batch, demand: true, staging: staging, stagingPages: 64)
+                    case .pageReply(_, let batch): try installBatch(batch, demand: true, staging: staging, stagingPages: 64, cursor: &cursor)
                     case .error(let m): fputs("faultline receive: the source reported: \(m)\n", stderr); return
                     case let other: throw MigrationError.protocolViolation("unexpected \(other.type) on the fault connection")
                     }
@@ -551,6 +585,16 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
     public func run(onReady: ((SocketEndpoint) -> Void)? = nil) throws -> DestinationReport {
         stopFD = fl_eventfd(0, Int32(O_CLOEXEC))
         defer { close(stopFD) }
+        var preallocated: GuestMemoryRegion?
+        if options.preallocBytes > 0 {
+            if options.faultMode == .uffdMinor {
+                let region = try GuestMemoryRegion(backing: .memfd, size: options.preallocBytes, label: "guest-ram")
+                try region.allocateFile()
+                preallocated = region
+            } else {
+                preparePool(ramBytes: options.preallocBytes)
+            }
+        }
         onReady?(listener.endpoint)
         // The hellos are answered once guest memory is ready, so preparing it never counts
         // as downtime (the source pauses only after both acks).
@@ -560,8 +604,9 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
         fault = f
         sessionID = hello.sessionID
         layout = try MachineLayout(vcpus: Int(hello.vcpuCount), memory: try hello.memoryLayout())
-        vm = try MigratableVM(layout: layout, backing: options.faultMode == .uffdMinor ? .memfd : .anonymous)
-        if options.faultMode == .uffdMinor { try vm.ram.allocateFile() }
+        let ramRegion = preallocated?.size == layout.ramSize ? preallocated : nil
+        vm = try MigratableVM(layout: layout, backing: options.faultMode == .uffdMinor ? .memfd : .anonymous, ram: ramRegion)
+        if options.faultMode == .uffdMinor && ramRegion == nil { try vm.ram.allocateFile() }
         present = PageBitmap(count: layout.totalPages)
         claimed = PageBitmap(count: layout.totalPages)
         requested = PageBitmap(count: layout.totalPages)
@@ -573,17 +618,18 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
         crc.initialize(repeating: 0, count: layout.totalPages)
         stallNanoseconds = .allocate(capacity: layout.vcpus)
         stallNanoseconds.initialize(repeating: .init(0), count: layout.vcpus)
-        preparePool()
+        preparePool(ramBytes: layout.ramSize)
         for channel in [bulk!, fault!] {
             try channel.send(.helloAck(version: WireProtocol.version, features: hello.features.intersection(.supported)))
         }
         defer {
             requestTime.deallocate(); requestVcpu.deallocate(); crc.deallocate(); stallNanoseconds.deallocate()
-            if let pool { munmap(pool, Int(layout.ramSize)) }
+            if let pool { munmap(pool, poolPages * 4096) }
         }
 
         let staging = UnsafeMutableRawPointer.allocate(byteCount: 256 * 4096, alignment: 4096)
         defer { staging.deallocate() }
+        var cursor = PoolCursor()
         var tSwitch: UInt64 = 0, tRunning: UInt64 = 0, tComplete: UInt64 = 0
         var precopyPages = 0
         var sourceDigest: UInt64?
@@ -595,7 +641,7 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
                 switch message {
                 case .pages(let batch):
                     if !switchedOver { precopyPages += batch.count }
-                    try installBatch(batch, demand: false, staging: staging, stagingPages: 256)
+                    try installBatch(batch, demand: false, staging: staging, stagingPages: 256, cursor: &cursor)
                 case .vcpuState(let id, let blob):
                     if tSwitch == 0 { tSwitch = fl_now_ns() }
                     try vm.loadVcpuState(Int(id), blob: blob)
