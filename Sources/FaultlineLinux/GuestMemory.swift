@@ -52,6 +52,9 @@ public final class GuestMemoryRegion: @unchecked Sendable {
     /// The file behind the mapping (memfd, hugetlb memfd, guest_memfd), if any.
     public let file: FileDescriptor?
     public let guestMemfd: GuestMemfd?
+    /// hugetlbfs has no write(): a second, unregistered mapping of the same file is where
+    /// contents are written before UFFDIO_CONTINUE maps them in the registered one.
+    @usableFromInline let alias: UnsafeMutableRawPointer?
 
     public var hostAddress: HostAddress { HostAddress(base) }
 
@@ -101,12 +104,25 @@ public final class GuestMemoryRegion: @unchecked Sendable {
         guard let mapping, mapping != MAP_FAILED else {
             throw SystemError("mmap \(size) bytes of \(backing) for \(label)", errno: fl_errno())
         }
+        var alias: UnsafeMutableRawPointer?
+        if backing == .hugetlb, let file {
+            let a = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED, file.rawValue, 0)
+            guard let a, a != MAP_FAILED else {
+                munmap(mapping, Int(size))
+                throw SystemError("mmap alias of \(backing) for \(label)", errno: fl_errno())
+            }
+            alias = a
+        }
+        self.alias = alias
         self.base = mapping
         self.file = file
         self.guestMemfd = gmem
     }
 
-    deinit { munmap(base, Int(size)) }
+    deinit {
+        munmap(base, Int(size))
+        if let alias { munmap(alias, Int(size)) }
+    }
 
     /// Allocates the page cache of the whole file (memfd/hugetlb): MINOR faults need pages
     /// to exist in the cache but not in this mapping's page tables.
@@ -120,6 +136,10 @@ public final class GuestMemoryRegion: @unchecked Sendable {
     @inlinable
     public func writeFile(at offset: UInt64, from source: UnsafeRawPointer, length: Int) throws(SystemError) {
         guard let file else { throw SystemError("pwrite: \(backing) memory has no file", errno: EINVAL) }
+        if let alias {
+            (alias + Int(offset)).copyMemory(from: source, byteCount: length)
+            return
+        }
         var done = 0
         while done < length {
             let n = try systemCallSize("pwrite \(file) offset \(offset)") {

@@ -107,14 +107,4 @@ struct RefusalTests {
             #expect(throws: DemandPagingConfig.Invalid.self) { _ = try DemandPagingBenchmark(config: c) }
         }
     }
-
-    @Test(.enabled(if: hugePagesFree() == 0, "huge pages are reserved here"))
-    func hugetlbWithoutReservedPagesSaysSo() throws {
-        do {
-            _ = try DemandPagingBenchmark(config: config(.uffdMissing, backend: .soft, kib: 2048) { $0.backing = .hugetlb }).run()
-            Issue.record("hugetlb without reserved pages ran")
-        } catch {
-            #expect("\(error)".contains("huge pages"))
-        }
-    }
 }
