@@ -227,7 +227,7 @@ public final class DemandPagingBenchmark {
             raced += s.raced
         }
         let us = { (p: Double) in Double(merged.valueAtPercentile(p)) / 1000 }
-        _ = lowMemory
+        withExtendedLifetime(lowMemory) {}  // slot 0's memory must outlive the vCPUs
         return DemandPagingResult(
             config: cfg, backend: backend, seconds: elapsed, pages: Int(total / 4096), resolved: resolved, raced: raced,
             badPages: bad, checksumFailures: checksumFailures,

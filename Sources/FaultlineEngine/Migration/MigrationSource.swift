@@ -86,7 +86,7 @@ public final class MigrationSource: @unchecked Sendable {
 
     // MARK: connections
 
-    func connect() throws -> WireMessage? {
+    func connect() throws {
         let deadline = fl_now_ns() + UInt64(options.reconnectSeconds * 1e9)
         let b = WireChannel(socket: try StreamSocket.connect(to: options.destination, timeoutSeconds: options.reconnectSeconds), role: .bulk)
         try b.send(.hello(hello))
@@ -106,15 +106,30 @@ public final class MigrationSource: @unchecked Sendable {
         bulk = b
         fault = f
         broken.store(false, ordering: .sequentiallyConsistent)
-        return nil
     }
 
     // MARK: sending pages
 
     /// Appends page `page` to `encoder` (a zero marker when it is all zeros); flushes full batches.
+    /// One byte per RAM page from mincore(2), taken while the vCPUs are paused: a page the
+    /// guest never touched is not resident and is zero, so it is sent as a marker without
+    /// reading (and faulting in) the page.
+    var residency: [UInt8] = []
+
+    func isUntouched(_ page: Int) -> Bool {
+        let i = page - layout.lowPages
+        return i >= 0 && i < residency.count && residency[i] & 1 == 0
+    }
+
+    func takeResidency() {
+        residency = [UInt8](repeating: 1, count: layout.ramPages)
+        let rc = residency.withUnsafeMutableBufferPointer { mincore(vm.ram.base, Int(layout.ramSize), $0.baseAddress) }
+        if rc != 0 { residency = [] }  // unknown: every page is read and checked
+    }
+
     func append(_ page: Int, to encoder: inout WireEncoder, channel: WireChannel, corrupt: Bool = false) throws -> Bool {
         let ptr = UnsafeRawBufferPointer(start: vm.pagePointer(page), count: 4096)
-        let zero = PageBatch.isAllZero(ptr)
+        let zero = isUntouched(page) || PageBatch.isAllZero(ptr)
         if zero {
             encoder.appendZeroPage(index: UInt64(page))
             zeroCount.wrappingIncrement(ordering: .relaxed)
@@ -146,7 +161,7 @@ public final class MigrationSource: @unchecked Sendable {
 
     public func migrate() throws -> SourceReport {
         let t0 = fl_now_ns()
-        _ = try connect()
+        try connect()
         report.passesBeforeMigration = vm.counters.totalPasses
         var encoder = WireEncoder(reservingCapacity: (options.batchPages + 1) * 4200)
 
@@ -161,6 +176,7 @@ public final class MigrationSource: @unchecked Sendable {
             var toSend = Array(layout.lowPages..<layout.totalPages)
             var lastDirty = Int.max
             for round in 0..<options.precopyRounds {
+                takeResidency()  // a page touched after this is in the next dirty log
                 encoder.beginPages(pageSize: 4096)
                 for page in toSend {
                     _ = try append(page, to: &encoder, channel: bulk)
@@ -210,6 +226,7 @@ public final class MigrationSource: @unchecked Sendable {
         }
         let tRunning = fl_now_ns()
         report.downtimeMilliseconds = Double(tRunning - tPause) / 1e6
+        takeResidency()  // the vCPUs stay paused: valid for the rest of the migration
 
         // Post-copy: digest of the paused memory, fault server, background stream.
         var digestValue: UInt64 = 0
@@ -223,7 +240,6 @@ public final class MigrationSource: @unchecked Sendable {
         startFaultServer()
         var sentBackground = 0
         var injectedCut = false, injectedCorruption = false
-        let totalOwed = layout.totalPages - done.populationCount
         while true {
             do {
                 encoder.removeAll()
@@ -278,7 +294,6 @@ public final class MigrationSource: @unchecked Sendable {
         let tEnd = fl_now_ns()
         report.postcopySeconds = Double(tEnd - tRunning) / 1e9
         report.totalSeconds = Double(tEnd - t0) / 1e9
-        _ = totalOwed
         return report
     }
 
@@ -323,7 +338,7 @@ public final class MigrationSource: @unchecked Sendable {
         var lastError: Error?
         while fl_now_ns() < deadline {
             do {
-                _ = try connect()
+                try connect()
                 guard case .resume(let session, _, let missing) = try bulk.receive(), session == sessionID else {
                     throw MigrationError.protocolViolation("expected resume for session \(sessionID)")
                 }
@@ -359,7 +374,7 @@ public final class MigrationSource: @unchecked Sendable {
                         if first < end {
                             for page in Int(first)..<Int(end) {
                                 let ptr = UnsafeRawBufferPointer(start: vm.pagePointer(page), count: 4096)
-                                if PageBatch.isAllZero(ptr) { encoder.appendZeroPage(index: UInt64(page)) }
+                                if isUntouched(page) || PageBatch.isAllZero(ptr) { encoder.appendZeroPage(index: UInt64(page)) }
                                 else { encoder.appendPage(index: UInt64(page), bytes: ptr) }
                                 if done.insert(page) { demandServed.wrappingIncrement(ordering: .relaxed) }
                             }
