@@ -98,6 +98,18 @@ public final class PageBitmap: @unchecked Sendable {
         }
     }
 
+    /// Calls `body` with every set bit, in ascending order.
+    public func forEachSetPage(_ body: (Int) throws -> Void) rethrows {
+        for w in 0..<wordCount {
+            var v = word(w).load(ordering: .relaxed)
+            while v != 0 {
+                let page = w * 64 + v.trailingZeroBitCount
+                v &= v - 1
+                if page < count { try body(page) }
+            }
+        }
+    }
+
     /// Sets every bit that is set in a kernel-format bitmap of `pages` bits at `bits`,
     /// offset by `firstPage`. Returns how many were newly set.
     @discardableResult

@@ -76,6 +76,14 @@ struct PageBitmapTests {
         #expect(ranges == [0..<10, 20..<100])
     }
 
+    @Test func visitsSetPagesInOrder() {
+        let b = PageBitmap(count: 200)
+        for p in [199, 0, 64, 63, 130] { b.insert(p) }
+        var seen: [Int] = []
+        b.forEachSetPage { seen.append($0) }
+        #expect(seen == [0, 63, 64, 130, 199])
+    }
+
     @Test func mergesKernelBitmaps() {
         let b = PageBitmap(count: 200)
         var words: [UInt64] = [0b1011, 1 << 63]

@@ -401,18 +401,3 @@ public final class MigrationSource: @unchecked Sendable {
         faultThread = nil
     }
 }
-
-extension PageBitmap {
-    /// Calls `body` with every set bit.
-    public func forEachSetPage(_ body: (Int) -> Void) {
-        for w in 0..<wordCount {
-            var v = words.load(fromByteOffset: w * 8, as: UInt64.self)
-            while v != 0 {
-                let bit = v.trailingZeroBitCount
-                v &= v - 1
-                let page = w * 64 + bit
-                if page < count { body(page) }
-            }
-        }
-    }
-}
