@@ -61,11 +61,8 @@ struct Demo: ParsableCommand {
             try vm.boot(workload: wl)
             try vm.start()
             Thread.sleep(forTimeInterval: migrateAfter)
-            var options = MigrationOptions(destination: endpoint)
-            options.precopyRounds = precopyRounds
-            options.progress = !json
-            options.disconnectAfterPages = disconnectAfter
-            options.corruptOnePage = corruptPage
+            let options = MigrationOptions(destination: endpoint, precopyRounds: precopyRounds, progress: !json,
+                                           disconnectAfterPages: disconnectAfter, corruptOnePage: corruptPage)
             let source = MigrationSource(vm: vm, options: options)
             var report: SourceReport
             do {

@@ -6,6 +6,17 @@ import Foundation
 
 extension RunningWorkloadKind: ExpressibleByArgument {}
 
+extension MigrationOptions {
+    /// The source options both `run --migrate-to` and `demo` set.
+    init(destination: SocketEndpoint, precopyRounds: Int, progress: Bool, disconnectAfterPages: Int?, corruptOnePage: Bool) {
+        self.init(destination: destination)
+        self.precopyRounds = precopyRounds
+        self.progress = progress
+        self.disconnectAfterPages = disconnectAfterPages
+        self.corruptOnePage = corruptOnePage
+    }
+}
+
 /// Parses sizes like 512M, 1G, 65536K or plain bytes.
 func parseSize(_ text: String) -> UInt64? {
     let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30]
@@ -62,13 +73,10 @@ struct Run: ParsableCommand {
                 return
             }
             Thread.sleep(forTimeInterval: migrateAfter)
-            var options = MigrationOptions(destination: target)
-            options.precopyRounds = precopyRounds
+            var options = MigrationOptions(destination: target, precopyRounds: precopyRounds, progress: !json,
+                                           disconnectAfterPages: disconnectAfter, corruptOnePage: corruptPage)
             options.precopySeconds = precopySeconds
             options.reconnectSeconds = reconnectSeconds
-            options.disconnectAfterPages = disconnectAfter
-            options.corruptOnePage = corruptPage
-            options.progress = !json
             let source = MigrationSource(vm: vm, options: options)
             var report = try source.migrate()
             if baseline { try source.measureBaseline(&report) }

@@ -38,6 +38,16 @@ final class TestThread: @unchecked Sendable {
     func join() { pthread_join(thread, nil) }
 }
 
+/// Waits (up to 5 s per poll) for the next event on `u`.
+func nextEvent(_ u: Userfaultfd) throws -> UffdEvent {
+    let events = UnsafeMutableBufferPointer<fl_uffd_msg>.allocate(capacity: 1)
+    defer { events.deallocate() }
+    while true {
+        _ = try u.waitReadable(orStop: -1, timeoutMs: 5000)
+        if try u.readEvents(into: events) > 0 { return UffdEvent(events[0]) }
+    }
+}
+
 /// A VM with 64 KiB of code memory at GPA 0 and a program at 0x1000.
 final class TinyVM {
     let vm: VirtualMachine
@@ -234,15 +244,9 @@ struct UserfaultfdTests {
         final class Target: @unchecked Sendable { let p: UnsafeMutableRawPointer; init(_ p: UnsafeMutableRawPointer) { self.p = p } }
         let target = Target(ram.base + 2 * 4096 + 8)
         let writer = TestThread { target.p.storeBytes(of: UInt32(77), as: UInt32.self) }
-        let events = UnsafeMutableBufferPointer<fl_uffd_msg>.allocate(capacity: 4)
-        defer { events.deallocate() }
-        var n = 0
-        while n == 0 {
-            _ = try u.waitReadable(orStop: -1, timeoutMs: 5000)
-            n = try u.readEvents(into: events)
-        }
-        guard case .pagefault(let address, let flags, let tid) = UffdEvent(events[0]) else {
-            Issue.record("expected a pagefault, got \(UffdEvent(events[0]))")
+        let event = try nextEvent(u)
+        guard case .pagefault(let address, let flags, let tid) = event else {
+            Issue.record("expected a pagefault, got \(event)")
             return
         }
         #expect(address == ram.hostAddress.adding(2 * 4096))
@@ -304,14 +308,8 @@ struct UserfaultfdTests {
         final class R: @unchecked Sendable { let r: GuestMemoryRegion; init(_ r: GuestMemoryRegion) { self.r = r } }
         let box = R(ram)
         let t = TestThread { try? box.r.discard(offset: 0, length: 2 * 4096) }
-        let events = UnsafeMutableBufferPointer<fl_uffd_msg>.allocate(capacity: 4)
-        defer { events.deallocate() }
-        var n = 0
-        while n == 0 {
-            _ = try u.waitReadable(orStop: -1, timeoutMs: 5000)
-            n = try u.readEvents(into: events)
-        }
-        #expect(UffdEvent(events[0]) == .remove(start: ram.hostAddress, end: ram.hostAddress.adding(2 * 4096)!))
+        let event = try nextEvent(u)
+        #expect(event == .remove(start: ram.hostAddress, end: ram.hostAddress.adding(2 * 4096)!))
         t.join()
     }
 }
