@@ -47,8 +47,6 @@ public final class OSThread: @unchecked Sendable {
         public static let faultPath: Int32 = -10
         /// vCPU threads while their memory is still arriving.
         public static let vcpuDuringPostcopy: Int32 = 10
-        /// Work that can wait (the source's digest).
-        public static let background: Int32 = 15
     }
 }
 

@@ -150,14 +150,15 @@ private func decodeAll(_ bytes: [UInt8], chunk: Int = .max) -> (messages: [WireM
     @Test func streamingBatchEncoderMatchesBatchValue() throws {
         var encoder = WireEncoder(reservingCapacity: 1 << 16)
         encoder.beginPages(pageSize: 4096, replyingTo: 99)
-        page(9).withUnsafeBytes { encoder.appendPage(index: 12345, bytes: $0) }
+        let crc9 = page(9).withUnsafeBytes { encoder.appendPage(index: 12345, bytes: $0) }
+        #expect(crc9 == CRC32C.checksum(page(9)))  // the source's digest is built from this
         #expect(encoder.openBatchPageCount == 1 && encoder.canAppendPage)
         encoder.endPages()
         #expect(!encoder.canAppendPage)
         encoder.beginPages(pageSize: 4096)
-        page(1).withUnsafeBytes { encoder.appendPage(index: 7, bytes: $0) }
+        _ = page(1).withUnsafeBytes { encoder.appendPage(index: 7, bytes: $0) }
         encoder.appendZeroPage(index: 8)
-        page(2).withUnsafeBytes { encoder.appendPage(index: 1_000_000, bytes: $0) }
+        _ = page(2).withUnsafeBytes { encoder.appendPage(index: 1_000_000, bytes: $0) }
         encoder.endPages()
         let expected = try encodeAll([.pageReply(requestID: 99, pages: PageBatch(pageSize: 4096, pages: [(12345, page(9))])),
                                       .pages(sampleBatch)])

@@ -52,7 +52,7 @@ public struct PageBatch: Sequence, Equatable, Sendable, CustomStringConvertible 
         encoder.beginPages(pageSize: pageSize)
         for page in pages {
             if let data = page.data {
-                data.withUnsafeBytes { encoder.appendPage(index: page.index, bytes: $0) }
+                _ = data.withUnsafeBytes { encoder.appendPage(index: page.index, bytes: $0) }
             } else {
                 encoder.appendZeroPage(index: page.index)
             }
@@ -283,7 +283,9 @@ public struct WireEncoder: Sendable {
     /// CRC32C is computed over that copy, so a page being written concurrently (by a
     /// running guest during pre-copy) still goes out self-consistent.
     /// `bytes.count` must equal the batch's page size and `canAppendPage` must be true.
-    public mutating func appendPage(index: UInt64, bytes page: UnsafeRawBufferPointer) {
+    /// Returns the page's CRC32C (what the source's memory digest is built from).
+    @discardableResult
+    public mutating func appendPage(index: UInt64, bytes page: UnsafeRawBufferPointer) -> UInt32 {
         guard var open = batch else { preconditionFailure("appendPage outside a page batch") }
         precondition(page.count == open.pageSize, "page of \(page.count) bytes in a batch of \(open.pageSize)-byte pages")
         precondition(canAppendPage, "page batch is full; check canAppendPage")
@@ -294,14 +296,16 @@ public struct WireEncoder: Sendable {
         if let base = page.baseAddress {
             bytes.append(contentsOf: UnsafeBufferPointer(start: base.assumingMemoryBound(to: UInt8.self), count: page.count))
         }
-        bytes.withUnsafeMutableBytes { raw in
+        let checksum = bytes.withUnsafeMutableBytes { raw in
             let dataStart = descriptor + WireProtocol.pageDescriptorSize
             let checksum = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: raw[dataStart..<dataStart + open.pageSize]))
             raw.storeBytes(of: checksum.littleEndian, toByteOffset: descriptor + 12, as: UInt32.self)
             open.crc.update(UnsafeRawBufferPointer(rebasing: raw[descriptor..<dataStart]))
+            return checksum
         }
         open.pageCount += 1
         batch = open
+        return checksum
     }
 
     /// Appends a zero-page marker (no data; only with the `zeroPageMarkers` feature).

@@ -60,6 +60,9 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// Set = the destination has (or is being sent) the current contents of the page.
     var done: PageBitmap
+    /// CRC32C of each page as last sent (the encoder computes it anyway): the memory digest
+    /// of post-copy pages is built from these, without reading guest memory a second time.
+    let sentCRC: UnsafeMutablePointer<UInt32>
     let cursor = ManagedAtomic<Int>(0)
     let demandServed = ManagedAtomic<Int>(0)
     let requests = ManagedAtomic<Int>(0)
@@ -77,7 +80,11 @@ public final class MigrationSource: @unchecked Sendable {
         self.options = options
         self.layout = vm.layout
         self.done = PageBitmap(count: vm.layout.totalPages)
+        sentCRC = .allocate(capacity: vm.layout.totalPages)
+        sentCRC.initialize(repeating: 0, count: vm.layout.totalPages)
     }
+
+    deinit { sentCRC.deallocate() }
 
     var hello: WireMessage.Hello {
         WireMessage.Hello(role: .bulk, sessionID: sessionID, layout: layout.memory, vcpuCount: UInt32(layout.vcpus),
@@ -133,8 +140,9 @@ public final class MigrationSource: @unchecked Sendable {
         if zero {
             encoder.appendZeroPage(index: UInt64(page))
             zeroCount.wrappingIncrement(ordering: .relaxed)
+            sentCRC[page] = MemoryDigest.zeroPageCRC
         } else {
-            encoder.appendPage(index: UInt64(page), bytes: ptr)
+            sentCRC[page] = encoder.appendPage(index: UInt64(page), bytes: ptr)
         }
         if corrupt && !zero {
             encoder.endPages()
@@ -208,6 +216,11 @@ public final class MigrationSource: @unchecked Sendable {
             dirty.merge(kernelBitmap: bits, pages: layout.ramPages, firstPage: layout.lowPages)
             dirty.forEachSetPage { done.remove($0) }
         }
+        // Pages pre-copy sent that the guest did not dirty afterwards: the destination keeps
+        // them. Their digest is recomputed below from the paused memory, not from what was
+        // sent, so a write the dirty log missed fails the migration instead of passing silently.
+        let carried = PageBitmap(count: layout.totalPages)
+        if options.precopyRounds > 0 { done.forEachSetPage { carried.insert($0) } }
         report.guestMismatchesBeforeMigration = vm.counters.mismatches.load(ordering: .relaxed)
         for id in 0..<layout.vcpus { try bulk.send(.vcpuState(id: UInt32(id), blob: try vm.vcpuStateBlob(id))) }
         encoder.beginPages(pageSize: 4096)
@@ -228,15 +241,18 @@ public final class MigrationSource: @unchecked Sendable {
         report.downtimeMilliseconds = Double(tRunning - tPause) / 1e6
         takeResidency()  // the vCPUs stay paused: valid for the rest of the migration
 
-        // Post-copy: digest of the paused memory, fault server, background stream.
-        var digestValue: UInt64 = 0
-        let digestThread = try OSThread(name: "digest", niceness: OSThread.Niceness.background) { [self] in
+        // Post-copy: digest of the carried pages from the paused memory, fault server,
+        // background stream. Every other page is sent from the paused memory, so the CRC it
+        // was sent with is the CRC of the paused state.
+        var carriedDigest: UInt64 = 0
+        let digestThread = try OSThread(name: "digest") { [self] in
             var d: UInt64 = 0
-            for page in 0..<layout.totalPages {
+            carried.forEachSetPage { page in
                 d ^= MemoryDigest.mix(page: page, crc: CRC32C.checksum(UnsafeRawBufferPointer(start: vm.pagePointer(page), count: 4096)))
             }
-            digestValue = d
+            carriedDigest = d
         }
+        var digestValue: UInt64 = 0
         startFaultServer()
         var sentBackground = 0
         var injectedCut = false, injectedCorruption = false
@@ -263,6 +279,10 @@ public final class MigrationSource: @unchecked Sendable {
                 }
                 try finish(&encoder, channel: bulk)
                 digestThread.join()
+                digestValue = carriedDigest
+                for page in 0..<layout.totalPages where !carried.contains(page) {
+                    digestValue ^= MemoryDigest.mix(page: page, crc: sentCRC[page])
+                }
                 try bulk.send(.digest(algorithm: .pageCRC32CXor, bytes: MemoryDigest.bytes(digestValue)))
                 try bulk.send(.complete)
                 // The destination's verdict: ack when the digest matched.
@@ -374,8 +394,12 @@ public final class MigrationSource: @unchecked Sendable {
                         if first < end {
                             for page in Int(first)..<Int(end) {
                                 let ptr = UnsafeRawBufferPointer(start: vm.pagePointer(page), count: 4096)
-                                if isUntouched(page) || PageBatch.isAllZero(ptr) { encoder.appendZeroPage(index: UInt64(page)) }
-                                else { encoder.appendPage(index: UInt64(page), bytes: ptr) }
+                                if isUntouched(page) || PageBatch.isAllZero(ptr) {
+                                    encoder.appendZeroPage(index: UInt64(page))
+                                    sentCRC[page] = MemoryDigest.zeroPageCRC
+                                } else {
+                                    sentCRC[page] = encoder.appendPage(index: UInt64(page), bytes: ptr)
+                                }
                                 if done.insert(page) { demandServed.wrappingIncrement(ordering: .relaxed) }
                             }
                             // Stream the neighbourhood of a fault next (locality, as QEMU does).
