@@ -179,10 +179,17 @@ public final class Userfaultfd: @unchecked Sendable {
     /// Runs one install ioctl with the race policy: EEXIST -> `.alreadyPresent` (waking the
     /// range when DONTWAKE was asked, so no faulting thread is left asleep); EAGAIN -> the
     /// mapping is changing (a REMOVE or UNMAP event is pending) or a partial copy: retry on
-    /// what is left after `drainBeforeRetry` had a chance to read events.
+    /// what is left.
+    ///
+    /// With `skippingPresent` (the page size), a page another installer mapped first is
+    /// stepped over and the rest of the range still goes in: the kernel stops a range at the
+    /// first mapped page, reporting the bytes done before it, so an EEXIST with no progress
+    /// names the first page left. For installers that map identical bytes (a page that has
+    /// one verified content), this keeps a run in one or two ioctls instead of page by page.
+    /// The outcome is then `.installed`: every page of the range is mapped.
     @inlinable
     func install(
-        _ name: StaticString, start: HostAddress, length: UInt64, dontWake: Bool,
+        _ name: StaticString, start: HostAddress, length: UInt64, dontWake: Bool, skippingPresent pageSize: UInt64? = nil,
         attempt: (_ offset: UInt64) -> (rc: Int32, progress: Int64)
     ) throws(SystemError) -> UffdInstallOutcome {
         var offset: UInt64 = 0
@@ -192,6 +199,12 @@ public final class Userfaultfd: @unchecked Sendable {
             let code = fl_errno()
             switch code {
             case EEXIST:
+                if let pageSize {
+                    if progress > 0 { offset += UInt64(progress) }
+                    offset += pageSize  // the first page left is the one that was there
+                    if offset >= length { return .installed }
+                    continue
+                }
                 if dontWake { try wake(start: start, length: length) }
                 return .alreadyPresent
             case EAGAIN, EINTR:
@@ -207,10 +220,10 @@ public final class Userfaultfd: @unchecked Sendable {
     /// UFFDIO_COPY: atomically fills missing page(s) at `destination` from `source`.
     @inlinable
     public func copy(to destination: HostAddress, from source: UnsafeRawPointer, length: UInt64, dontWake: Bool = false,
-                     writeProtect: Bool = false) throws(SystemError) -> UffdInstallOutcome {
+                     writeProtect: Bool = false, skippingPresent pageSize: UInt64? = nil) throws(SystemError) -> UffdInstallOutcome {
         let mode: UInt64 = (dontWake ? 1 : 0) | (writeProtect ? 2 : 0)
         let src = UInt64(UInt(bitPattern: source))
-        return try install("UFFDIO_COPY", start: destination, length: length, dontWake: dontWake) { offset in
+        return try install("UFFDIO_COPY", start: destination, length: length, dontWake: dontWake, skippingPresent: pageSize) { offset in
             var c = fl_uffdio_copy(dst: destination.rawValue + offset, src: src + offset, len: length - offset, mode: mode, copy: 0)
             let rc = fd.ioctl(FL_UFFDIO_COPY, &c)
             return (rc, c.copy)
@@ -218,8 +231,9 @@ public final class Userfaultfd: @unchecked Sendable {
     }
 
     /// UFFDIO_ZEROPAGE.
-    public func zeroPage(at start: HostAddress, length: UInt64, dontWake: Bool = false) throws(SystemError) -> UffdInstallOutcome {
-        try install("UFFDIO_ZEROPAGE", start: start, length: length, dontWake: dontWake) { offset in
+    public func zeroPage(at start: HostAddress, length: UInt64, dontWake: Bool = false,
+                         skippingPresent pageSize: UInt64? = nil) throws(SystemError) -> UffdInstallOutcome {
+        try install("UFFDIO_ZEROPAGE", start: start, length: length, dontWake: dontWake, skippingPresent: pageSize) { offset in
             var z = fl_uffdio_zeropage(range: fl_uffdio_range(start: start.rawValue + offset, len: length - offset),
                                        mode: dontWake ? 1 : 0, zeropage: 0)
             let rc = fd.ioctl(FL_UFFDIO_ZEROPAGE, &z)
@@ -250,9 +264,9 @@ public final class Userfaultfd: @unchecked Sendable {
 
     /// UFFDIO_MOVE: moves whole pages from `source` (anonymous, private) to `destination`.
     public func move(to destination: HostAddress, from source: HostAddress, length: UInt64, dontWake: Bool = false,
-                     allowSourceHoles: Bool = false) throws(SystemError) -> UffdInstallOutcome {
+                     allowSourceHoles: Bool = false, skippingPresent pageSize: UInt64? = nil) throws(SystemError) -> UffdInstallOutcome {
         let mode: UInt64 = (dontWake ? 1 : 0) | (allowSourceHoles ? 2 : 0)
-        return try install("UFFDIO_MOVE", start: destination, length: length, dontWake: dontWake) { offset in
+        return try install("UFFDIO_MOVE", start: destination, length: length, dontWake: dontWake, skippingPresent: pageSize) { offset in
             var m = fl_uffdio_move(dst: destination.rawValue + offset, src: source.rawValue + offset, len: length - offset,
                                    mode: mode, move: 0)
             let rc = fd.ioctl(FL_UFFDIO_MOVE, &m)

@@ -22,6 +22,7 @@ struct Demo: ParsableCommand {
     @Flag(help: "One JSON line with both sides' figures") var json = false
     @Option(name: .customLong("inject-disconnect-after-pages"), help: .hidden) var disconnectAfter: Int?
     @Flag(name: .customLong("inject-corrupt-page"), help: .hidden) var corruptPage = false
+    @Flag(name: .customLong("inject-missed-dirty-page"), help: .hidden) var missDirtyPage = false
 
     func run() {
         do {
@@ -62,7 +63,8 @@ struct Demo: ParsableCommand {
             try vm.start()
             Thread.sleep(forTimeInterval: migrateAfter)
             let options = MigrationOptions(destination: endpoint, precopyRounds: precopyRounds, progress: !json,
-                                           disconnectAfterPages: disconnectAfter, corruptOnePage: corruptPage)
+                                           disconnectAfterPages: disconnectAfter, corruptOnePage: corruptPage,
+                                           missOneDirtyPage: missDirtyPage)
             let source = MigrationSource(vm: vm, options: options)
             var report: SourceReport
             do {

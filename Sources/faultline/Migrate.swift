@@ -8,12 +8,14 @@ extension RunningWorkloadKind: ExpressibleByArgument {}
 
 extension MigrationOptions {
     /// The source options both `run --migrate-to` and `demo` set.
-    init(destination: SocketEndpoint, precopyRounds: Int, progress: Bool, disconnectAfterPages: Int?, corruptOnePage: Bool) {
+    init(destination: SocketEndpoint, precopyRounds: Int, progress: Bool, disconnectAfterPages: Int?, corruptOnePage: Bool,
+         missOneDirtyPage: Bool) {
         self.init(destination: destination)
         self.precopyRounds = precopyRounds
         self.progress = progress
         self.disconnectAfterPages = disconnectAfterPages
         self.corruptOnePage = corruptOnePage
+        self.missOneDirtyPage = missOneDirtyPage
     }
 }
 
@@ -45,6 +47,7 @@ struct Run: ParsableCommand {
     @Flag(help: "One JSON line") var json = false
     @Option(name: .customLong("inject-disconnect-after-pages"), help: .hidden) var disconnectAfter: Int?
     @Flag(name: .customLong("inject-corrupt-page"), help: .hidden) var corruptPage = false
+    @Flag(name: .customLong("inject-missed-dirty-page"), help: .hidden) var missDirtyPage = false
 
     func run() {
         do {
@@ -74,7 +77,8 @@ struct Run: ParsableCommand {
             }
             Thread.sleep(forTimeInterval: migrateAfter)
             var options = MigrationOptions(destination: target, precopyRounds: precopyRounds, progress: !json,
-                                           disconnectAfterPages: disconnectAfter, corruptOnePage: corruptPage)
+                                           disconnectAfterPages: disconnectAfter, corruptOnePage: corruptPage,
+                                           missOneDirtyPage: missDirtyPage)
             options.precopySeconds = precopySeconds
             options.reconnectSeconds = reconnectSeconds
             let source = MigrationSource(vm: vm, options: options)

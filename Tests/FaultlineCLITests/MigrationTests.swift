@@ -92,6 +92,16 @@ struct MigrationTests {
         #expect(j?["guest_check"] as? Bool == true)
     }
 
+    @Test func aWriteTheDirtyLogMissedFailsTheMigration() throws {
+        // The source leaves one changed page out of the final dirty set: the destination keeps
+        // the stale pre-copy copy, and the digest (recomputed from the paused memory for pages
+        // carried over from pre-copy) must catch it.
+        let r = try run(["demo", "--memory", "64M", "--json", "--workload", "dirtier", "--precopy-rounds", "1",
+                         "--migrate-after", "0.5", "--run-after", "0.2", "--inject-missed-dirty-page"], timeout: 300)
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("memory digest mismatch"), "\(r.stderr)")
+    }
+
     @Test func aPeerThatIsNotFaultlineIsNamed() throws {
         let (p, port, _, err) = try startReceiver()
         try rawSend(port: port, Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8))

@@ -237,6 +237,37 @@ struct UserfaultfdTests {
         #expect((ram.base + 4096).load(as: UInt64.self) == 0)
     }
 
+    @Test func aRunStepsOverPagesAlreadyMapped() throws {
+        // Pages 1 and 3 of six are mapped by "another installer" first; a run over all six
+        // with skippingPresent maps the other four and leaves those two as they were.
+        let features = try Userfaultfd.availableFeatures()
+        let u = try Userfaultfd(required: UffdFeatures([.move]).intersection(features))
+        let ram = try GuestMemoryRegion(backing: .anonymous, size: 6 * 4096)
+        try u.register(start: ram.hostAddress, length: ram.size, mode: .missing)
+        let mine = [UInt8](repeating: 0x11, count: 4096), theirs = [UInt8](repeating: 0x22, count: 6 * 4096)
+        for page in [1, 3] {
+            _ = try mine.withUnsafeBytes { try u.copy(to: ram.hostAddress.adding(UInt64(page) * 4096)!, from: $0.baseAddress!, length: 4096) }
+        }
+        let outcome = try theirs.withUnsafeBytes {
+            try u.copy(to: ram.hostAddress, from: $0.baseAddress!, length: 6 * 4096, skippingPresent: 4096)
+        }
+        #expect(outcome == .installed)
+        #expect((0..<6).map { (ram.base + $0 * 4096 + 7).load(as: UInt8.self) } == [0x22, 0x11, 0x22, 0x11, 0x22, 0x22])
+        // Without it, the first mapped page ends the run.
+        let other = try GuestMemoryRegion(backing: .anonymous, size: 2 * 4096)
+        try u.register(start: other.hostAddress, length: other.size, mode: .missing)
+        _ = try mine.withUnsafeBytes { try u.copy(to: other.hostAddress, from: $0.baseAddress!, length: 4096) }
+        #expect(try theirs.withUnsafeBytes { try u.copy(to: other.hostAddress, from: $0.baseAddress!, length: 2 * 4096) } == .alreadyPresent)
+        guard features.contains(.move) else { print("SKIP: no UFFDIO_MOVE for the move half"); return }
+        let target = try GuestMemoryRegion(backing: .anonymous, size: 4 * 4096)
+        try u.register(start: target.hostAddress, length: target.size, mode: .missing)
+        _ = try mine.withUnsafeBytes { try u.copy(to: target.hostAddress.adding(2 * 4096)!, from: $0.baseAddress!, length: 4096) }
+        let pool = try GuestMemoryRegion(backing: .anonymous, size: 4 * 4096)
+        for i in 0..<4 { (pool.base + i * 4096).storeBytes(of: UInt8(0x30 + i), as: UInt8.self) }
+        #expect(try u.move(to: target.hostAddress, from: pool.hostAddress, length: 4 * 4096, skippingPresent: 4096) == .installed)
+        #expect((0..<4).map { (target.base + $0 * 4096).load(as: UInt8.self) } == [0x30, 0x31, 0x11, 0x33])
+    }
+
     @Test func pagefaultEventsCarryAddressAndWriteFlag() throws {
         let u = try Userfaultfd(required: [.threadID])
         let ram = try GuestMemoryRegion(backing: .anonymous, size: 4 * 4096)

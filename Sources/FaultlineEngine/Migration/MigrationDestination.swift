@@ -245,12 +245,15 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
             else { for i in 0..<count { try vm.ram.writeFile(at: offset + UInt64(i * 4096), from: zeroPage, length: 4096) } }
             outcome = try uffd.continue(at: destination, length: UInt64(length), dontWake: !wake)
         default:
+            // A page mapped meanwhile by the other installer holds the same verified bytes:
+            // step over it and map the rest of the run.
             if let data, fromPool {
-                outcome = try uffd.move(to: destination, from: HostAddress(data), length: UInt64(length), dontWake: !wake)
+                outcome = try uffd.move(to: destination, from: HostAddress(data), length: UInt64(length), dontWake: !wake,
+                                        skippingPresent: 4096)
             } else if let data {
-                outcome = try uffd.copy(to: destination, from: data, length: UInt64(length), dontWake: !wake)
+                outcome = try uffd.copy(to: destination, from: data, length: UInt64(length), dontWake: !wake, skippingPresent: 4096)
             } else {
-                outcome = try uffd.zeroPage(at: destination, length: UInt64(length), dontWake: !wake)
+                outcome = try uffd.zeroPage(at: destination, length: UInt64(length), dontWake: !wake, skippingPresent: 4096)
             }
         }
         return outcome == .installed
@@ -344,7 +347,15 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
         for p in batch {
             let page = Int(truncatingIfNeeded: p.index)
             try checkIndex(page)
-            if present.contains(page) || !claimed.insert(page) { try flush(); continue }
+            // MISSING modes: a demand reply does not wait for a bulk installer that claimed the
+            // page first (it may be descheduled mid-run); whichever maps it first wins and the
+            // other steps over it. MINOR writes the file before mapping, so there every
+            // install stays exclusive.
+            let claimedNow = claimed.insert(page)
+            if present.contains(page) || (!claimedNow && !(demand && switchedOver && options.faultMode != .uffdMinor)) {
+                try flush()
+                continue
+            }
             let zero = p.kind == .zero
             let contiguous = runCount > 0 && page == runStart + runCount && zero == runZero && runCount < runCapacity
                 && page >= layout.lowPages && (page - layout.lowPages) / max(pagesPerUffd, 1) == (runStart - layout.lowPages) / max(pagesPerUffd, 1)
@@ -352,13 +363,16 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
                 try flush()
                 runStart = page
                 runZero = zero
-                // MISSING modes after the switch-over: write the run straight into pool pages,
-                // which UFFDIO_MOVE then maps (no page allocation, no second copy).
-                // A run ends where its chunk of the pool ends, so no pool page is left unused.
+                // MISSING modes after the switch-over: write a bulk run straight into pool pages,
+                // which UFFDIO_MOVE then maps (no page allocation, no second copy). A run ends
+                // where its chunk of the pool ends, so no pool page is left unused. Demand
+                // replies use UFFDIO_COPY: a move clears the pool's mapping and so flushes the
+                // TLB of every CPU this process runs on (an IPI, slow under nested
+                // virtualization), which a waiting vCPU should not pay for one page.
                 runInPool = false
                 runBuffer = staging
                 runCapacity = stagingPages
-                if switchedOver && pool != nil && page >= layout.lowPages {
+                if switchedOver && pool != nil && page >= layout.lowPages && !demand {
                     if cursor.capacity == cursor.used, let chunk = takePool(PoolCursor.chunkPages) {
                         cursor = PoolCursor(base: chunk, used: 0, capacity: PoolCursor.chunkPages)
                     }
@@ -372,6 +386,8 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
             if !zero { p.withUnsafeBytes { (runBuffer + runCount * 4096).copyMemory(from: $0.baseAddress!, byteCount: 4096) } }
             runCRC.append(zero ? MemoryDigest.zeroPageCRC : p.checksum)
             runCount += 1
+            // A vCPU is waiting for this page: map it now, not after the rest of the run.
+            if switchedOver && requested.contains(page) { try flush() }
         }
         try flush()
         wakeWaiters()

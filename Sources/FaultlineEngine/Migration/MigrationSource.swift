@@ -21,6 +21,9 @@ public struct MigrationOptions: Sendable {
     public var disconnectAfterPages: Int?
     /// Fault injection for tests: corrupt the data of one background page after its checksum.
     public var corruptOnePage = false
+    /// Fault injection for tests: leave one page the guest changed after pre-copy sent it out
+    /// of the final dirty set, as a dirty log that missed a write would.
+    public var missOneDirtyPage = false
     /// Print a progress bar (stderr, when it is a terminal).
     public var progress = false
 
@@ -82,9 +85,14 @@ public final class MigrationSource: @unchecked Sendable {
         self.done = PageBitmap(count: vm.layout.totalPages)
         sentCRC = .allocate(capacity: vm.layout.totalPages)
         sentCRC.initialize(repeating: 0, count: vm.layout.totalPages)
+        residency = .allocate(capacity: max(vm.layout.ramPages, 1))
+        residency.initialize(repeating: 1, count: max(vm.layout.ramPages, 1))
     }
 
-    deinit { sentCRC.deallocate() }
+    deinit {
+        sentCRC.deallocate()
+        residency.deallocate()
+    }
 
     var hello: WireMessage.Hello {
         WireMessage.Hello(role: .bulk, sessionID: sessionID, layout: layout.memory, vcpuCount: UInt32(layout.vcpus),
@@ -117,21 +125,22 @@ public final class MigrationSource: @unchecked Sendable {
 
     // MARK: sending pages
 
-    /// Appends page `page` to `encoder` (a zero marker when it is all zeros); flushes full batches.
-    /// One byte per RAM page from mincore(2), taken while the vCPUs are paused: a page the
-    /// guest never touched is not resident and is zero, so it is sent as a marker without
-    /// reading (and faulting in) the page.
-    var residency: [UInt8] = []
+    /// One byte per RAM page from mincore(2): a page the guest never touched is not resident
+    /// and is zero, so it is sent as a marker without reading (and faulting in) the page.
+    /// Trusted only while `residencyValid`: from a snapshot taken while the vCPUs are paused
+    /// (or, in pre-copy, before the round that uses it) until the next pause.
+    let residency: UnsafeMutablePointer<UInt8>
+    let residencyValid = ManagedAtomic<Bool>(false)
 
     func isUntouched(_ page: Int) -> Bool {
         let i = page - layout.lowPages
-        return i >= 0 && i < residency.count && residency[i] & 1 == 0
+        return i >= 0 && i < layout.ramPages && residencyValid.load(ordering: .acquiring) && residency[i] & 1 == 0
     }
 
     func takeResidency() {
-        residency = [UInt8](repeating: 1, count: layout.ramPages)
-        let rc = residency.withUnsafeMutableBufferPointer { mincore(vm.ram.base, Int(layout.ramSize), $0.baseAddress) }
-        if rc != 0 { residency = [] }  // unknown: every page is read and checked
+        residencyValid.store(false, ordering: .sequentiallyConsistent)
+        // On failure every page is read and checked.
+        if mincore(vm.ram.base, Int(layout.ramSize), residency) == 0 { residencyValid.store(true, ordering: .releasing) }
     }
 
     func append(_ page: Int, to encoder: inout WireEncoder, channel: WireChannel, corrupt: Bool = false) throws -> Bool {
@@ -170,6 +179,8 @@ public final class MigrationSource: @unchecked Sendable {
     public func migrate() throws -> SourceReport {
         let t0 = fl_now_ns()
         try connect()
+        // Ready before the switch-over: the destination's first faults come right after it.
+        try startFaultServer()
         report.passesBeforeMigration = vm.counters.totalPasses
         var encoder = WireEncoder(reservingCapacity: (options.batchPages + 1) * 4200)
 
@@ -208,13 +219,21 @@ public final class MigrationSource: @unchecked Sendable {
         // Switch-over: pause, final dirty set, vCPU state, low memory, the page set still owed.
         let tPause = fl_now_ns()
         vm.pause()
+        residencyValid.store(false, ordering: .sequentiallyConsistent)  // retaken below, while paused
         if options.precopyRounds > 0 {
             let bits = UnsafeMutableRawPointer.allocate(byteCount: (layout.ramPages + 63) / 64 * 8, alignment: 8)
             defer { bits.deallocate() }
             memset(bits, 0, (layout.ramPages + 63) / 64 * 8)
             try vm.vm.getDirtyLog(slot: 1, into: bits)
             dirty.merge(kernelBitmap: bits, pages: layout.ramPages, firstPage: layout.lowPages)
-            dirty.forEachSetPage { done.remove($0) }
+            var missed = !options.missOneDirtyPage
+            dirty.forEachSetPage { page in
+                if !missed && CRC32C.checksum(UnsafeRawBufferPointer(start: vm.pagePointer(page), count: 4096)) != sentCRC[page] {
+                    missed = true
+                    return
+                }
+                done.remove(page)
+            }
         }
         // Pages pre-copy sent that the guest did not dirty afterwards: the destination keeps
         // them. Their digest is recomputed below from the paused memory, not from what was
@@ -253,7 +272,6 @@ public final class MigrationSource: @unchecked Sendable {
             carriedDigest = d
         }
         var digestValue: UInt64 = 0
-        startFaultServer()
         var sentBackground = 0
         var injectedCut = false, injectedCorruption = false
         while true {
@@ -368,7 +386,7 @@ public final class MigrationSource: @unchecked Sendable {
                 }
                 cursor.store(0, ordering: .relaxed)
                 report.reconnects += 1
-                startFaultServer()
+                try startFaultServer()
                 return
             } catch {
                 lastError = error
@@ -380,9 +398,9 @@ public final class MigrationSource: @unchecked Sendable {
 
     // MARK: fault server
 
-    func startFaultServer() {
+    func startFaultServer() throws {
         let channel = fault!
-        faultThread = try? OSThread(name: "fault server", niceness: OSThread.Niceness.faultPath) { [self] in
+        faultThread = try OSThread(name: "fault server", niceness: OSThread.Niceness.faultPath) { [self] in
             var encoder = WireEncoder(reservingCapacity: 64 * 4200)
             do {
                 while true {
