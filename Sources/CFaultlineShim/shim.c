@@ -104,3 +104,20 @@ int fl_thread_create(pthread_t *thread, size_t stack_size, void *(*entry)(void *
 }
 
 int fl_gettid(void) { return (int)syscall(SYS_gettid); }
+
+int fl_last_allowed_cpu(void) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof(set), &set) != 0) return -1;
+    for (int cpu = CPU_SETSIZE - 1; cpu >= 0; cpu--) if (CPU_ISSET(cpu, &set)) return cpu;
+    return -1;
+}
+
+int fl_pin_current_thread(int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return sched_setaffinity(0, sizeof(set), &set);
+}
+
+int fl_current_cpu(void) { return sched_getcpu(); }

@@ -116,6 +116,27 @@ public final class StreamSocket: @unchecked Sendable {
         setsockopt(fd.rawValue, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
+    /// The socket's TCP congestion control (TCP_CONGESTION), e.g. "bbr".
+    public var congestionControl: String {
+        var name = [CChar](repeating: 0, count: 32)
+        var length = socklen_t(name.count)
+        guard getsockopt(fd.rawValue, Int32(IPPROTO_TCP), TCP_CONGESTION, &name, &length) == 0 else { return "?" }
+        return String(decoding: name.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// Makes this a latency-first connection for small, sporadic messages (fault requests
+    /// and replies): a congestion control that does not pace. BBR, a common default (and
+    /// this machine's), paces every send by its estimate of the connection's bandwidth,
+    /// which on a connection that carries a page now and then is low. "reno" is built into
+    /// every kernel and allowed for unprivileged sockets.
+    public func preferLatency() throws(SystemError) {
+        guard congestionControl != "reno" else { return }
+        var name = Array("reno".utf8CString)
+        try systemCall("setsockopt TCP_CONGESTION reno") {
+            setsockopt(fd.rawValue, Int32(IPPROTO_TCP), TCP_CONGESTION, &name, socklen_t(name.count - 1))
+        }
+    }
+
     /// Shuts both directions down: wakes a thread blocked in receive on this socket.
     public func shutdown() { _ = Glibc.shutdown(fd.rawValue, Int32(SHUT_RDWR)) }
 }

@@ -20,6 +20,7 @@ struct Demo: ParsableCommand {
     @Flag(help: "Also time a plain TCP copy of the same non-zero bytes") var baseline = false
     @Flag(help: "Let the destination populate its memory before the migration starts (QEMU's -mem-prealloc)") var prealloc = false
     @Flag(help: "One JSON line with both sides' figures") var json = false
+    @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
     @Option(name: .customLong("inject-disconnect-after-pages"), help: .hidden) var disconnectAfter: Int?
     @Flag(name: .customLong("inject-corrupt-page"), help: .hidden) var corruptPage = false
     @Flag(name: .customLong("inject-missed-dirty-page"), help: .hidden) var missDirtyPage = false
@@ -37,7 +38,7 @@ struct Demo: ParsableCommand {
             child.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
             child.arguments = ["receive", "--listen", "127.0.0.1:0", "--json", "--fault-mode", faultMode.rawValue,
                                "--uffd", uffd.rawValue, "--run-after", String(runAfter), "--accept-seconds", "60"]
-                + (prealloc ? ["--prealloc", String(size)] : [])
+                + (prealloc ? ["--prealloc", String(size)] : []) + ["--fault-cpu", faultCPU.argument]
             let out = Pipe()
             child.standardOutput = out
             try child.run()
@@ -62,9 +63,10 @@ struct Demo: ParsableCommand {
             try vm.boot(workload: wl)
             try vm.start()
             Thread.sleep(forTimeInterval: migrateAfter)
-            let options = MigrationOptions(destination: endpoint, precopyRounds: precopyRounds, progress: !json,
+            var options = MigrationOptions(destination: endpoint, precopyRounds: precopyRounds, progress: !json,
                                            disconnectAfterPages: disconnectAfter, corruptOnePage: corruptPage,
                                            missOneDirtyPage: missDirtyPage)
+            options.faultPathCPU = faultCPU
             let source = MigrationSource(vm: vm, options: options)
             var report: SourceReport
             do {

@@ -6,6 +6,24 @@ import Foundation
 
 extension RunningWorkloadKind: ExpressibleByArgument {}
 
+extension FaultPathCPU: ExpressibleByArgument {
+    public init?(argument: String) { self.init(parsing: argument) }
+
+    public var defaultValueDescription: String { argument }
+
+    /// The spelling `--fault-cpu` accepts.
+    var argument: String {
+        switch self {
+        case .automatic: "auto"
+        case .unpinned: "none"
+        case .cpu(let n): String(n)
+        }
+    }
+}
+
+/// `--fault-cpu`, shared by run, receive and demo.
+let faultCPUHelp: ArgumentHelp = "CPU for the fault-path threads: auto (the last CPU allowed), none, or a number"
+
 extension MigrationOptions {
     /// The source options both `run --migrate-to` and `demo` set.
     init(destination: SocketEndpoint, precopyRounds: Int, progress: Bool, disconnectAfterPages: Int?, corruptOnePage: Bool,
@@ -44,6 +62,7 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("run-seconds"), help: "Without --migrate-to: run this long, then stop") var runSeconds = 2.0
     @Option(name: .customLong("reconnect-seconds"), help: "How long to retry a broken connection") var reconnectSeconds = 30.0
     @Flag(help: "After the migration, time a plain TCP copy of the same non-zero bytes on the same link") var baseline = false
+    @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
     @Flag(help: "One JSON line") var json = false
     @Option(name: .customLong("inject-disconnect-after-pages"), help: .hidden) var disconnectAfter: Int?
     @Flag(name: .customLong("inject-corrupt-page"), help: .hidden) var corruptPage = false
@@ -80,6 +99,7 @@ struct Run: ParsableCommand {
                                            disconnectAfterPages: disconnectAfter, corruptOnePage: corruptPage,
                                            missOneDirtyPage: missDirtyPage)
             options.precopySeconds = precopySeconds
+            options.faultPathCPU = faultCPU
             options.reconnectSeconds = reconnectSeconds
             let source = MigrationSource(vm: vm, options: options)
             var report = try source.migrate()
@@ -103,6 +123,7 @@ struct Receive: ParsableCommand {
     @Option(name: .customLong("accept-seconds"), help: "How long to wait for the source") var acceptSeconds = 60.0
     @Option(name: .customLong("reconnect-seconds"), help: "How long to wait for a reconnect") var reconnectSeconds = 30.0
     @Option(help: "Populate this much memory before the source connects, e.g. 1G (as QEMU's -mem-prealloc)") var prealloc: String?
+    @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
     @Flag(help: "One JSON line") var json = false
 
     func run() {
@@ -112,6 +133,7 @@ struct Receive: ParsableCommand {
             options.faultMode = faultMode
             options.uffd = uffd
             options.readers = readers
+            options.faultPathCPU = faultCPU
             options.runAfterSeconds = runAfter
             options.acceptSeconds = acceptSeconds
             options.reconnectSeconds = reconnectSeconds

@@ -1,3 +1,4 @@
+import CFaultlineShim
 import FaultlineCore
 import FaultlineEngine
 import FaultlineLinux
@@ -106,5 +107,32 @@ struct RefusalTests {
                   config(.vcpuExit, vcpus: 64, kib: 64 << 10)] {
             #expect(throws: DemandPagingConfig.Invalid.self) { _ = try DemandPagingBenchmark(config: c) }
         }
+    }
+}
+
+@Suite("Migration plumbing")
+struct MigrationPlumbingTests {
+    @Test func faultPathCPUParsesAndResolves() throws {
+        #expect(FaultPathCPU(parsing: "auto") == .automatic)
+        #expect(FaultPathCPU(parsing: "none") == .unpinned)
+        #expect(FaultPathCPU(parsing: "3") == .cpu(3))
+        #expect(FaultPathCPU(parsing: "-1") == nil && FaultPathCPU(parsing: "x") == nil)
+        #expect(FaultPathCPU.unpinned.resolved == nil)
+        let cpu = try #require(FaultPathCPU.automatic.resolved)
+        #expect(cpu >= 0)
+        // A thread pinned there runs there.
+        final class Seen: @unchecked Sendable { var cpu: Int32 = -1 }
+        let seen = Seen()
+        let t = try OSThread(name: "pinned", cpu: cpu) { seen.cpu = fl_current_cpu() }
+        t.join()
+        #expect(seen.cpu == cpu)
+    }
+
+    @Test func theFaultConnectionDoesNotPace() throws {
+        let listener = try ListeningSocket(endpoint: SocketEndpoint(parsing: "127.0.0.1:0")!)
+        let client = try StreamSocket.connect(to: listener.endpoint)
+        try client.preferLatency()
+        #expect(client.congestionControl == "reno")
+        _ = try listener.accept(timeoutSeconds: 5)
     }
 }

@@ -319,5 +319,11 @@ int fl_thread_create(pthread_t *thread, size_t stack_size, void *(*entry)(void *
 // Monotonic time in nanoseconds (vDSO clock_gettime).
 uint64_t fl_now_ns(void);
 int fl_gettid(void);
+/// Pins the calling thread to one CPU (sched_setaffinity); 0 or -1 with errno.
+int fl_pin_current_thread(int cpu);
+/// The highest-numbered CPU the calling thread may run on, or -1.
+int fl_last_allowed_cpu(void);
+/// The CPU the calling thread runs on (sched_getcpu).
+int fl_current_cpu(void);
 
 #endif

@@ -26,6 +26,8 @@ public struct DestinationOptions: Sendable {
     /// an incoming VM): the cost of backing fresh pages is paid before the migration, not
     /// during it. 0: prepare memory when the source says how much it needs.
     public var preallocBytes: UInt64 = 0
+    /// The CPU the fault-path threads share (requests out, replies in, uffd readers).
+    public var faultPathCPU: FaultPathCPU = .automatic
 
     public init(listen: SocketEndpoint) { self.listen = listen }
 
@@ -157,6 +159,7 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
                 continue
             }
             socket.setReceiveTimeout(seconds: 0)
+            if h.role == .fault { try socket.preferLatency() }
             channels[h.role] = WireChannel(socket: socket, role: h.role)
             if ack { try channels[h.role]!.send(.helloAck(version: WireProtocol.version, features: h.features.intersection(.supported))) }
             hello = h
@@ -421,7 +424,8 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
         pthread_mutex_init(&pendingLock, nil)
         pending.reserveCapacity(layout.vcpus * 2)
         requestFD = fl_eventfd(0, Int32(O_CLOEXEC))
-        requester = try OSThread(name: "fault requester", niceness: OSThread.Niceness.faultPath) { [self] in
+        requester = try OSThread(name: "fault requester", niceness: OSThread.Niceness.faultPath,
+                                 cpu: options.faultPathCPU.resolved) { [self] in
             var encoder = WireEncoder(reservingCapacity: 4096)
             var batch: [(page: Int, vcpu: Int, time: UInt64)] = []
             batch.reserveCapacity(layout.vcpus * 2)
@@ -498,7 +502,8 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
 
     func startFaultReceiver() {
         let channel = fault!
-        faultReceiver = try? OSThread(name: "fault receiver", niceness: OSThread.Niceness.faultPath) { [self] in
+        faultReceiver = try? OSThread(name: "fault receiver", niceness: OSThread.Niceness.faultPath,
+                                         cpu: options.faultPathCPU.resolved) { [self] in
             let staging = UnsafeMutableRawPointer.allocate(byteCount: 64 * 4096, alignment: 4096)
             defer { staging.deallocate() }
             var cursor = PoolCursor()
@@ -586,7 +591,8 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
         } else {
             for u in uffds {
                 for _ in 0..<options.readers {
-                    readerThreads.append(try OSThread(name: "\(u.label) reader", niceness: OSThread.Niceness.faultPath) { [self] in
+                    readerThreads.append(try OSThread(name: "\(u.label) reader", niceness: OSThread.Niceness.faultPath,
+                                                      cpu: options.faultPathCPU.resolved) { [self] in
                         readerLoop(u)
                     })
                 }
@@ -667,7 +673,10 @@ public final class MigrationDestination: RAMFaultHandler, @unchecked Sendable {
                 switch message {
                 case .pages(let batch):
                     if !switchedOver { precopyPages += batch.count }
-                    try installBatch(batch, demand: false, staging: staging, stagingPages: 256, cursor: &cursor)
+                    // MINOR installs stay exclusive, so a fault on a page of a bulk run waits for
+                    // the whole run (written into the file, then mapped): keep those runs short.
+                    try installBatch(batch, demand: false, staging: staging,
+                                     stagingPages: options.faultMode == .uffdMinor ? 32 : 256, cursor: &cursor)
                 case .vcpuState(let id, let blob):
                     if tSwitch == 0 { tSwitch = fl_now_ns() }
                     try vm.loadVcpuState(Int(id), blob: blob)

@@ -24,6 +24,8 @@ public struct MigrationOptions: Sendable {
     /// Fault injection for tests: leave one page the guest changed after pre-copy sent it out
     /// of the final dirty set, as a dirty log that missed a write would.
     public var missOneDirtyPage = false
+    /// The CPU the fault server runs on (see ``FaultPathCPU``).
+    public var faultPathCPU: FaultPathCPU = .automatic
     /// Print a progress bar (stderr, when it is a terminal).
     public var progress = false
 
@@ -109,6 +111,7 @@ public final class MigrationSource: @unchecked Sendable {
         faultHello.role = .fault
         let f = WireChannel(socket: try StreamSocket.connect(to: options.destination,
                                                              timeoutSeconds: max(1, Double(deadline &- fl_now_ns()) / 1e9)), role: .fault)
+        try f.socket.preferLatency()
         try f.send(.hello(faultHello))
         for channel in [b, f] {
             switch try channel.receive() {
@@ -400,7 +403,8 @@ public final class MigrationSource: @unchecked Sendable {
 
     func startFaultServer() throws {
         let channel = fault!
-        faultThread = try OSThread(name: "fault server", niceness: OSThread.Niceness.faultPath) { [self] in
+        faultThread = try OSThread(name: "fault server", niceness: OSThread.Niceness.faultPath,
+                                   cpu: options.faultPathCPU.resolved) { [self] in
             var encoder = WireEncoder(reservingCapacity: 64 * 4200)
             do {
                 while true {
