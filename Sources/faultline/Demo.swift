@@ -21,9 +21,7 @@ struct Demo: ParsableCommand {
     @Flag(help: "Let the destination populate its memory before the migration starts (QEMU's -mem-prealloc)") var prealloc = false
     @Flag(help: "One JSON line with both sides' figures") var json = false
     @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
-    @Option(name: .customLong("inject-disconnect-after-pages"), help: .hidden) var disconnectAfter: Int?
-    @Flag(name: .customLong("inject-corrupt-page"), help: .hidden) var corruptPage = false
-    @Flag(name: .customLong("inject-missed-dirty-page"), help: .hidden) var missDirtyPage = false
+    @OptionGroup var injection: SourceFaultInjection
 
     func run() {
         do {
@@ -63,10 +61,8 @@ struct Demo: ParsableCommand {
             try vm.boot(workload: wl)
             try vm.start()
             Thread.sleep(forTimeInterval: migrateAfter)
-            var options = MigrationOptions(destination: endpoint, precopyRounds: precopyRounds, progress: !json,
-                                           disconnectAfterPages: disconnectAfter, corruptOnePage: corruptPage,
-                                           missOneDirtyPage: missDirtyPage)
-            options.faultPathCPU = faultCPU
+            let options = MigrationOptions(destination: endpoint, precopyRounds: precopyRounds, progress: !json,
+                                           faultPathCPU: faultCPU, injection: injection)
             let source = MigrationSource(vm: vm, options: options)
             var report: SourceReport
             do {

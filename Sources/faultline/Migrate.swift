@@ -24,16 +24,24 @@ extension FaultPathCPU: ExpressibleByArgument {
 /// `--fault-cpu`, shared by run, receive and demo.
 let faultCPUHelp: ArgumentHelp = "CPU for the fault-path threads: auto (the last CPU allowed), none, or a number"
 
+/// The source's hidden fault-injection flags (for tests), shared by `run` and `demo`.
+struct SourceFaultInjection: ParsableArguments {
+    @Option(name: .customLong("inject-disconnect-after-pages"), help: .hidden) var disconnectAfter: Int?
+    @Flag(name: .customLong("inject-corrupt-page"), help: .hidden) var corruptPage = false
+    @Flag(name: .customLong("inject-missed-dirty-page"), help: .hidden) var missDirtyPage = false
+}
+
 extension MigrationOptions {
     /// The source options both `run --migrate-to` and `demo` set.
-    init(destination: SocketEndpoint, precopyRounds: Int, progress: Bool, disconnectAfterPages: Int?, corruptOnePage: Bool,
-         missOneDirtyPage: Bool) {
+    init(destination: SocketEndpoint, precopyRounds: Int, progress: Bool, faultPathCPU: FaultPathCPU,
+         injection: SourceFaultInjection) {
         self.init(destination: destination)
         self.precopyRounds = precopyRounds
         self.progress = progress
-        self.disconnectAfterPages = disconnectAfterPages
-        self.corruptOnePage = corruptOnePage
-        self.missOneDirtyPage = missOneDirtyPage
+        self.faultPathCPU = faultPathCPU
+        self.disconnectAfterPages = injection.disconnectAfter
+        self.corruptOnePage = injection.corruptPage
+        self.missOneDirtyPage = injection.missDirtyPage
     }
 }
 
@@ -64,9 +72,7 @@ struct Run: ParsableCommand {
     @Flag(help: "After the migration, time a plain TCP copy of the same non-zero bytes on the same link") var baseline = false
     @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
     @Flag(help: "One JSON line") var json = false
-    @Option(name: .customLong("inject-disconnect-after-pages"), help: .hidden) var disconnectAfter: Int?
-    @Flag(name: .customLong("inject-corrupt-page"), help: .hidden) var corruptPage = false
-    @Flag(name: .customLong("inject-missed-dirty-page"), help: .hidden) var missDirtyPage = false
+    @OptionGroup var injection: SourceFaultInjection
 
     func run() {
         do {
@@ -96,10 +102,8 @@ struct Run: ParsableCommand {
             }
             Thread.sleep(forTimeInterval: migrateAfter)
             var options = MigrationOptions(destination: target, precopyRounds: precopyRounds, progress: !json,
-                                           disconnectAfterPages: disconnectAfter, corruptOnePage: corruptPage,
-                                           missOneDirtyPage: missDirtyPage)
+                                           faultPathCPU: faultCPU, injection: injection)
             options.precopySeconds = precopySeconds
-            options.faultPathCPU = faultCPU
             options.reconnectSeconds = reconnectSeconds
             let source = MigrationSource(vm: vm, options: options)
             var report = try source.migrate()
