@@ -15,7 +15,7 @@ import PackageDescription
 //   faultline       - the command-line tool.
 let package = Package(
     name: "faultline",
-    platforms: [.macOS(.v13)],
+    platforms: [.macOS(.v15)],
     products: [
         .executable(name: "faultline", targets: ["faultline"]),
         .library(name: "FaultlineEngine", targets: ["FaultlineEngine"]),
@@ -24,6 +24,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-atomics", from: "1.2.0"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.0"),
     ],
     targets: [
         .target(name: "CFaultlineShim"),
@@ -45,6 +46,7 @@ let package = Package(
             dependencies: [
                 "FaultlineCore", "FaultlineLinux",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .executableTarget(

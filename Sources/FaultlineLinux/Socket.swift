@@ -116,6 +116,13 @@ public final class StreamSocket: @unchecked Sendable {
         setsockopt(fd.rawValue, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
+    /// Sets a send timeout (0 = none): a peer that stops reading makes a send throw EAGAIN
+    /// instead of blocking forever.
+    public func setSendTimeout(seconds: Double) {
+        var tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - Double(Int(seconds))) * 1e6))
+        setsockopt(fd.rawValue, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
     /// The socket's TCP congestion control (TCP_CONGESTION), e.g. "bbr".
     public var congestionControl: String {
         var name = [CChar](repeating: 0, count: 32)

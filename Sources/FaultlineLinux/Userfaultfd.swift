@@ -315,3 +315,22 @@ public final class Userfaultfd: @unchecked Sendable {
         return true
     }
 }
+
+/// An owned buffer of userfaultfd messages for `readEvents`: callers never name the ABI struct.
+public final class UffdEventBuffer: @unchecked Sendable {
+    @usableFromInline let messages: UnsafeMutableBufferPointer<fl_uffd_msg>
+
+    public init(capacity: Int) { messages = .allocate(capacity: max(capacity, 1)) }
+    deinit { messages.deallocate() }
+
+    /// The event at `index` (valid for the indices the last `readEvents` returned).
+    public subscript(index: Int) -> UffdEvent { UffdEvent(messages[index]) }
+}
+
+extension Userfaultfd {
+    /// Reads up to the buffer's capacity of events; 0 when none is pending.
+    @inlinable
+    public func readEvents(into buffer: inout UffdEventBuffer) throws(SystemError) -> Int {
+        try readEvents(into: buffer.messages)
+    }
+}

@@ -14,7 +14,12 @@ struct Demo: ParsableCommand {
     @Option(help: "dirtier | selfcheck") var workload: RunningWorkloadKind = .selfcheck
     @Option(name: .customLong("fault-mode"), help: "vcpu-exit | uffd-missing | uffd-minor") var faultMode: FaultMode = .vcpuExit
     @Option(help: "single | per-vcpu (uffd modes)") var uffd: UffdTopology = .single
-    @Option(name: .customLong("precopy-rounds"), help: "Pre-copy rounds before the switch-over") var precopyRounds = 1
+    @Option(name: .customLong("precopy-rounds"), help: "The most pre-copy rounds before the switch-over") var precopyRounds = 1
+    @Option(help: "never | auto | always (see `run --help`)") var postcopy: PostcopyPolicy = .auto
+    @Option(name: .customLong("max-downtime-ms"), help: "Downtime target for stopping pre-copy") var maxDowntimeMs = 300.0
+    @Option(help: "Attempts after the first when one fails before the switch-over") var retries = 0
+    @Option(name: .customLong("inject-damage-installed-page"), help: .hidden) var damagePage: Int?
+    @Flag(name: .customLong("inject-fault-thread-failure"), help: .hidden) var failFaultThread = false
     @Option(name: .customLong("migrate-after"), help: "Seconds the guest runs on the source first") var migrateAfter = 1.0
     @Option(name: .customLong("run-after"), help: "Seconds the guest runs on the destination afterwards") var runAfter = 1.0
     @Flag(help: "Also time a plain TCP copy of the same non-zero bytes") var baseline = false
@@ -34,9 +39,13 @@ struct Demo: ParsableCommand {
             // The destination: a second process.
             let child = Process()
             child.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-            child.arguments = ["receive", "--listen", "127.0.0.1:0", "--json", "--fault-mode", faultMode.rawValue,
-                               "--uffd", uffd.rawValue, "--run-after", String(runAfter), "--accept-seconds", "60"]
-                + (prealloc ? ["--prealloc", String(size)] : []) + ["--fault-cpu", faultCPU.argument]
+            var arguments = ["receive", "--listen", "127.0.0.1:0", "--json", "--fault-mode", faultMode.rawValue,
+                             "--uffd", uffd.rawValue, "--run-after", String(runAfter), "--accept-seconds", "60",
+                             "--fault-cpu", faultCPU.argument]
+            if prealloc { arguments += ["--prealloc", String(size)] }
+            if let damagePage { arguments += ["--inject-damage-installed-page", String(damagePage)] }
+            if failFaultThread { arguments.append("--inject-fault-thread-failure") }
+            child.arguments = arguments
             let out = Pipe()
             child.standardOutput = out
             try child.run()
@@ -61,17 +70,16 @@ struct Demo: ParsableCommand {
             try vm.boot(workload: wl)
             try vm.start()
             Thread.sleep(forTimeInterval: migrateAfter)
-            let options = MigrationOptions(destination: endpoint, precopyRounds: precopyRounds, progress: !json,
+            var migration = try SourceMigrationArguments.parse([])
+            migration.precopyRounds = precopyRounds
+            migration.postcopy = postcopy
+            migration.maxDowntimeMs = maxDowntimeMs
+            migration.retries = retries
+            let options = MigrationOptions(destination: endpoint, migration: migration, progress: !json,
                                            faultPathCPU: faultCPU, injection: injection)
-            let source = MigrationSource(vm: vm, options: options)
-            var report: SourceReport
-            do {
-                report = try source.migrate()
-                if baseline { try source.measureBaseline(&report) }
-            } catch {
-                child.terminate()
-                throw error
-            }
+            let terminateChild = { if child.isRunning { child.terminate() } }
+            guard let (_, report) = migrateSource(vm, options: options, baseline: baseline, json: json,
+                                                  runAfterFailure: 1, onFailure: terminateChild) else { return }
             _ = vm.stop()
             let rest = String(decoding: reader.readDataToEndOfFile(), as: UTF8.self)
             child.waitUntilExit()

@@ -5,6 +5,7 @@ import FaultlineLinux
 import Foundation
 
 extension RunningWorkloadKind: ExpressibleByArgument {}
+extension PostcopyPolicy: ExpressibleByArgument {}
 
 extension FaultPathCPU: ExpressibleByArgument {
     public init?(argument: String) { self.init(parsing: argument) }
@@ -27,21 +28,93 @@ let faultCPUHelp: ArgumentHelp = "CPU for the fault-path threads: auto (the last
 /// The source's hidden fault-injection flags (for tests), shared by `run` and `demo`.
 struct SourceFaultInjection: ParsableArguments {
     @Option(name: .customLong("inject-disconnect-after-pages"), help: .hidden) var disconnectAfter: Int?
+    @Option(name: .customLong("inject-precopy-disconnect-after-pages"), help: .hidden) var precopyDisconnectAfter: Int?
     @Flag(name: .customLong("inject-corrupt-page"), help: .hidden) var corruptPage = false
+    @Flag(name: .customLong("inject-corrupt-precopy-page"), help: .hidden) var corruptPrecopyPage = false
     @Flag(name: .customLong("inject-missed-dirty-page"), help: .hidden) var missDirtyPage = false
+    @Flag(name: .customLong("inject-protocol-violation"), help: .hidden) var protocolViolation = false
+}
+
+/// How the source migrates: pre-copy, convergence, retries. Shared by `run` and `demo`.
+struct SourceMigrationArguments: ParsableArguments {
+    @Option(name: .customLong("precopy-rounds"), help: "The most pre-copy rounds with dirty logging (0 = pure post-copy)")
+    var precopyRounds = 0
+    @Option(name: .customLong("precopy-seconds"), help: "Time bound for pre-copy") var precopySeconds = 10.0
+    @Option(help: "never (pure pre-copy, stop-and-copy once the rest fits --max-downtime-ms) | auto (switch to post-copy when pre-copy cannot converge) | always (post-copy after the pre-copy rounds)")
+    var postcopy: PostcopyPolicy = .auto
+    @Option(name: .customLong("max-downtime-ms"), help: "Downtime target for stopping pre-copy (estimated from the measured bandwidth)")
+    var maxDowntimeMs = 300.0
+    @Option(help: "Attempts after the first when one fails before the switch-over (the guest keeps running meanwhile)")
+    var retries = 0
+    @Option(name: .customLong("reconnect-seconds"), help: "How long to retry a broken connection after the switch-over")
+    var reconnectSeconds = 30.0
 }
 
 extension MigrationOptions {
     /// The source options both `run --migrate-to` and `demo` set.
-    init(destination: SocketEndpoint, precopyRounds: Int, progress: Bool, faultPathCPU: FaultPathCPU,
+    init(destination: SocketEndpoint, migration m: SourceMigrationArguments, progress: Bool, faultPathCPU: FaultPathCPU,
          injection: SourceFaultInjection) {
         self.init(destination: destination)
-        self.precopyRounds = precopyRounds
+        precopyRounds = m.precopyRounds
+        precopySeconds = m.precopySeconds
+        postcopy = m.postcopy
+        maxDowntimeMilliseconds = m.maxDowntimeMs
+        retries = m.retries
+        reconnectSeconds = m.reconnectSeconds
         self.progress = progress
         self.faultPathCPU = faultPathCPU
-        self.disconnectAfterPages = injection.disconnectAfter
-        self.corruptOnePage = injection.corruptPage
-        self.missOneDirtyPage = injection.missDirtyPage
+        disconnectAfterPages = injection.disconnectAfter
+        disconnectDuringPrecopyAfterPages = injection.precopyDisconnectAfter
+        corruptOnePage = injection.corruptPage
+        corruptOnePrecopyPage = injection.corruptPrecopyPage
+        missOneDirtyPage = injection.missDirtyPage
+        violateProtocolAfterCommit = injection.protocolViolation
+    }
+}
+
+/// Exit codes of `run` and `demo` for a migration that did not complete.
+enum MigrationExit {
+    /// Every attempt failed before the switch-over; the guest kept running on the source.
+    static let failedBeforeSwitchover: Int32 = 3
+    /// Failed after the switch-over (unrecoverable; the cause is reported by both sides).
+    static let failedAfterSwitchover: Int32 = 4
+}
+
+/// Runs the source side with retries and reports a failure as the contract says: before the
+/// switch-over, the guest's pass counter is shown to advance afterwards.
+func migrateSource(_ vm: MigratableVM, options: MigrationOptions, baseline: Bool, json: Bool,
+                   runAfterFailure: Double, onFailure: () -> Void = {}) -> (MigrationSource, SourceReport)? {
+    do {
+        var (source, report) = try SourceMigration.run(vm, options: options)
+        if baseline { try source.measureBaseline(&report) }
+        return (source, report)
+    } catch let failed as MigrationFailedBeforeSwitchover {
+        let passesAtFailure = vm.counters.totalPasses
+        Thread.sleep(forTimeInterval: runAfterFailure)
+        let passesAfter = vm.counters.totalPasses
+        let running = vm.error == nil && passesAfter > passesAtFailure
+        let err = vm.stop()
+        onFailure()
+        if json {
+            print("{\"side\":\"source\",\"outcome\":\"failed_before_switchover\",\"error\":\"\(jsonEscape("\(failed)"))\","
+                  + "\"attempts\":\(failed.causes.count),\"guest_running\":\(running),\"passes_at_failure\":\(passesAtFailure),"
+                  + "\"passes_after_failure\":\(passesAfter)}")
+        } else {
+            print("migration failed before the switch-over after \(failed.causes.count) attempt(s); the guest "
+                  + (running ? "kept running (\(passesAfter - passesAtFailure) passes in the \(runAfterFailure) s after the failure)"
+                     : "did NOT keep running\(err.map { ": \($0)" } ?? "")"))
+            for (i, c) in failed.causes.enumerated() { print("  attempt \(i + 1): \(c)") }
+        }
+        fflush(stdout)
+        exit(MigrationExit.failedBeforeSwitchover)
+    } catch {
+        onFailure()
+        if json {
+            print("{\"side\":\"source\",\"outcome\":\"failed_after_switchover\",\"error\":\"\(jsonEscape("\(error)"))\"}")
+        }
+        fputs("faultline: error: \(error)\n", stderr)
+        fflush(stdout)
+        exit(MigrationExit.failedAfterSwitchover)
     }
 }
 
@@ -65,10 +138,10 @@ struct Run: ParsableCommand {
     @Option(help: "Busy-loop iterations between page writes (lower = faster dirtying)") var spin: UInt32 = 0
     @Option(name: .customLong("migrate-to"), help: "HOST:PORT of `faultline receive`") var migrateTo: String?
     @Option(name: .customLong("migrate-after"), help: "Seconds to run before migrating") var migrateAfter = 1.0
-    @Option(name: .customLong("precopy-rounds"), help: "Pre-copy rounds with dirty logging (0 = pure post-copy)") var precopyRounds = 0
-    @Option(name: .customLong("precopy-seconds"), help: "Time bound for pre-copy") var precopySeconds = 10.0
+    @OptionGroup var migration: SourceMigrationArguments
     @Option(name: .customLong("run-seconds"), help: "Without --migrate-to: run this long, then stop") var runSeconds = 2.0
-    @Option(name: .customLong("reconnect-seconds"), help: "How long to retry a broken connection") var reconnectSeconds = 30.0
+    @Option(name: .customLong("run-after-failure"), help: "After a failed migration, keep the guest running this long (it is shown to advance)")
+    var runAfterFailure = 1.0
     @Flag(help: "After the migration, time a plain TCP copy of the same non-zero bytes on the same link") var baseline = false
     @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
     @Flag(help: "One JSON line") var json = false
@@ -101,13 +174,10 @@ struct Run: ParsableCommand {
                 return
             }
             Thread.sleep(forTimeInterval: migrateAfter)
-            var options = MigrationOptions(destination: target, precopyRounds: precopyRounds, progress: !json,
+            let options = MigrationOptions(destination: target, migration: migration, progress: !json,
                                            faultPathCPU: faultCPU, injection: injection)
-            options.precopySeconds = precopySeconds
-            options.reconnectSeconds = reconnectSeconds
-            let source = MigrationSource(vm: vm, options: options)
-            var report = try source.migrate()
-            if baseline { try source.measureBaseline(&report) }
+            guard let (_, report) = migrateSource(vm, options: options, baseline: baseline, json: json,
+                                                  runAfterFailure: runAfterFailure) else { return }
             _ = vm.stop()
             print(json ? report.json : report.human)
         } catch {
@@ -129,6 +199,8 @@ struct Receive: ParsableCommand {
     @Option(help: "Populate this much memory before the source connects, e.g. 1G (as QEMU's -mem-prealloc)") var prealloc: String?
     @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
     @Flag(help: "One JSON line") var json = false
+    @Option(name: .customLong("inject-damage-installed-page"), help: .hidden) var damagePage: Int?
+    @Flag(name: .customLong("inject-fault-thread-failure"), help: .hidden) var failFaultThread = false
 
     func run() {
         do {
@@ -141,6 +213,8 @@ struct Receive: ParsableCommand {
             options.runAfterSeconds = runAfter
             options.acceptSeconds = acceptSeconds
             options.reconnectSeconds = reconnectSeconds
+            options.damageInstalledPage = damagePage
+            options.failFaultPathThread = failFaultThread
             if let prealloc {
                 guard let bytes = parseSize(prealloc) else { throw CLIError(description: "cannot read --prealloc '\(prealloc)'") }
                 options.preallocBytes = bytes
@@ -148,12 +222,26 @@ struct Receive: ParsableCommand {
             let (backend, why) = BackendSelection.resolve(nil)
             guard backend == .kvm else { throw CLIError(description: "`receive` needs KVM: \(why)") }
             let destination = try MigrationDestination(options: options)
-            let report = try destination.run { bound in
-                print("listening on \(bound)")
-                fflush(stdout)
+            let report: DestinationReport
+            do {
+                report = try destination.run { bound in
+                    print("listening on \(bound)")
+                    fflush(stdout)
+                }
+            } catch let error as MigrationError {
+                if case .unrecoverable = error {
+                    if json { print("{\"side\":\"destination\",\"outcome\":\"failed_after_switchover\",\"error\":\"\(jsonEscape("\(error)"))\"}") }
+                    fputs("faultline: error: \(error)\n", stderr)
+                    fflush(stdout)
+                    Foundation.exit(MigrationExit.failedAfterSwitchover)
+                }
+                throw error
             }
             print(json ? report.json : report.human)
-            if !report.digestMatch || report.guestMismatches > 0 { Foundation.exit(1) }
+            if !report.digestMatch || report.guestMismatches > 0 {
+                if !report.digestMatch { fputs("faultline: error: memory digest mismatch (computed from destination memory)\n", stderr) }
+                Foundation.exit(1)
+            }
         } catch {
             fail(error)
         }

@@ -10,15 +10,20 @@ extension SourceReport {
         var lines = [
             "migration complete (source)",
             "  total time            \(fmt(totalSeconds, 3)) s (post-copy \(fmt(postcopySeconds, 3)) s)",
-            "  downtime              \(ms(downtimeMilliseconds)) ms (vCPUs paused until the destination's run)",
-            "  pre-copy              \(precopyRounds) round(s), \(precopyPages) pages",
+            "  downtime              \(ms(downtimeMilliseconds)) ms (vCPUs paused until the commit): "
+                + downtimeParts.map { "\($0.name) \(ms($0.milliseconds))" }.joined(separator: ", "),
+            "  pre-copy              \(precopyRounds.count) round(s), \(precopyPages) pages; stopped: \(precopyStop); finished in \(mode)"
+                + (stopAndCopyPages > 0 ? " (\(stopAndCopyPages) pages sent while paused)" : ""),
+        ] + precopyRounds.enumerated().map { i, r in
+            "    round \(i + 1)             \(r.pages) pages (\(r.dataPages) with data) in \(fmt(r.seconds, 3)) s; \(r.dirtyAfter) dirtied meanwhile"
+        } + [
             "  post-copy             \(demandPages) on demand, \(backgroundPages) in background, \(zeroPages) zero pages",
             "  fault requests        \(faultRequests)",
             "  bytes on the wire     \(bytesSent) (\(fmt(throughputMBps, 1)) MB/s in post-copy)",
             "  reconnects            \(reconnects)",
             "  digest                0x\(String(digest, radix: 16)) - confirmed by the destination",
             "  guest check (source)  \(guestCheck ? "green" : "RED: \(guestMismatchesBeforeMigration) mismatches")",
-        ]
+        ] + failedAttempts.enumerated().map { "  failed attempt \($0.offset + 1)      \($0.element) (the guest kept running)" }
         if let b = baselineSeconds {
             lines.append("  plain TCP copy        \(fmt(b, 3)) s for the same \(nonZeroBytes) non-zero bytes; migration/TCP = "
                          + fmt(totalSeconds / b, 2))
@@ -29,7 +34,13 @@ extension SourceReport {
     var jsonFields: [String] {
         var f = [
             "\"total_seconds\":\(fmt(totalSeconds, 6))", "\"downtime_ms\":\(fmt(downtimeMilliseconds, 3))",
-            "\"precopy_rounds\":\(precopyRounds)", "\"precopy_pages\":\(precopyPages)", "\"demand_pages\":\(demandPages)",
+            "\"precopy_rounds\":\(precopyRounds.count)", "\"precopy_pages\":\(precopyPages)", "\"demand_pages\":\(demandPages)",
+            "\"precopy\":[" + precopyRounds.map {
+                "{\"pages\":\($0.pages),\"data_pages\":\($0.dataPages),\"seconds\":\(fmt($0.seconds, 6)),\"dirty_after\":\($0.dirtyAfter)}"
+            }.joined(separator: ",") + "]",
+            "\"precopy_stop\":\"\(jsonEscape(precopyStop))\"", "\"mode\":\"\(mode)\"", "\"stop_and_copy_pages\":\(stopAndCopyPages)",
+            "\"downtime_parts_ms\":{" + downtimeParts.map { "\"\($0.name)\":\(fmt($0.milliseconds, 3))" }.joined(separator: ",") + "}",
+            "\"failed_attempts\":[" + failedAttempts.map { "\"\(jsonEscape($0))\"" }.joined(separator: ",") + "]",
             "\"background_pages\":\(backgroundPages)", "\"zero_pages\":\(zeroPages)", "\"bytes_sent\":\(bytesSent)",
             "\"nonzero_bytes\":\(nonZeroBytes)", "\"throughput_mbps\":\(fmt(throughputMBps, 1))",
             "\"postcopy_seconds\":\(fmt(postcopySeconds, 6))", "\"reconnects\":\(reconnects)",
@@ -57,7 +68,8 @@ extension DestinationReport {
             "  corrupt pages refused \(corruptPagesRejected)",
             "  reconnects            \(reconnects)",
             "  bytes received        \(bytesReceived)",
-            "  digest                \(digestMatch ? "match" : "MISMATCH") (0x\(String(destinationDigest, radix: 16)))",
+            "  digest                \(digestMatch ? "match" : "MISMATCH") (0x\(String(destinationDigest, radix: 16))), read back from guest "
+                + "memory in \(ms(digestSeconds * 1000)) ms: \(digestPagesFromMemory) pages from memory, \(digestPagesGuestWritten) rewritten by the guest",
             "  guest check           \(guestCheck ? "green" : "RED: \(guestMismatches) mismatches, first: \(firstMismatch ?? "")") "
                 + "(\(passesAfterMigration) passes after the migration)",
         ].joined(separator: "\n")
@@ -73,6 +85,9 @@ extension DestinationReport {
             "\"installed_demand_pages\":\(demandPages)", "\"installed_background_pages\":\(backgroundPages)",
             "\"corrupt_pages_rejected\":\(corruptPagesRejected)", "\"destination_reconnects\":\(reconnects)",
             "\"bytes_received\":\(bytesReceived)", "\"digest_match\":\(digestMatch)", "\"guest_check\":\(guestCheck)",
+            "\"digest_seconds\":\(fmt(digestSeconds, 6))", "\"digest_pages_from_memory\":\(digestPagesFromMemory)",
+            "\"digest_pages_guest_written\":\(digestPagesGuestWritten)", "\"postcopy\":\(postcopy)",
+            "\"abandoned_attempts\":[" + abandonedAttempts.map { "\"\(jsonEscape($0))\"" }.joined(separator: ",") + "]",
             "\"guest_mismatches\":\(guestMismatches)", "\"passes_after_migration\":\(passesAfterMigration)",
         ]
     }

@@ -58,7 +58,7 @@ public struct MachineLayout: Sendable, Equatable {
 
 /// Counters a running guest reports through its I/O ports.
 public final class GuestCounters: @unchecked Sendable {
-    public let passes: UnsafeMutablePointer<UInt64.AtomicRepresentation>
+    public let passes: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
     public let mismatches = ManagedAtomic<Int>(0)
     public let count: Int
     private var lock = pthread_mutex_t()
@@ -112,6 +112,9 @@ public final class MigratableVM: @unchecked Sendable {
     private var threads: [OSThread] = []
     private var failure: String?
     public var faultHandler: RAMFaultHandler?
+    /// RAM pages the vcpu-exit path wrote on the guest's behalf (KVM's dirty log does not see
+    /// those stores); nil unless asked for.
+    public var hostCompletedWrites: PageBitmap?
     /// Niceness each vCPU thread gives itself when it starts.
     public var startNiceness: Int32 = 0
 
@@ -127,8 +130,8 @@ public final class MigratableVM: @unchecked Sendable {
         threadIDs.initialize(repeating: 0, count: layout.vcpus)
         pthread_mutex_init(&lock, nil)
         pthread_cond_init(&cond, nil)
-        try vm.setMemoryRegion(slot: 0, guestPhysicalAddress: GuestPhysicalAddress(0), size: MachineLayout.lowSize,
-                               hostAddress: low.hostAddress)
+        try vm.setMemoryRegion(slot: 0, flags: dirtyLogging ? .logDirtyPages : [], guestPhysicalAddress: GuestPhysicalAddress(0),
+                               size: MachineLayout.lowSize, hostAddress: low.hostAddress)
         try setRAMSlot(dirtyLogging: dirtyLogging)
         for id in 0..<layout.vcpus { vcpus.append(try vm.createVcpu(id: id)) }
     }
@@ -225,6 +228,12 @@ public final class MigratableVM: @unchecked Sendable {
                 case .hlt:
                     return
                 default:
+                    if let written = hostCompletedWrites, case .mmio(let address, let length, true, _) = exit,
+                       address.rawValue >= ramBase, address.rawValue - ramBase < ramSize {
+                        let first = Int((address.rawValue - ramBase) / 4096)
+                        let last = Int(min(address.rawValue - ramBase + UInt64(max(length, 1)) - 1, ramSize - 1) / 4096)
+                        for p in first...last { written.insert(layout.lowPages + p) }  // before the store
+                    }
                     guard let handler = faultHandler,
                           try completeRAMAccess(exit, vcpu: vcpu, ramBase: ramBase, ram: ram.base, ramSize: ramSize,
                                                 resolve: { try handler.resolveOnVcpu(id, ramOffset: $0) })

@@ -1,0 +1,15 @@
+/// The values an `ack` carries; each has one meaning at one point of the session
+/// (docs/protocol.md, "Acks").
+public enum SessionAck {
+    /// Destination -> source after `pageSetSummary`: everything is prepared, the vCPUs have
+    /// not started. The source may now commit.
+    public static let ready: UInt64 = 0
+    /// Destination -> source after `complete`: every page is in and the digest, computed
+    /// from guest memory, matched.
+    public static let verified: UInt64 = 1
+    /// Source -> destination after the verdict: a plain TCP copy follows (the yardstick).
+    public static let baselineFollows: UInt64 = 2
+    /// Source -> destination after `ready`: the source has committed (it will never resume
+    /// its guest); the destination starts the vCPUs. The switch-over point.
+    public static let commit: UInt64 = 3
+}

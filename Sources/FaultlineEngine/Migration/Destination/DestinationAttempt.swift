@@ -1,0 +1,462 @@
+import Atomics
+import FaultlineCore
+import FaultlineLinux
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One migration attempt on the destination: the guest, its pages and the threads that fill
+/// them, from the hello to the verdict. Thrown away whole when the attempt fails before
+/// the commit.
+final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
+    let options: DestinationOptions
+    unowned let destination: MigrationDestination
+    let sessions: SessionAcceptor
+    var prepared: GuestMemoryRegion?
+
+    var layout: MachineLayout!
+    var machine: DestinationMachine!
+    var mapper: PageMapper!
+    var table: DestinationPageTable!
+    var book: FaultBook!
+    var installer: PageInstaller!
+    var requester: FaultRequester!
+    let failures = FailureSlot()
+    let waiters = TimedCondition()
+    let stopping = ManagedAtomic<Bool>(false)
+    var phase = MigrationPhase.handshake
+    /// Between `ready` and `commit`: everything is prepared, the vCPUs have not started.
+    var awaitingCommit = false
+    var guestStarted = false
+    var sessionID: UInt64 = 0
+    var bulk: WireChannel!
+    var fault: WireChannel!
+    var faultReceiver: OSThread?
+    var report = DestinationReport()
+    var bytesFromClosedChannels: UInt64 = 0
+    let faultCPU: Int32?
+
+    init(options: DestinationOptions, destination: MigrationDestination, sessions: SessionAcceptor, prepared: GuestMemoryRegion?) {
+        self.options = options
+        self.destination = destination
+        self.sessions = sessions
+        self.prepared = prepared
+        faultCPU = options.faultPathCPU.resolved
+        report.faultMode = options.faultMode
+    }
+
+    // MARK: set-up
+
+    func build(_ hello: WireMessage.Hello) throws {
+        layout = try MachineLayout(vcpus: Int(hello.vcpuCount), memory: try hello.memoryLayout())
+        if let factory = options.machineFactory {
+            (machine, mapper) = try factory(layout)
+        } else {
+            let ram = prepared?.size == layout.ramSize ? prepared : nil
+            // Dirty logging on the destination: the digest is read back from guest memory,
+            // except for pages the guest itself rewrote after they were installed.
+            let vm = try MigratableVM(layout: layout, backing: options.faultMode == .uffdMinor ? .memfd : .anonymous,
+                                      dirtyLogging: true, ram: ram)
+            if options.faultMode == .uffdMinor && ram == nil { try vm.ram.allocateFile() }
+            if options.faultMode == .vcpuExit { vm.hostCompletedWrites = PageBitmap(count: layout.totalPages) }
+            destination.preparePool(ramBytes: layout.ramSize)
+            machine = vm
+            mapper = UffdPageMapper(vm: vm, faultMode: options.faultMode, topology: options.uffd, pool: destination.pool)
+        }
+        table = DestinationPageTable(count: layout.totalPages)
+        book = FaultBook(pages: layout.totalPages, vcpus: layout.vcpus, vcpusAccountOwnStall: options.faultMode == .vcpuExit)
+        installer = PageInstaller(table: table, mapper: mapper, book: book, lowPages: layout.lowPages,
+                                  exclusiveInstalls: options.faultMode == .uffdMinor)
+        installer.damageAfterInstall = options.damageInstalledPage
+        if options.faultMode == .vcpuExit { installer.afterBatch = { [waiters] in waiters.broadcast() } }
+        requester = try FaultRequester(table: table, book: book, failures: failures, faultPathCPU: faultCPU)
+        failures.onFailure = { [weak self] in self?.abortOnThreadFailure() }
+    }
+
+    /// A fault-path thread failed: tell the source why (best effort) and wake the main loop.
+    func abortOnThreadFailure() {
+        let cause = failures.failure.map { "\($0)" } ?? "a fault-path thread failed"
+        try? bulk?.send(.error(message: "destination: \(cause)"))
+        bulk?.close()
+        fault?.close()
+        waiters.broadcast()
+    }
+
+    // MARK: the attempt
+
+    func run(bulk b: WireChannel, fault f: WireChannel, hello: WireMessage.Hello) throws -> DestinationReport {
+        let t0 = MonotonicClock.nanoseconds()
+        bulk = b
+        fault = f
+        sessionID = hello.sessionID
+        do {
+            try build(hello)
+            // The hellos are answered once guest memory is ready, so preparing it never counts
+            // as downtime (the source pauses only after both acks).
+            try SessionAcceptor.ack(SessionAcceptor.Pair(bulk: b, fault: f, hello: hello))
+        } catch {
+            throw AttemptAbandoned(cause: error)
+        }
+        phase = .precopy
+        requester.setChannel(fault)
+        bulk.socket.setReceiveTimeout(seconds: options.idleSeconds)
+        var tSwitch: UInt64 = 0, tRunning: UInt64 = 0, tComplete: UInt64 = 0
+        var sourceDigest: UInt64?
+        var vcpuStates = 0
+        let scratch = PageInstaller.Scratch(pages: 256)
+        // MINOR installs stay exclusive, so a fault on a page of a bulk run waits for the whole
+        // run (written into the file, then mapped): keep those runs short.
+        let runPages = options.faultMode == .uffdMinor ? 32 : 256
+        receiveLoop: while true {
+            do {
+                if let failure = failures.failure { throw failure }
+                let message = try bulk.receive()
+                switch message {
+                case .pages(let batch):
+                    if phase.isBeforeCommit && !awaitingCommit { try installer.storePrecopy(batch) }
+                    else if guestStarted { try installer.install(batch, demand: false, scratch: scratch, runPages: runPages) }
+                    else { throw MigrationError.protocolViolation("pages between ready and commit") }
+                case .vcpuState(let id, let blob):
+                    guard phase == .precopy || phase == .switchover, !awaitingCommit else {
+                        throw MigrationError.protocolViolation("vCPU state after the switch-over")
+                    }
+                    if tSwitch == 0 { tSwitch = MonotonicClock.nanoseconds() }
+                    phase = .switchover
+                    try machine.loadVcpuState(Int(id), blob: blob)
+                    vcpuStates += 1
+                case .pageSetSummary(let owed):
+                    guard phase == .switchover, !awaitingCommit, vcpuStates == layout.vcpus else {
+                        throw MigrationError.protocolViolation("switch-over with \(vcpuStates) of \(layout.vcpus) vCPU states")
+                    }
+                    try prepareSwitchover(owed: owed)
+                    awaitingCommit = true
+                    try bulk.send(.ack(SessionAck.ready))
+                case .ack(SessionAck.commit):
+                    guard awaitingCommit else { throw MigrationError.protocolViolation("commit before the switch-over was prepared") }
+                    try startGuest()
+                    tRunning = MonotonicClock.nanoseconds()
+                case .digest(let algorithm, let bytes):
+                    guard algorithm == .pageCRC32CXor, let value = MemoryDigest.value(bytes) else {
+                        throw MigrationError.protocolViolation("unsupported digest algorithm \(algorithm.rawValue) "
+                                                               + "(this destination checks only pageCRC32CXor)")
+                    }
+                    sourceDigest = value
+                case .complete:
+                    guard guestStarted, let expected = sourceDigest else {
+                        throw MigrationError.protocolViolation("complete before the commit and the digest")
+                    }
+                    phase = .completion
+                    try waitForEveryPage()
+                    tComplete = MonotonicClock.nanoseconds()
+                    finishPostcopy()
+                    try verify(expected: expected)
+                    if report.digestMatch {
+                        try bulk.send(.ack(SessionAck.verified))
+                    } else {
+                        let cause = MigrationError.digestMismatch(source: expected, destination: report.destinationDigest)
+                        try? bulk.send(.error(message: "destination: \(cause)"))
+                    }
+                    break receiveLoop
+                case .error(let m):
+                    throw MigrationError.peerError(m)
+                case .hello, .helloAck, .reject, .pageRequest, .pageReply, .prioritize, .resume, .ack:
+                    throw MigrationError.protocolViolation("unexpected \(message.type) on the bulk connection")
+                }
+            } catch let error as WireError where guestStarted && Self.isDroppedBatch(error) {
+                // A damaged batch is never installed; its pages stay missing and are asked for again.
+                installer.countCorrupt()
+            } catch {
+                let cause = failures.failure ?? error
+                let kind = FailureClassifier.classify(cause)
+                if awaitingCommit && !guestStarted && (kind == .connectionLost || kind == .corruptTransport) {
+                    // The commit may or may not have been sent: only the source knows. Its
+                    // reconnect with this session means it committed; a new session means it
+                    // did not (and gave up on this one).
+                    try awaitCommitAfterLoss(cause)
+                    tRunning = MonotonicClock.nanoseconds()
+                    continue
+                }
+                switch FailurePolicy.action(phase: guestStarted ? phase : .switchover, kind: kind) {
+                case .abandonAttempt:
+                    bulk.close()
+                    fault.close()
+                    throw AttemptAbandoned(cause: cause)
+                case .reconnect:
+                    try reconnect(after: cause)
+                case .unrecoverable:
+                    try? bulk.send(.error(message: "destination: \(cause)"))
+                    FaultlineLog.warn("faultline receive: unrecoverable after the switch-over: \(cause); the guest and "
+                                      + "its \(table.installedCount) installed pages are kept as they are")
+                    throw MigrationError.unrecoverable("\(cause)")
+                }
+            }
+        }
+
+        measureBaselineIfAsked()
+
+        // The guest now runs on plain memory; let it run, then stop and check it.
+        let runUntil = MonotonicClock.deadline(after: options.runAfterSeconds)
+        let passesAtComplete = machine.counters.totalPasses
+        while MonotonicClock.nanoseconds() < runUntil && machine.vcpuError == nil { usleep(10_000) }
+        let vcpuError = tearDown()
+        if let vcpuError { throw MigrationError.peerError("destination \(vcpuError)") }
+
+        report.totalSeconds = Double(MonotonicClock.nanoseconds() - t0) / 1e9
+        report.switchoverMilliseconds = Double(tRunning &- tSwitch) / 1e6
+        report.postcopySeconds = Double(tComplete &- tRunning) / 1e9
+        report.precopyPages = installer.precopyCount.load(ordering: .relaxed)
+        report.demandPages = installer.demandCount.load(ordering: .relaxed)
+        report.backgroundPages = installer.backgroundCount.load(ordering: .relaxed)
+        report.zeroPages = installer.zeroCount.load(ordering: .relaxed)
+        report.faults = book.faults.load(ordering: .relaxed)
+        report.corruptPagesRejected = installer.corruptCount.load(ordering: .relaxed)
+        report.bytesReceived = bytesFromClosedChannels + bulk.bytesReceived + fault.bytesReceived
+        report.faultLatencyMicroseconds = book.latencyMicroseconds
+        report.vcpuStallMilliseconds = book.stallMilliseconds
+        report.guestMismatches = machine.counters.mismatches.load(ordering: .relaxed)
+        report.firstMismatch = machine.counters.firstMismatch
+        report.passesAfterMigration = machine.counters.totalPasses - passesAtComplete
+        return report  // digest_match false is reported, not thrown: the caller fails on it
+    }
+
+    static func isDroppedBatch(_ error: WireError) -> Bool {
+        switch error {
+        case .checksumMismatch, .payloadChecksumMismatch(.pages), .payloadChecksumMismatch(.pageReply): return true
+        default: return false
+        }
+    }
+
+    // MARK: switch-over
+
+    /// Everything but starting the vCPUs: drop stale copies, arm faults, start the fault path.
+    func prepareSwitchover(owed: [Range<UInt64>]) throws {
+        var ranges: [Range<Int>] = []
+        ranges.reserveCapacity(owed.count)
+        for r in owed {
+            guard r.upperBound <= UInt64(layout.totalPages), r.lowerBound >= UInt64(layout.lowPages) else {
+                throw MigrationError.protocolViolation("owed range \(r) is outside guest RAM")
+            }
+            ranges.append(Int(r.lowerBound)..<Int(r.upperBound))
+        }
+        for stale in table.switchOver(owed: ranges) { try mapper.discard(stale) }
+        // Pages that never arrived (none was sent, or a round was cut short) are owed too.
+        report.postcopy = !table.isComplete
+        if report.postcopy {
+            try mapper.armFaults()
+            if options.faultMode == .vcpuExit {
+                try requester.startVcpuExitRequester()
+            } else if let uffdMapper = mapper as? UffdPageMapper, let vm = machine as? MigratableVM {
+                try requester.startReaders(uffdMapper.uffds, perUffd: options.readers, ramBase: vm.ram.hostAddress.rawValue,
+                                           lowPages: layout.lowPages, mapper: mapper,
+                                           vcpuForThread: { [weak vm] in vm?.vcpu(forThread: $0) ?? -1 })
+            }
+        }
+        try startFaultReceiver()
+    }
+
+    func startGuest() throws {
+        phase = .postcopy
+        awaitingCommit = false
+        guestStarted = true
+        try machine.startGuest(faultHandler: report.postcopy && options.faultMode == .vcpuExit ? self : nil,
+                               niceness: report.postcopy ? options.vcpuNicenessDuringPostcopy : 0)
+    }
+
+    /// After losing the connection between `ready` and `commit`.
+    func awaitCommitAfterLoss(_ cause: Error) throws {
+        closeChannels()
+        let pair: SessionAcceptor.Pair
+        do {
+            pair = try sessions.acceptPair(timeout: options.reconnectSeconds, session: sessionID, orNewSession: true)
+        } catch {
+            throw AttemptAbandoned(cause: cause)
+        }
+        guard pair.hello.sessionID == sessionID else { throw AttemptAbandoned(cause: cause, next: pair) }
+        FaultlineLog.note("faultline receive: the source reconnected after the commit; starting the guest")
+        try startGuest()
+        try resume(pair)
+    }
+
+    // MARK: connections
+
+    func closeChannels() {
+        bytesFromClosedChannels += bulk.bytesReceived + fault.bytesReceived
+        bulk.close()
+        fault.close()
+        requester.setChannel(nil)
+        faultReceiver?.join()
+        faultReceiver = nil
+    }
+
+    /// After the commit the connection broke: keep everything; the guest waits for its pages
+    /// while the source reconnects.
+    func reconnect(after cause: Error) throws {
+        FaultlineLog.note("faultline receive: connection lost (\(cause)); waiting for the source to reconnect")
+        closeChannels()
+        let pair: SessionAcceptor.Pair
+        do {
+            pair = try sessions.acceptPair(timeout: options.reconnectSeconds, session: sessionID)
+        } catch {
+            try? bulk.send(.error(message: "destination: the source did not reconnect"))
+            throw MigrationError.unrecoverable("\(cause), and the source did not reconnect within \(options.reconnectSeconds) s: \(error)")
+        }
+        try resume(pair)
+    }
+
+    func resume(_ pair: SessionAcceptor.Pair) throws {
+        try SessionAcceptor.ack(pair)
+        bulk = pair.bulk
+        fault = pair.fault
+        var missing: [Range<UInt64>] = []
+        table.installed.forEachClearRange { missing.append(UInt64($0.lowerBound)..<UInt64($0.upperBound)) }
+        try bulk.send(.resume(sessionID: sessionID, installedPages: UInt64(table.installedCount), missing: missing))
+        requester.setChannel(fault)
+        try startFaultReceiver()
+        requester.rerequest(all: false)
+        report.reconnects += 1
+    }
+
+    func startFaultReceiver() throws {
+        let channel = fault!
+        let scratch = PageInstaller.Scratch(pages: 64)
+        faultReceiver = try OSThread(name: "fault receiver", niceness: OSThread.Niceness.faultPath, cpu: faultCPU) { [self] in
+            var injected = !options.failFaultPathThread
+            while true {
+                do {
+                    switch try channel.receive() {
+                    case .pageReply(_, let batch):
+                        if !injected && batch.count > 0 {
+                            injected = true
+                            throw MigrationError.protocolViolation("injected: the fault receiver fails on its first reply")
+                        }
+                        try installer.install(batch, demand: true, scratch: scratch, runPages: 64)
+                    case .error(let m):
+                        FaultlineLog.warn("faultline receive: the source reported: \(m)")
+                        return
+                    case let other:
+                        throw MigrationError.protocolViolation("unexpected \(other.type) on the fault connection")
+                    }
+                } catch let error as WireError where Self.isDroppedBatch(error) {
+                    // A damaged reply is dropped, never installed; ask again for everything outstanding.
+                    installer.countCorrupt()
+                    requester.rerequest(all: false)
+                } catch {
+                    if stopping.load(ordering: .relaxed) { return }
+                    if FailureClassifier.isConnectionLoss(error) {
+                        bulk.close()  // the main loop reconnects both
+                    } else {
+                        failures.record("fault receiver", error)
+                    }
+                    return
+                }
+            }
+        }
+    }
+
+    /// Every page has been sent; ask for anything still missing (a dropped batch, a reply in
+    /// flight) until it is in.
+    func waitForEveryPage() throws {
+        let deadline = MonotonicClock.deadline(after: options.reconnectSeconds)
+        var lastAsk: UInt64 = 0
+        while !table.isComplete {
+            if let failure = failures.failure { throw failure }
+            if MonotonicClock.nanoseconds() &- lastAsk > 200_000_000 {
+                requester.rerequest(all: true)
+                lastAsk = MonotonicClock.nanoseconds()
+            }
+            if MonotonicClock.nanoseconds() > deadline {
+                throw MigrationError.timeout("waiting for the last \(table.count - table.installedCount) pages "
+                                             + "(first: \(table.installed.firstClear(from: 0) ?? -1))")
+            }
+            usleep(1000)
+        }
+    }
+
+    func finishPostcopy() {
+        guard report.postcopy else { return }
+        if options.vcpuNicenessDuringPostcopy != 0 { machine.setVcpuNiceness(0) }
+        mapper.disarmFaults()
+        requester.stop()
+    }
+
+    // MARK: verification
+
+    /// The digest from guest memory: every page read back, except pages the guest itself
+    /// rewrote since they were installed (KVM's dirty log), whose entry is the checksum they
+    /// arrived with. A page read while the guest writes it shows up in the second dirty-log
+    /// pass and is treated the same way.
+    func verify(expected: UInt64) throws {
+        let t0 = MonotonicClock.nanoseconds()
+        let written = PageBitmap(count: layout.totalPages)
+        try machine.collectGuestWrites(into: written)
+        let crc = UnsafeMutablePointer<UInt32>.allocate(capacity: layout.totalPages)
+        defer { crc.deallocate() }
+        for page in 0..<layout.totalPages {
+            crc[page] = written.contains(page) ? table.receivedCRC[page]
+                : CRC32C.checksum(UnsafeRawBufferPointer(start: mapper.bytes(of: page), count: 4096))
+        }
+        let writtenDuring = PageBitmap(count: layout.totalPages)
+        try machine.collectGuestWrites(into: writtenDuring)
+        writtenDuring.forEachSetPage { page in
+            if written.insert(page) { crc[page] = table.receivedCRC[page] }
+        }
+        var digest: UInt64 = 0
+        for page in 0..<layout.totalPages { digest ^= MemoryDigest.mix(page: page, crc: crc[page]) }
+        report.digestPagesGuestWritten = written.populationCount
+        report.digestPagesFromMemory = layout.totalPages - report.digestPagesGuestWritten
+        report.digestSeconds = Double(MonotonicClock.nanoseconds() - t0) / 1e9
+        report.sourceDigest = expected
+        report.destinationDigest = digest
+        report.digestMatch = digest == expected
+    }
+
+    // MARK: the yardstick
+
+    /// The source may ask to time a plain TCP copy on the same link.
+    func measureBaselineIfAsked() {
+        bulk.socket.setReceiveTimeout(seconds: 5)
+        guard case .ack(SessionAck.baselineFollows)? = try? bulk.receive(),
+              let socket = try? destination.listener.accept(timeoutSeconds: 10) else { return }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        var total: UInt64 = 0
+        while let n = try? socket.receive(into: buffer), n > 0 { total += UInt64(n) }
+        try? bulk.send(.ack(total))
+    }
+
+    // MARK: vcpu-exit faults
+
+    /// vcpu-exit: the vCPU thread asks for the page and waits until it is installed.
+    public func resolveOnVcpu(_ vcpu: Int, ramOffset: UInt64) throws {
+        let page = layout.lowPages + Int(ramOffset / 4096)
+        if table.installed.contains(page) { return }
+        let t0 = MonotonicClock.nanoseconds()
+        requester.enqueue(page, vcpu: vcpu, time: t0)
+        while !table.installed.contains(page) && !stopping.load(ordering: .relaxed) && failures.failure == nil {
+            waiters.wait(timeoutNanoseconds: 50_000_000) {
+                table.installed.contains(page) || stopping.load(ordering: .relaxed) || failures.failure != nil
+            }
+        }
+        book.addStall(vcpu: vcpu, nanoseconds: MonotonicClock.nanoseconds() &- t0)
+        if !table.installed.contains(page) { throw MigrationError.connectionClosed("stopped while vcpu \(vcpu) waited for page \(page)") }
+    }
+
+    // MARK: tear-down
+
+    /// Stops and joins every thread of the attempt before anything they use goes away, on every
+    /// path (idempotent). Returns the first vCPU error.
+    @discardableResult
+    func tearDown() -> String? {
+        stopping.store(true, ordering: .relaxed)
+        waiters.broadcast()
+        bulk?.close()
+        fault?.close()
+        faultReceiver?.join()
+        faultReceiver = nil
+        requester?.stop()
+        let vcpuError = guestStarted ? machine?.stopGuest() : nil
+        guestStarted = false
+        mapper?.disarmFaults()
+        return vcpuError
+    }
+}

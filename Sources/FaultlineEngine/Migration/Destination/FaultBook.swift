@@ -1,0 +1,74 @@
+import Atomics
+import FaultlineCore
+import FaultlineLinux
+import Histogram
+
+/// What the destination knows about faults: which pages were requested, when and by which
+/// vCPU, and how long each wait lasted. Shared by the requester and the installers; nothing
+/// here allocates per fault.
+final class FaultBook: @unchecked Sendable {
+    let requested: PageBitmap
+    let requestTime: UnsafeMutablePointer<UInt64>
+    let requestVcpu: UnsafeMutablePointer<Int32>
+    let stallNanoseconds: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
+    let vcpus: Int
+    let faults = ManagedAtomic<Int>(0)
+    /// vcpu-exit: a vCPU waits on its own, and accounts its own stall.
+    let vcpusAccountOwnStall: Bool
+    private let latency = Locked(Histogram<UInt32>(lowestDiscernibleValue: 1, highestTrackableValue: 120_000_000_000,
+                                                  numberOfSignificantValueDigits: .two))
+
+    init(pages: Int, vcpus: Int, vcpusAccountOwnStall: Bool) {
+        requested = PageBitmap(count: pages)
+        requestTime = .allocate(capacity: max(pages, 1))
+        requestTime.initialize(repeating: 0, count: max(pages, 1))
+        requestVcpu = .allocate(capacity: max(pages, 1))
+        requestVcpu.initialize(repeating: -1, count: max(pages, 1))
+        stallNanoseconds = .allocate(capacity: max(vcpus, 1))
+        stallNanoseconds.initialize(repeating: .init(0), count: max(vcpus, 1))
+        self.vcpus = vcpus
+        self.vcpusAccountOwnStall = vcpusAccountOwnStall
+    }
+
+    deinit {
+        requestTime.deallocate()
+        requestVcpu.deallocate()
+        stallNanoseconds.deallocate()
+    }
+
+    /// Marks a page requested; false when a request is already outstanding.
+    func noteRequest(_ page: Int, vcpu: Int, at time: UInt64) -> Bool {
+        guard requested.insert(page) else { return false }
+        requestVcpu[page] = Int32(vcpu)
+        requestTime[page] = time
+        faults.wrappingIncrement(ordering: .relaxed)
+        return true
+    }
+
+    /// A requested page was installed: record how long its fault waited.
+    func noteInstalled(_ page: Int, now: UInt64) {
+        let asked = requestTime[page]
+        guard asked != 0 else { return }
+        let waited = now &- asked
+        latency.withLock { _ = $0.record(waited) }
+        let v = Int(requestVcpu[page])
+        if v >= 0 && v < vcpus && !vcpusAccountOwnStall { addStall(vcpu: v, nanoseconds: waited) }
+    }
+
+    func addStall(vcpu: Int, nanoseconds: UInt64) {
+        UnsafeAtomic<UInt64>(at: stallNanoseconds + vcpu).wrappingIncrement(by: nanoseconds, ordering: .relaxed)
+    }
+
+    var stallMilliseconds: [Double] {
+        (0..<vcpus).map { Double(UnsafeAtomic<UInt64>(at: stallNanoseconds + $0).load(ordering: .relaxed)) / 1e6 }
+    }
+
+    /// p50, p90, p99 and max in microseconds (zeros without faults).
+    var latencyMicroseconds: (p50: Double, p90: Double, p99: Double, max: Double) {
+        latency.withLock { h in
+            guard h.totalCount > 0 else { return (0, 0, 0, 0) }
+            return (Double(h.valueAtPercentile(50)) / 1000, Double(h.valueAtPercentile(90)) / 1000,
+                    Double(h.valueAtPercentile(99)) / 1000, Double(h.max) / 1000)
+        }
+    }
+}

@@ -1,0 +1,130 @@
+import Atomics
+import FaultlineCore
+import FaultlineLinux
+
+/// Sends page requests on the fault connection (once per page, re-sent after a reconnect)
+/// and runs the threads that turn faults into requests: the vcpu-exit requester, or the
+/// userfaultfd readers.
+final class FaultRequester: @unchecked Sendable {
+    let table: DestinationPageTable
+    let book: FaultBook
+    let failures: FailureSlot
+    let faultPathCPU: Int32?
+    private let channel = Locked<WireChannel?>(nil)
+    private let stopping = ManagedAtomic<Bool>(false)
+    private var threads: [OSThread] = []
+    private let stopEvent: EventFD
+    // vcpu-exit: vCPU threads hand their faults to the requester thread, so a vCPU thread
+    // (low priority during post-copy) never holds the fault connection's send lock.
+    private let pending = Locked<[(page: Int, vcpu: Int, time: UInt64)]>([])
+    private let wakeRequester: EventFD
+
+    init(table: DestinationPageTable, book: FaultBook, failures: FailureSlot, faultPathCPU: Int32?) throws {
+        self.table = table
+        self.book = book
+        self.failures = failures
+        self.faultPathCPU = faultPathCPU
+        stopEvent = try EventFD()
+        wakeRequester = try EventFD()
+        pending.withLock { $0.reserveCapacity(book.vcpus * 2) }
+    }
+
+    deinit { stop() }
+
+    func setChannel(_ c: WireChannel?) { channel.withLock { $0 = c } }
+    var currentChannel: WireChannel? { channel.withLock { $0 } }
+
+    /// Sends a request unless one is outstanding. Thread-safe; never waits for the page.
+    func request(_ page: Int, vcpu: Int, faultTime: UInt64 = MonotonicClock.nanoseconds(), encoder: inout WireEncoder) {
+        guard book.noteRequest(page, vcpu: vcpu, at: faultTime), let channel = currentChannel else { return }
+        do {
+            try encoder.encode(.pageRequest(requestID: UInt64(page), pageIndex: UInt64(page), count: 1))
+            try channel.flush(&encoder)
+        } catch {
+            encoder.removeAll()  // the connection is down: re-sent after the reconnect
+        }
+    }
+
+    /// Asks again for every page requested and not yet installed (after a reconnect or a
+    /// dropped reply); with `all`, for every page still missing.
+    func rerequest(all: Bool) {
+        guard let channel = currentChannel else { return }
+        var encoder = WireEncoder(reservingCapacity: 4096)
+        for page in 0..<table.count where !table.installed.contains(page) && (all || book.requested.contains(page)) {
+            if all { book.requested.insert(page) }
+            try? encoder.encode(.pageRequest(requestID: UInt64(page), pageIndex: UInt64(page), count: 1))
+            if encoder.bytes.count > 60_000 { try? channel.flush(&encoder) }
+        }
+        try? channel.flush(&encoder)
+    }
+
+    // MARK: vcpu-exit
+
+    func startVcpuExitRequester() throws {
+        threads.append(try OSThread(name: "fault requester", niceness: OSThread.Niceness.faultPath, cpu: faultPathCPU) { [self] in
+            var encoder = WireEncoder(reservingCapacity: 4096)
+            var batch: [(page: Int, vcpu: Int, time: UInt64)] = []
+            batch.reserveCapacity(book.vcpus * 2)
+            do {
+                while try wakeRequester.wait() > 0 && !stopping.load(ordering: .relaxed) {
+                    pending.withLock { swap(&batch, &$0) }
+                    for r in batch { request(r.page, vcpu: r.vcpu, faultTime: r.time, encoder: &encoder) }
+                    batch.removeAll(keepingCapacity: true)
+                }
+            } catch {
+                failures.record("fault requester", error)
+            }
+        })
+    }
+
+    /// Called on a vCPU thread: queue the page for the requester thread.
+    func enqueue(_ page: Int, vcpu: Int, time: UInt64) {
+        pending.withLock { $0.append((page, vcpu, time)) }
+        wakeRequester.signal()
+    }
+
+    // MARK: userfaultfd readers
+
+    func startReaders(_ uffds: [Userfaultfd], perUffd: Int, ramBase: UInt64, lowPages: Int,
+                      mapper: PageMapper, vcpuForThread: @escaping @Sendable (UInt32) -> Int) throws {
+        for u in uffds {
+            for _ in 0..<perUffd {
+                threads.append(try OSThread(name: "\(u.label) reader", niceness: OSThread.Niceness.faultPath, cpu: faultPathCPU) { [self] in
+                    readerLoop(u, ramBase: ramBase, lowPages: lowPages, mapper: mapper, vcpuForThread: vcpuForThread)
+                })
+            }
+        }
+    }
+
+    private func readerLoop(_ uffd: Userfaultfd, ramBase: UInt64, lowPages: Int, mapper: PageMapper,
+                            vcpuForThread: (UInt32) -> Int) {
+        var events = UffdEventBuffer(capacity: 16)
+        var encoder = WireEncoder(reservingCapacity: 64)
+        do {
+            while try uffd.waitReadable(orStop: stopEvent.fd) {
+                let n = try uffd.readEvents(into: &events)
+                for i in 0..<n {
+                    guard case .pagefault(let address, _, let tid) = events[i] else { continue }
+                    let page = lowPages + Int(((address.rawValue &- ramBase) & ~4095) / 4096)
+                    guard page >= lowPages, page < table.count else { continue }
+                    if table.installed.contains(page) {
+                        try mapper.wake(page)  // installed meanwhile: do not leave the faulting thread asleep
+                        continue
+                    }
+                    request(page, vcpu: vcpuForThread(tid), encoder: &encoder)
+                }
+            }
+        } catch {
+            if !stopping.load(ordering: .relaxed) { failures.record("\(uffd.label) reader", error) }
+        }
+    }
+
+    /// Stops and joins every thread this requester started (idempotent).
+    func stop() {
+        stopping.store(true, ordering: .relaxed)
+        stopEvent.signal()
+        wakeRequester.signal()
+        for t in threads { t.join() }
+        threads = []
+    }
+}

@@ -1,0 +1,146 @@
+import FaultlineCore
+import FaultlineLinux
+
+public struct DestinationOptions: Sendable {
+    public var listen: SocketEndpoint
+    /// How faults reach the page source: vcpu-exit, uffd-missing or uffd-minor.
+    public var faultMode: FaultMode = .vcpuExit
+    public var uffd: UffdTopology = .single
+    public var readers = 1
+    /// Keep the guest running this long after the migration completed (then stop).
+    public var runAfterSeconds = 1.0
+    /// How long to wait for a source (and, after a failed attempt, for its retry).
+    public var acceptSeconds = 60.0
+    public var reconnectSeconds = 30.0
+    /// Before the commit, how long a silent source may keep us waiting for its next message.
+    public var idleSeconds = 30.0
+    /// Niceness of the vCPU threads while post-copy runs (the stream they wait for goes
+    /// first); back to 0 once every page is in.
+    public var vcpuNicenessDuringPostcopy: Int32 = OSThread.Niceness.vcpuDuringPostcopy
+    /// Install MISSING-mode pages by UFFDIO_MOVE from a pre-populated pool (when the kernel has MOVE).
+    public var usePool = true
+    /// Populate this much memory before the source connects (like QEMU's -mem-prealloc).
+    public var preallocBytes: UInt64 = 0
+    /// The CPU the fault-path threads share (requests out, replies in, uffd readers).
+    public var faultPathCPU: FaultPathCPU = .automatic
+    /// Test hook: after this page is installed in post-copy, damage one byte of it in guest memory.
+    public var damageInstalledPage: Int?
+    /// Test hook: fail the fault-path thread that installs the first demand reply.
+    public var failFaultPathThread = false
+    /// Builds the guest and its page mapper (nil: a KVM guest under userfaultfd).
+    public var machineFactory: DestinationMachineFactory?
+
+    public init(listen: SocketEndpoint) { self.listen = listen }
+
+    public func validate() throws {
+        guard [.vcpuExit, .uffdMissing, .uffdMinor].contains(faultMode) else {
+            throw DemandPagingConfig.Invalid("--fault-mode must be vcpu-exit, uffd-missing or uffd-minor")
+        }
+    }
+}
+
+public struct DestinationReport: Sendable {
+    public var faultMode: FaultMode = .vcpuExit
+    public var totalSeconds = 0.0
+    public var switchoverMilliseconds = 0.0
+    public var postcopySeconds = 0.0
+    public var precopyPages = 0
+    public var demandPages = 0
+    public var backgroundPages = 0
+    public var zeroPages = 0
+    public var faults = 0
+    public var corruptPagesRejected = 0
+    public var reconnects = 0
+    public var bytesReceived: UInt64 = 0
+    public var faultLatencyMicroseconds: (p50: Double, p90: Double, p99: Double, max: Double) = (0, 0, 0, 0)
+    public var vcpuStallMilliseconds: [Double] = []
+    /// Attempts that failed before the commit (their state was discarded) before this one.
+    public var abandonedAttempts: [String] = []
+    /// True when the migration finished in post-copy (pages were still owed at the switch-over).
+    public var postcopy = false
+    public var digestMatch = false
+    public var sourceDigest: UInt64 = 0
+    public var destinationDigest: UInt64 = 0
+    /// Time to compute the digest from guest memory.
+    public var digestSeconds = 0.0
+    /// Pages whose digest entry was read back from guest memory, and pages the guest had
+    /// rewritten since they were installed (their entry is the checksum they arrived with).
+    public var digestPagesFromMemory = 0
+    public var digestPagesGuestWritten = 0
+    public var guestMismatches = 0
+    public var firstMismatch: String?
+    public var passesAfterMigration: UInt64 = 0
+}
+
+/// The destination side: listens, takes one migration attempt at a time and returns when one
+/// completes. An attempt that fails before the commit is thrown away whole (guest, pages,
+/// threads) and the next attempt is awaited; after the commit, a broken connection is
+/// resumed and anything else is unrecoverable (reported to the source, then thrown).
+public final class MigrationDestination: @unchecked Sendable {
+    public let options: DestinationOptions
+    let listener: ListeningSocket
+    var pool: DestinationPool?
+
+    public init(options: DestinationOptions) throws {
+        try options.validate()
+        self.options = options
+        listener = try ListeningSocket(endpoint: options.listen)
+    }
+
+    /// The port actually bound (for `--listen :0`).
+    public var endpoint: SocketEndpoint { listener.endpoint }
+
+    /// MISSING-based modes: a pool as large as guest RAM, populated before the source pauses.
+    func preparePool(ramBytes: UInt64) {
+        guard options.machineFactory == nil, options.faultMode != .uffdMinor, options.usePool,
+              (try? Userfaultfd.availableFeatures().contains(.move)) == true else { return }
+        // Room for every RAM page plus the partly used chunks of two installer threads.
+        let pages = Int(ramBytes / 4096) + 8 * PageInstaller.PoolCursor.chunkPages
+        if let pool, pool.pages >= pages, pool.used == 0 { return }
+        pool = nil
+        pool = DestinationPool(pages: pages)
+    }
+
+    public func run(onReady: ((SocketEndpoint) -> Void)? = nil) throws -> DestinationReport {
+        var preallocated: GuestMemoryRegion?
+        if options.preallocBytes > 0 {
+            if options.faultMode == .uffdMinor {
+                let region = try GuestMemoryRegion(backing: .memfd, size: options.preallocBytes, label: "guest-ram")
+                try region.allocateFile()
+                preallocated = region
+            } else {
+                preparePool(ramBytes: options.preallocBytes)
+            }
+        }
+        onReady?(listener.endpoint)
+        let sessions = SessionAcceptor(listener: listener)
+        var abandoned: [String] = []
+        var next = try sessions.acceptPair(timeout: options.acceptSeconds, session: nil)
+        while true {
+            let attempt = DestinationAttempt(options: options, destination: self, sessions: sessions,
+                                             prepared: preallocated)
+            preallocated = nil  // one attempt's memory is never reused by the next
+            do {
+                var report = try attempt.run(bulk: next.bulk, fault: next.fault, hello: next.hello)
+                report.abandonedAttempts = abandoned
+                return report
+            } catch let abandon as AttemptAbandoned {
+                attempt.tearDown()
+                abandoned.append("\(abandon.cause)")
+                FaultlineLog.note("faultline receive: attempt \(abandoned.count) failed before the switch-over (\(abandon.cause)); "
+                                  + "everything it received is discarded; waiting \(Int(options.acceptSeconds)) s for a retry")
+                next = try abandon.next ?? sessions.acceptPair(timeout: options.acceptSeconds, session: nil)
+            } catch {
+                attempt.tearDown()
+                throw error
+            }
+        }
+    }
+}
+
+/// A failed attempt before the commit (the destination discards it). `next`: the connections
+/// of a new session that arrived while waiting.
+struct AttemptAbandoned: Error {
+    let cause: Error
+    var next: SessionAcceptor.Pair?
+}

@@ -1,0 +1,153 @@
+import Atomics
+import FaultlineCore
+import FaultlineLinux
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The real page mapper: guest RAM of a ``MigratableVM`` under userfaultfd. Pre-copy pages
+/// are plain stores (pwrite into the file for MINOR, so they stay unmapped and later fault
+/// as MINOR); after `armFaults` pages are mapped with UFFDIO_COPY / MOVE (from a
+/// pre-populated pool) / CONTINUE, and a missing page faults to the fault delivery.
+public final class UffdPageMapper: PageMapper, @unchecked Sendable {
+    let vm: MigratableVM
+    let layout: MachineLayout
+    let faultMode: FaultMode
+    let topology: UffdTopology
+    public private(set) var uffds: [Userfaultfd] = []
+    var pagesPerUffd: Int
+    var armed = false
+    let zeroPage: UnsafeMutableRawPointer
+    /// Pre-populated private pages that bulk runs are written into and then moved into guest
+    /// RAM with UFFDIO_MOVE (no page allocation, no second copy). Owned by the destination
+    /// (it may outlive one attempt), lent here.
+    let pool: DestinationPool?
+
+    init(vm: MigratableVM, faultMode: FaultMode, topology: UffdTopology, pool: DestinationPool?) {
+        self.vm = vm
+        self.layout = vm.layout
+        self.faultMode = faultMode
+        self.topology = topology
+        self.pool = faultMode == .uffdMinor ? nil : pool
+        pagesPerUffd = vm.layout.ramPages
+        zeroPage = .allocate(byteCount: 4096, alignment: 4096)
+        memset(zeroPage, 0, 4096)
+    }
+
+    deinit {
+        disarmFaults()
+        zeroPage.deallocate()
+    }
+
+    @inline(__always) func ramOffset(_ page: Int) -> UInt64 { UInt64(page - layout.lowPages) * 4096 }
+
+    public func store(_ page: Int, bytes: UnsafeRawPointer?) throws {
+        let source = bytes ?? UnsafeRawPointer(zeroPage)
+        if page >= layout.lowPages && faultMode == .uffdMinor {
+            try vm.ram.writeFile(at: ramOffset(page), from: source, length: 4096)
+        } else {
+            vm.pagePointer(page).copyMemory(from: source, byteCount: 4096)
+        }
+    }
+
+    public func discard(_ pages: Range<Int>) throws {
+        guard faultMode != .uffdMinor else { return }  // MINOR: the file copy is overwritten before CONTINUE maps it
+        let ram = pages.clamped(to: layout.lowPages..<layout.totalPages)
+        guard !ram.isEmpty else { return }
+        try vm.ram.discard(offset: ramOffset(ram.lowerBound), length: UInt64(ram.count) * 4096)
+    }
+
+    public func armFaults() throws {
+        let features: UffdFeatures = faultMode == .uffdMinor ? [.minorShmem, .threadID]
+            : (faultMode == .vcpuExit ? [.sigbus] : [.threadID])
+        let mode: UffdRegisterMode = faultMode == .uffdMinor ? .minor : .missing
+        let count = topology == .perVcpu && faultMode != .vcpuExit ? layout.vcpus : 1
+        pagesPerUffd = layout.ramPages / count
+        for i in 0..<count {
+            let u = try Userfaultfd(required: features.union(pool != nil ? [.move] : []), label: "uffd \(i)")
+            try u.register(start: vm.ram.hostAddress.adding(UInt64(i * pagesPerUffd) * 4096)!,
+                           length: UInt64(pagesPerUffd) * 4096, mode: mode)
+            uffds.append(u)
+        }
+        armed = true
+    }
+
+    public func group(of page: Int) -> Int { page < layout.lowPages ? -1 : (page - layout.lowPages) / max(pagesPerUffd, 1) }
+
+    public func takePool(_ pages: Int) -> UnsafeMutableRawPointer? { pool?.take(pages) }
+
+    public func map(first page: Int, count: Int, data: UnsafeRawPointer?, fromPool: Bool) throws -> Bool {
+        if page < layout.lowPages || !armed {
+            for i in 0..<count { try store(page + i, bytes: data.map { $0 + i * 4096 }) }
+            return true
+        }
+        let length = UInt64(count * 4096)
+        let offset = ramOffset(page)
+        let uffd = uffds[(page - layout.lowPages) / pagesPerUffd]
+        let destination = HostAddress(rawValue: vm.ram.hostAddress.rawValue + offset)
+        // vcpu-exit: the waiting vCPU thread is woken by the installer, not by the kernel.
+        let dontWake = faultMode == .vcpuExit
+        let outcome: UffdInstallOutcome
+        switch faultMode {
+        case .uffdMinor:
+            if let data { try vm.ram.writeFile(at: offset, from: data, length: count * 4096) }
+            else { for i in 0..<count { try vm.ram.writeFile(at: offset + UInt64(i * 4096), from: zeroPage, length: 4096) } }
+            outcome = try uffd.continue(at: destination, length: length, dontWake: dontWake)
+        default:
+            // A page mapped meanwhile by the other installer holds the same verified bytes:
+            // step over it and map the rest of the run.
+            if let data, fromPool {
+                outcome = try uffd.move(to: destination, from: HostAddress(data), length: length, dontWake: dontWake,
+                                        skippingPresent: 4096)
+            } else if let data {
+                outcome = try uffd.copy(to: destination, from: data, length: length, dontWake: dontWake, skippingPresent: 4096)
+            } else {
+                outcome = try uffd.zeroPage(at: destination, length: length, dontWake: dontWake, skippingPresent: 4096)
+            }
+        }
+        return outcome == .installed
+    }
+
+    public func wake(_ page: Int) throws {
+        guard armed, page >= layout.lowPages else { return }
+        let uffd = uffds[(page - layout.lowPages) / pagesPerUffd]
+        let at = HostAddress(rawValue: vm.ram.hostAddress.rawValue + ramOffset(page))
+        if faultMode == .uffdMinor { _ = try uffd.continue(at: at, length: 4096) } else { try uffd.wake(start: at, length: 4096) }
+    }
+
+    public func disarmFaults() {
+        guard armed else { return }
+        for u in uffds { try? u.unregister(start: vm.ram.hostAddress, length: vm.ram.size) }
+        armed = false
+    }
+
+    public func bytes(of page: Int) -> UnsafeRawPointer { UnsafeRawPointer(vm.pagePointer(page)) }
+}
+
+/// Pre-populated private pages for MISSING-mode installs (see ``UffdPageMapper``), kept
+/// across attempts of one `receive`.
+final class DestinationPool: @unchecked Sendable {
+    let base: UnsafeMutableRawPointer
+    let pages: Int
+    private let next = ManagedAtomic<Int>(0)
+
+    /// nil when the mapping cannot be made (installs then copy instead of moving).
+    init?(pages: Int) {
+        guard let p = mmap(nil, pages * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0),
+              p != MAP_FAILED else { return nil }
+        base = p
+        self.pages = pages
+    }
+
+    deinit { munmap(base, pages * 4096) }
+
+    /// `count` contiguous pool pages, or nil when the pool is used up.
+    func take(_ count: Int) -> UnsafeMutableRawPointer? {
+        let first = next.loadThenWrappingIncrement(by: count, ordering: .relaxed)
+        guard first + count <= pages else { return nil }
+        return base + first * 4096
+    }
+
+    /// Pages handed out so far.
+    var used: Int { next.load(ordering: .relaxed) }
+}

@@ -1,0 +1,45 @@
+import FaultlineCore
+import FaultlineLinux
+
+/// The guest as the migration source sees it: memory, pause and resume, vCPU state and a dirty
+/// log. ``MigratableVM`` is the real one; `MemoryMachine` is a deterministic fake for tests.
+public protocol SourceMachine: AnyObject, Sendable {
+    var layout: MachineLayout { get }
+    var counters: GuestCounters { get }
+    /// A vCPU failure, if any.
+    var vcpuError: String? { get }
+    func pagePointer(_ page: Int) -> UnsafeMutableRawPointer
+    /// Stops every vCPU at an instruction boundary and waits until all are parked.
+    func pause()
+    func resume()
+    func vcpuStateBlob(_ id: Int) throws -> [UInt8]
+    /// Starts tracking guest writes to RAM (the first `collectDirty` reports writes after this).
+    func startDirtyLog() throws
+    /// Adds the RAM pages written since the last call to `dirty` (layout page indices).
+    func collectDirty(into dirty: PageBitmap) throws
+    func stopDirtyLog() throws
+    /// One byte per RAM page, bit 0 set when resident (mincore); false when unknown. A page
+    /// that is not resident was never touched and is zero.
+    func residency(into bytes: UnsafeMutablePointer<UInt8>) -> Bool
+}
+
+/// The guest as the destination sees it.
+public protocol DestinationMachine: AnyObject, Sendable {
+    var layout: MachineLayout { get }
+    var counters: GuestCounters { get }
+    var vcpuError: String? { get }
+    func loadVcpuState(_ id: Int, blob: [UInt8]) throws
+    /// Starts the vCPUs; `handler` resolves vcpu-exit faults on the vCPU's own thread.
+    func startGuest(faultHandler: RAMFaultHandler?, niceness: Int32) throws
+    func setVcpuNiceness(_ value: Int32)
+    /// Stops and joins every vCPU thread; the first vCPU error, if any.
+    func stopGuest() -> String?
+    /// Pages the guest itself wrote since the last call (KVM's dirty log on the destination,
+    /// plus writes the vcpu-exit path completed on the guest's behalf).
+    func collectGuestWrites(into pages: PageBitmap) throws
+    /// The vCPU a thread id belongs to (userfaultfd reports thread ids), or -1.
+    func vcpu(forThread tid: UInt32) -> Int
+}
+
+/// Builds the destination's guest and its page mapper for a layout (the seam tests replace).
+public typealias DestinationMachineFactory = @Sendable (MachineLayout) throws -> (DestinationMachine, PageMapper)

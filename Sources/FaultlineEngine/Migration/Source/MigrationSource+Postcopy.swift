@@ -1,0 +1,187 @@
+import Atomics
+import FaultlineCore
+import FaultlineLinux
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension MigrationSource {
+    /// After the commit: the background stream of every page still owed (the fault server
+    /// answers requests meanwhile), the digest of the paused state, and the verdict. A lost
+    /// connection is resumed; anything else is unrecoverable.
+    func postcopy(_ encoder: inout WireEncoder) throws {
+        // Digest entries of the carried pages, from the paused memory (a helper thread).
+        var carriedDigest: UInt64 = 0
+        let carried = self.carried
+        let digestThread = try OSThread(name: "digest") { [self] in
+            var d: UInt64 = 0
+            carried.forEachSetPage { page in
+                d ^= MemoryDigest.mix(page: page, crc: CRC32C.checksum(UnsafeRawBufferPointer(start: machine.pagePointer(page), count: 4096)))
+            }
+            carriedDigest = d
+        }
+        defer { digestThread.join() }
+        var sentBackground = 0
+        var injectedCut = false, injectedCorruption = false, injectedViolation = false
+        if let e = failedCommitSend { failedCommitSend = nil; try recover(from: e) }
+        while true {
+            do {
+                if let failure = failures.failure { throw failure }
+                encoder.removeAll()
+                encoder.beginPages(pageSize: 4096)
+                if options.violateProtocolAfterCommit && !injectedViolation {
+                    injectedViolation = true
+                    encoder.appendZeroPage(index: UInt64(layout.totalPages + 7))  // outside guest memory
+                }
+                while let page = done.firstClear(from: cursor.load(ordering: .relaxed)) {
+                    cursor.store(page + 1 < layout.totalPages ? page + 1 : 0, ordering: .relaxed)
+                    guard done.insert(page) else { continue }
+                    let corrupt = options.corruptOnePage && !injectedCorruption
+                    if try sender.append(page, to: &encoder, channel: bulk, corrupt: corrupt) {
+                        report.nonZeroBytes += 4096
+                        if corrupt { injectedCorruption = true }
+                    }
+                    sentBackground += 1
+                    if options.progress && sentBackground % 4096 == 0 { progressBar(done.populationCount, layout.totalPages) }
+                    if let cut = options.disconnectAfterPages, !injectedCut, sentBackground >= cut {
+                        injectedCut = true
+                        bulk.close()
+                        fault.close()
+                    }
+                    if faultServer.broken.load(ordering: .relaxed) { throw MigrationError.connectionClosed("fault connection") }
+                    if let failure = failures.failure { throw failure }
+                }
+                try sender.finish(&encoder, channel: bulk)
+                phase = .completion
+                digestThread.join()
+                var digest = carriedDigest
+                for page in 0..<layout.totalPages where !carried.contains(page) {
+                    digest ^= MemoryDigest.mix(page: page, crc: sender.sentCRC[page])
+                }
+                report.digest = digest
+                try bulk.send(.digest(algorithm: .pageCRC32CXor, bytes: MemoryDigest.bytes(digest)))
+                try bulk.send(.complete)
+                // The destination's verdict: ack when the digest it read back from memory matched.
+                switch try bulk.receive() {
+                case .ack(SessionAck.verified): break
+                case .error(let m): throw MigrationError.peerError(m)
+                case let other: throw MigrationError.protocolViolation("expected the verdict, got \(other.type)")
+                }
+                break
+            } catch {
+                try recover(from: failures.failure ?? error)
+            }
+        }
+        report.backgroundPages = sentBackground
+        if options.progress && isatty(2) != 0 { progressBar(layout.totalPages, layout.totalPages); fputs("\n", stderr) }
+    }
+
+    /// After the commit: reconnect on a lost connection, give up with the cause otherwise.
+    func recover(from error: Error) throws {
+        switch FailurePolicy.action(phase: phase, kind: FailureClassifier.classify(error)) {
+        case .reconnect:
+            FaultlineLog.note("faultline run: connection lost after the switch-over (\(error)); reconnecting")
+            try reconnectAndResume(after: error)
+        case .abandonAttempt, .unrecoverable:
+            try? bulk.send(.error(message: "source: \(error)"))
+            faultServer.stop()
+            FaultlineLog.warn("faultline run: unrecoverable after the switch-over: \(error); the paused guest is kept")
+            throw MigrationError.unrecoverable("\(error)")
+        }
+    }
+
+    func progressBar(_ have: Int, _ total: Int) {
+        guard isatty(2) != 0 else { return }
+        let width = 40, filled = total > 0 ? have * width / total : width
+        fputs("\r[" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
+              + "] \(have * 100 / max(total, 1))% of \(total) pages", stderr)
+    }
+
+    /// After a broken connection: reconnect within the timeout, learn from the destination
+    /// which pages it still lacks, and carry on from there. Nothing already installed is lost.
+    func reconnectAndResume(after cause: Error) throws {
+        faultServer.stop()
+        bytesFromClosedChannels += bulk.bytesSent + fault.bytesSent
+        bulk.close()
+        fault.close()
+        let deadline = MonotonicClock.deadline(after: options.reconnectSeconds)
+        var lastError: Error = cause
+        while MonotonicClock.nanoseconds() < deadline {
+            do {
+                try connect(timeout: max(1, MonotonicClock.secondsLeft(until: deadline)))
+                bulk.socket.setReceiveTimeout(seconds: options.peerTimeoutSeconds)
+                let message = try bulk.receive()
+                guard case .resume(let session, _, let missing) = message, session == sessionID else {
+                    // A destination that answers with something else is not confused by a cut: stop.
+                    throw MigrationError.protocolViolation("expected resume for session \(sessionID), got \(message.type)")
+                }
+                bulk.socket.setReceiveTimeout(seconds: 0)
+                done.insert(0..<layout.totalPages)
+                for r in missing {
+                    guard r.upperBound <= UInt64(layout.totalPages) else {
+                        throw MigrationError.protocolViolation("resume names pages \(r) outside guest memory")
+                    }
+                    for p in Int(r.lowerBound)..<Int(r.upperBound) { done.remove(p) }
+                }
+                cursor.store(0, ordering: .relaxed)
+                report.reconnects += 1
+                try faultServer.start(on: fault, cpu: options.faultPathCPU.resolved)
+                return
+            } catch {
+                lastError = error
+                let kind = FailureClassifier.classify(error)
+                if kind == .protocolViolation || kind == .peerReported { throw error }
+                bulk?.close()
+                fault?.close()
+                usleep(100_000)
+            }
+        }
+        throw MigrationError.timeout("reconnecting to \(options.destination): \(lastError)")
+    }
+
+    /// Times a plain TCP copy of the same number of non-zero bytes to the destination,
+    /// on the same link, right after the migration (the yardstick for its total time).
+    public func measureBaseline(_ report: inout SourceReport) throws {
+        let bytes = max(report.nonZeroBytes, 4096)
+        try bulk.send(.ack(SessionAck.baselineFollows))
+        let t0 = MonotonicClock.nanoseconds()
+        let socket = try StreamSocket.connect(to: options.destination)
+        var left = bytes
+        var page = layout.lowPages
+        while left > 0 {
+            let n = min(left, 1 << 20, UInt64(layout.totalPages - page) * 4096)
+            try socket.sendAll(UnsafeRawBufferPointer(start: machine.pagePointer(page), count: Int(n)))
+            left -= n
+            page += Int(n / 4096)
+            if page >= layout.totalPages { page = layout.lowPages }
+        }
+        socket.shutdown()
+        guard case .ack(let received) = try bulk.receive(), received == bytes else {
+            throw MigrationError.protocolViolation("the baseline copy was not acknowledged")
+        }
+        report.baselineSeconds = Double(MonotonicClock.nanoseconds() - t0) / 1e9
+    }
+}
+
+/// Runs attempts until one commits, as many as `retries` allows. Each failed attempt leaves
+/// the guest running, unchanged; the causes are in the report (or in the error when every
+/// attempt failed).
+public enum SourceMigration {
+    public static func run(_ machine: SourceMachine, options: MigrationOptions) throws -> (MigrationSource, SourceReport) {
+        var causes: [String] = []
+        for attempt in 0...max(options.retries, 0) {
+            let source = MigrationSource(machine: machine, options: options)
+            do {
+                var report = try source.migrate()
+                report.failedAttempts = causes
+                return (source, report)
+            } catch let failed as SourceAttemptFailed {
+                causes.append("\(failed)")
+                FaultlineLog.note("faultline run: attempt \(attempt + 1) failed \(failed); the guest keeps running"
+                                  + (attempt < options.retries ? ", retrying in \(options.retryDelaySeconds) s" : ""))
+                if attempt < options.retries { usleep(UInt32(options.retryDelaySeconds * 1e6)) }
+            }
+        }
+        throw MigrationFailedBeforeSwitchover(causes: causes)
+    }
+}
