@@ -76,10 +76,16 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     /// A fault-path thread failed: tell the source why (best effort) and wake the main loop.
     func abortOnThreadFailure() {
         let cause = failures.failure.map { "\($0)" } ?? "a fault-path thread failed"
-        try? bulk?.send(.error(message: "destination: \(cause)"))
-        bulk?.close()
-        fault?.close()
+        tellSource("destination: \(cause)")
         waiters.broadcast()
+    }
+
+    /// Reports a fatal cause on both connections (the source's fault server reads its
+    /// connection all the time, so it learns at once) and gives it a moment to arrive before
+    /// anything is closed (closing with unread data would reset the connection).
+    func tellSource(_ message: String) {
+        try? bulk?.send(.error(message: message))
+        try? fault?.send(.error(message: message))
     }
 
     // MARK: the attempt
@@ -184,7 +190,8 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                 case .reconnect:
                     try reconnect(after: cause)
                 case .unrecoverable:
-                    try? bulk.send(.error(message: "destination: \(cause)"))
+                    tellSource("destination: \(cause)")
+                    usleep(200_000)
                     FaultlineLog.warn("faultline receive: unrecoverable after the switch-over: \(cause); the guest and "
                                       + "its \(table.installedCount) installed pages are kept as they are")
                     throw MigrationError.unrecoverable("\(cause)")
@@ -331,7 +338,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                         }
                         try installer.install(batch, demand: true, scratch: scratch, runPages: 64)
                     case .error(let m):
-                        FaultlineLog.warn("faultline receive: the source reported: \(m)")
+                        failures.record("the source", MigrationError.peerError(m))
                         return
                     case let other:
                         throw MigrationError.protocolViolation("unexpected \(other.type) on the fault connection")

@@ -27,6 +27,9 @@ public struct MigrationOptions: Sendable {
     public var disconnectAfterPages: Int?
     /// Fault injection for tests: cut both connections during pre-copy, after this many pages.
     public var disconnectDuringPrecopyAfterPages: Int?
+    /// Fault injection for tests: cut both connections just before the commit is sent (the
+    /// destination cannot tell whether the source committed until it reconnects).
+    public var disconnectAtCommit = false
     /// Fault injection for tests: corrupt the data of one background page after its checksum.
     public var corruptOnePage = false
     /// Fault injection for tests: corrupt the data of one pre-copy page after its checksum.
@@ -43,6 +46,16 @@ public struct MigrationOptions: Sendable {
     public var progress = false
 
     public init(destination: SocketEndpoint) { self.destination = destination }
+
+    mutating func clearInjections() {
+        disconnectAfterPages = nil
+        disconnectDuringPrecopyAfterPages = nil
+        disconnectAtCommit = false
+        corruptOnePage = false
+        corruptOnePrecopyPage = false
+        missOneDirtyPage = false
+        violateProtocolAfterCommit = false
+    }
 
     var policy: ConvergencePolicy {
         ConvergencePolicy(postcopy: postcopy, maxRounds: precopyRounds, maxSeconds: precopySeconds,

@@ -84,6 +84,7 @@ extension MigrationSource {
             try reconnectAndResume(after: error)
         case .abandonAttempt, .unrecoverable:
             try? bulk.send(.error(message: "source: \(error)"))
+            try? fault.send(.error(message: "source: \(error)"))
             faultServer.stop()
             FaultlineLog.warn("faultline run: unrecoverable after the switch-over: \(error); the paused guest is kept")
             throw MigrationError.unrecoverable("\(error)")
@@ -169,8 +170,10 @@ extension MigrationSource {
 public enum SourceMigration {
     public static func run(_ machine: SourceMachine, options: MigrationOptions) throws -> (MigrationSource, SourceReport) {
         var causes: [String] = []
+        var options = options
         for attempt in 0...max(options.retries, 0) {
             let source = MigrationSource(machine: machine, options: options)
+            options.clearInjections()  // injected faults hit the first attempt only
             do {
                 var report = try source.migrate()
                 report.failedAttempts = causes

@@ -269,6 +269,10 @@ public final class MigrationSource: @unchecked Sendable {
     /// Sends the commit. A failure to send it is a lost connection after the commit: the
     /// destination learns of the commit from the reconnect.
     func commit() -> UInt64 {
+        if options.disconnectAtCommit {
+            bulk.close()
+            fault.close()
+        }
         do { try bulk.send(.ack(SessionAck.commit)) } catch { failedCommitSend = error }
         part("commit")
         return partMark

@@ -1,0 +1,193 @@
+import FaultlineCore
+import FaultlineEngine
+import FaultlineLinux
+import Foundation
+import Testing
+
+/// Migrations between two in-process fakes (``MemoryMachine`` guests, ``MemoryPageMapper``
+/// memory) over loopback TCP: the engine's logic with no /dev/kvm and no userfaultfd.
+final class FakePair: @unchecked Sendable {
+    let layout: MachineLayout
+    let source: MemoryMachine
+    var destinationMachine: MemoryMachine?
+    var destinationMapper: MemoryPageMapper?
+    var configureDestinationMachine: (MemoryMachine) -> Void = { _ in }
+    var failMapCall: Int?
+
+    init(ramPages: Int = 256, vcpus: Int = 1) throws {
+        layout = try MachineLayout(vcpus: vcpus, ramSize: UInt64(ramPages) * 4096)
+        source = MemoryMachine(layout: layout)
+        for page in layout.lowPages..<layout.totalPages where page % 3 != 0 { source.write(page: page, byte: UInt8(page % 251) | 1) }
+    }
+
+    /// Runs both sides; returns what each ended with.
+    func migrate(source configure: (inout MigrationOptions) -> Void = { _ in },
+                 destination configureDestination: (inout DestinationOptions) -> Void = { _ in })
+        throws -> (source: Result<SourceReport, Error>, destination: Result<DestinationReport, Error>) {
+        var d = DestinationOptions(listen: SocketEndpoint(host: "127.0.0.1", port: 0))
+        d.runAfterSeconds = 0
+        d.acceptSeconds = 5
+        d.reconnectSeconds = 5
+        d.idleSeconds = 5
+        d.faultPathCPU = .unpinned
+        d.machineFactory = { [self] layout in
+            let m = MemoryMachine(layout: layout)
+            configureDestinationMachine(m)
+            let mapper = MemoryPageMapper(pages: layout.totalPages)
+            mapper.failMapCall = failMapCall
+            destinationMachine = m
+            destinationMapper = mapper
+            return (m, mapper)
+        }
+        configureDestination(&d)
+        let destination = try MigrationDestination(options: d)
+        var options = MigrationOptions(destination: destination.endpoint)
+        options.faultPathCPU = .unpinned
+        options.reconnectSeconds = 5
+        options.peerTimeoutSeconds = 5
+        options.retryDelaySeconds = 0.1
+        configure(&options)
+        let destinationResult = Locked<Result<DestinationReport, Error>?>(nil)
+        let thread = try OSThread(name: "destination") {
+            let r = Result { try destination.run() }
+            destinationResult.withLock { $0 = r }
+        }
+        let sourceResult = Result { try SourceMigration.run(source, options: options).1 }
+        thread.join()
+        return (sourceResult, destinationResult.withLock { $0! })
+    }
+
+    /// Destination memory equals the source's (paused) memory, page by page.
+    func memoriesMatch() -> Bool {
+        guard let mapper = destinationMapper else { return false }
+        return memcmp(mapper.memory, source.memory, layout.totalPages * 4096) == 0
+    }
+}
+
+@Suite("Migration logic against fakes (no kernel)")
+struct MigrationWithFakesTests {
+    @Test func aPageSentAgainInALaterRoundReplacesTheEarlierCopy() throws {
+        let pair = try FakePair()
+        let low = pair.layout.lowPages
+        // Round 1 sends everything; meanwhile the guest rewrites pages A and B. Round 2 sends them
+        // again; meanwhile the guest rewrites B once more (B is owed at the switch-over, A is not:
+        // A's round-2 copy must be the one the destination keeps - the lost page of issue 7).
+        pair.source.onCollect = { m, n in
+            if n == 0 { m.write(page: low + 10, byte: 0xA1); m.write(page: low + 20, byte: 0xB1) }
+            if n == 1 { m.write(page: low + 20, byte: 0xB2) }
+        }
+        let r = try pair.migrate(source: { $0.precopyRounds = 3; $0.postcopy = .always })
+        let s = try r.source.get(), d = try r.destination.get()
+        #expect(s.precopyRounds.count == 3)
+        #expect(s.precopyRounds.map(\.dirtyAfter) == [2, 1, 0])
+        #expect(d.digestMatch)
+        #expect(pair.memoriesMatch())
+        #expect(pair.destinationMapper!.bytes(of: low + 10).load(as: UInt8.self) == 0xA1)
+        #expect(pair.destinationMapper!.bytes(of: low + 20).load(as: UInt8.self) == 0xB2)
+        #expect(d.digestPagesFromMemory == pair.layout.totalPages)
+    }
+
+    @Test func pureStopAndCopyNeedsNoPostcopy() throws {
+        let pair = try FakePair()
+        pair.source.onCollect = { m, n in if n == 0 { m.write(page: m.layout.lowPages + 5, byte: 7) } }
+        let r = try pair.migrate(source: { $0.precopyRounds = 5; $0.postcopy = .never; $0.maxDowntimeMilliseconds = 10_000 })
+        let s = try r.source.get(), d = try r.destination.get()
+        #expect(s.mode == "precopy")
+        #expect(s.stopAndCopyPages == 1)
+        #expect(!d.postcopy)
+        #expect(d.digestMatch && pair.memoriesMatch())
+    }
+
+    @Test func neverFailsCleanlyWhenPrecopyCannotConverge() throws {
+        let pair = try FakePair()
+        pair.source.onCollect = { m, _ in for p in m.layout.lowPages..<m.layout.totalPages { m.write(page: p, byte: 9) } }
+        let r = try pair.migrate(source: { $0.precopyRounds = 2; $0.postcopy = .never; $0.maxDowntimeMilliseconds = 0.000_001 },
+                                 destination: { $0.acceptSeconds = 1 })
+        #expect(throws: MigrationFailedBeforeSwitchover.self) { try r.source.get() }
+        #expect(pair.source.paused == false)
+        #expect(pair.source.pauses == 0)  // never paused: it gave up while the guest ran
+    }
+
+    @Test func aCutDuringPrecopyAbandonsTheAttemptAndARetrySucceeds() throws {
+        let pair = try FakePair()
+        let r = try pair.migrate(source: { $0.precopyRounds = 2; $0.postcopy = .always; $0.retries = 1
+                                           $0.disconnectDuringPrecopyAfterPages = 40 })
+        let s = try r.source.get(), d = try r.destination.get()
+        #expect(s.failedAttempts.count == 1)
+        #expect(d.abandonedAttempts.count == 1)
+        #expect(d.digestMatch && pair.memoriesMatch())
+        #expect(s.failedAttempts.first?.contains("during precopy") == true)
+        #expect(pair.source.pauses == 1)  // only the attempt that went through paused the guest
+    }
+
+    @Test func aCorruptPrecopyPageAbandonsTheAttemptWithoutRetries() throws {
+        let pair = try FakePair()
+        let r = try pair.migrate(source: { $0.precopyRounds = 1; $0.postcopy = .always; $0.corruptOnePrecopyPage = true },
+                                 destination: { $0.acceptSeconds = 1 })
+        #expect(throws: MigrationFailedBeforeSwitchover.self) { try r.source.get() }
+        #expect(pair.source.resumes == pair.source.pauses)
+    }
+
+    @Test func aCutAtTheCommitIsResolvedByTheReconnect() throws {
+        let pair = try FakePair()
+        let r = try pair.migrate(source: { $0.disconnectAtCommit = true })
+        let s = try r.source.get(), d = try r.destination.get()
+        #expect(s.reconnects == 1)
+        #expect(s.failedAttempts.isEmpty)
+        #expect(d.digestMatch && pair.memoriesMatch())
+    }
+
+    @Test func aCutDuringPostcopyResumes() throws {
+        let pair = try FakePair(ramPages: 1024)
+        let r = try pair.migrate(source: { $0.disconnectAfterPages = 300 })
+        let s = try r.source.get(), d = try r.destination.get()
+        #expect(s.reconnects == 1 && d.reconnects == 1)
+        #expect(d.digestMatch && pair.memoriesMatch())
+    }
+
+    @Test func aCorruptPostcopyPageIsNeverInstalledAndIsFetchedAgain() throws {
+        let pair = try FakePair()
+        let r = try pair.migrate(source: { $0.corruptOnePage = true })
+        let d = try r.destination.get()
+        #expect(d.corruptPagesRejected >= 1)
+        #expect(d.digestMatch && pair.memoriesMatch())
+    }
+
+    @Test func aProtocolViolationAfterTheCommitIsNotRetried() throws {
+        let pair = try FakePair()
+        let r = try pair.migrate(source: { $0.violateProtocolAfterCommit = true })
+        #expect(throws: MigrationError.self) { try r.source.get() }
+        #expect(throws: MigrationError.self) { try r.destination.get() }
+        if case .failure(let e) = r.destination { #expect("\(e)".contains("outside guest memory")) }
+        if case .failure(let e) = r.source { #expect("\(e)".contains("unrecoverable")) }
+    }
+
+    @Test func aFailingFaultPathThreadFailsTheMigrationWithItsError() throws {
+        let pair = try FakePair()
+        pair.configureDestinationMachine = { $0.simulatedFaults = [4096 * 100] }
+        let r = try pair.migrate(destination: { $0.faultMode = .vcpuExit; $0.failFaultPathThread = true; $0.reconnectSeconds = 1 },
+                                 )
+        guard case .failure(let e) = r.destination else { Issue.record("the destination completed"); return }
+        #expect("\(e)".contains("fault receiver"))
+        #expect("\(e)".contains("injected"))
+        #expect(throws: MigrationError.self) { try r.source.get() }
+    }
+
+    @Test func aPageDamagedAfterInstallationFailsTheDigest() throws {
+        let pair = try FakePair()
+        let r = try pair.migrate(destination: { $0.damageInstalledPage = pair.layout.lowPages + 1 })
+        let d = try r.destination.get()
+        #expect(!d.digestMatch)
+        #expect(throws: MigrationError.self) { try r.source.get() }
+    }
+
+    @Test func demandFaultsAreServedOnTheFaultConnection() throws {
+        let pair = try FakePair(ramPages: 512)
+        pair.configureDestinationMachine = { $0.simulatedFaults = [0, 4096 * 300, 4096 * 511] }
+        let r = try pair.migrate(destination: { $0.faultMode = .vcpuExit })
+        let d = try r.destination.get()
+        #expect(d.faults >= 1)
+        #expect(pair.destinationMachine!.faultErrors.isEmpty)
+        #expect(d.digestMatch && pair.memoriesMatch())
+    }
+}
