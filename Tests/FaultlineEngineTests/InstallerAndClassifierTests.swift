@@ -17,7 +17,7 @@ struct InstallerAndClassifierTests {
         e.endPages()
         var d = WireDecoder()
         let encoded = e.bytes
-        _ = try d.append(upTo: encoded.count) { buf in
+        _ = d.append(upTo: encoded.count) { buf in
             encoded.withUnsafeBytes { buf.copyMemory(from: $0) }
             return encoded.count
         }
