@@ -12,6 +12,7 @@ struct Demo: ParsableCommand {
     @Option(help: "Number of vCPUs") var vcpus = 2
     @Option(help: "Guest RAM") var memory = "512M"
     @Option(help: "dirtier | selfcheck") var workload: RunningWorkloadKind = .selfcheck
+    @Option(name: .customLong("working-set"), help: "dirtier: pages per vCPU rewritten each pass (default: all)") var workingSet: Int?
     @Option(name: .customLong("fault-mode"), help: "vcpu-exit | uffd-missing | uffd-minor") var faultMode: FaultMode = .vcpuExit
     @Option(help: "single | per-vcpu (uffd modes)") var uffd: UffdTopology = .single
     @Option(name: .customLong("precopy-rounds"), help: "The most pre-copy rounds before the switch-over") var precopyRounds = 1
@@ -34,7 +35,7 @@ struct Demo: ParsableCommand {
             guard backend == .kvm else { throw CLIError(description: "the migration demo needs KVM: \(why)") }
             guard let size = parseSize(memory) else { throw CLIError(description: "cannot read --memory '\(memory)'") }
             let layout = try MachineLayout(vcpus: vcpus, ramSize: size)
-            let wl = try RunningWorkload(kind: workload, pagesPerVcpu: layout.pagesPerVcpu)
+            let wl = try RunningWorkload(kind: workload, pagesPerVcpu: layout.pagesPerVcpu, workingSetPages: workingSet)
 
             // The destination: a second process.
             let child = Process()

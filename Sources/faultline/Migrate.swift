@@ -201,6 +201,7 @@ struct Receive: ParsableCommand {
     @Flag(help: "One JSON line") var json = false
     @Option(name: .customLong("inject-damage-installed-page"), help: .hidden) var damagePage: Int?
     @Flag(name: .customLong("inject-fault-thread-failure"), help: .hidden) var failFaultThread = false
+    @Option(name: .customLong("inject-exit-during-precopy-after-pages"), help: .hidden) var exitDuringPrecopy: Int?
 
     func run() {
         do {
@@ -215,6 +216,7 @@ struct Receive: ParsableCommand {
             options.reconnectSeconds = reconnectSeconds
             options.damageInstalledPage = damagePage
             options.failFaultPathThread = failFaultThread
+            options.exitDuringPrecopyAfterPages = exitDuringPrecopy
             if let prealloc {
                 guard let bytes = parseSize(prealloc) else { throw CLIError(description: "cannot read --prealloc '\(prealloc)'") }
                 options.preallocBytes = bytes

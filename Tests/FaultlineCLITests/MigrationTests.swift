@@ -102,27 +102,31 @@ struct MigrationTests {
         #expect(r.stderr.contains("memory digest mismatch"), "\(r.stderr)")
     }
 
-    @Test func aPeerThatIsNotFaultlineIsNamed() throws {
-        let (p, port, _, err) = try startReceiver()
+    @Test func aPeerThatIsNotFaultlineIsNamedAndTurnedAway() throws {
+        // A stranger on the socket is named and turned away; the receiver keeps waiting for a
+        // real source (here until --accept-seconds runs out).
+        let (p, port, _, err) = try startReceiver(["--accept-seconds", "3"])
         try rawSend(port: port, Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
+        #expect(p.isRunning, "a stranger must not end the receiver")
         let (status, stderr) = finish(p, err)
         #expect(status == 2)
         #expect(stderr.contains("not a Faultline peer"), "\(stderr)")
+        #expect(stderr.contains("timed out: waiting for the source"), "\(stderr)")
     }
 
     @Test func aWrongProtocolVersionIsNamed() throws {
         let (p, port, _, err) = try startReceiver()
         let layout = try GuestMemoryLayout(regions: [GuestMemoryRange(start: GuestPhysicalAddress(0), size: 0x10000)!])
         var hello = WireMessage.Hello(role: .bulk, sessionID: 7, layout: layout, vcpuCount: 1, features: [])
-        hello.version = 2
+        hello.version = 7
         try rawSend(port: port, try WireEncoder.encode(.hello(hello)))
         let (status, stderr) = finish(p, err)
         #expect(status == 2)
-        #expect(stderr.contains("protocol version mismatch: we speak version 1, the peer speaks version 2"), "\(stderr)")
+        #expect(stderr.contains("protocol version mismatch: we speak version \(WireProtocol.version), the peer speaks version 7"), "\(stderr)")
     }
 
-    @Test func aTruncatedStreamIsNamed() throws {
-        let (p, port, _, err) = try startReceiver()
+    @Test func aTruncatedStreamIsNamedAndTurnedAway() throws {
+        let (p, port, _, err) = try startReceiver(["--accept-seconds", "3"])
         let layout = try GuestMemoryLayout(regions: [GuestMemoryRange(start: GuestPhysicalAddress(0), size: 0x10000)!])
         let frame = try WireEncoder.encode(.hello(WireMessage.Hello(role: .bulk, sessionID: 7, layout: layout, vcpuCount: 1, features: [])))
         try rawSend(port: port, Array(frame.prefix(frame.count / 2)))
@@ -155,9 +159,11 @@ struct MigrationTests {
         }
         server.start()
         let r = try run(["run", "--memory", "16M", "--migrate-to", "127.0.0.1:\(port)", "--migrate-after", "0.1",
-                         "--reconnect-seconds", "2"], timeout: 120)
-        #expect(r.status == 2)
-        #expect(r.stderr.contains("not a Faultline peer"), "\(r.stderr)")
+                         "--reconnect-seconds", "2", "--json", "--run-after-failure", "3"], timeout: 120)
+        // Before the switch-over: a clean failure, and the guest kept running.
+        #expect(r.status == 3)
+        #expect(r.stdout.contains("not a Faultline peer"), "\(r.stdout)")
+        #expect(lastJSON(r.stdout)?["guest_running"] as? Bool == true)
     }
 }
 

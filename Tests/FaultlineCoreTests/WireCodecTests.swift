@@ -56,7 +56,7 @@ private let sampleMessages: [WireMessage] = [
     .hello(WireMessage.Hello(role: .fault, sessionID: 1, pageSize: 2 << 20,
                              layout: [MemoryRegionDescriptor(guestPhysicalAddress: 0, size: 4 << 20)],
                              vcpuCount: 1, features: FeatureFlags(rawValue: 1 << 63))),
-    .helloAck(version: 1, features: [.zeroPageMarkers, .resume]),
+    .helloAck(version: 2, features: [.zeroPageMarkers, .resume]),
     .reject(reason: "session 42 unknown; ☃"),
     .vcpuState(id: 3, blob: Array(0..<200)),
     .vcpuState(id: 0, blob: []),
@@ -282,12 +282,12 @@ private func decodeAll(_ bytes: [UInt8], chunk: Int = .max) -> (messages: [WireM
 
     @Test func wrongVersionReportsBothVersions() throws {
         var hello = sampleHello
-        hello.version = 2
+        hello.version = 1  // the version before the commit step: not compatible
         let error = decodeAll(try WireEncoder.encode(.hello(hello))).error
-        #expect(error == .unsupportedVersion(ours: 1, theirs: 2))
-        #expect(error?.description == "protocol version mismatch: we speak version 1, the peer speaks version 2")
+        #expect(error == .unsupportedVersion(ours: 2, theirs: 1))
+        #expect(error?.description == "protocol version mismatch: we speak version 2, the peer speaks version 1")
         #expect(decodeAll(try WireEncoder.encode(.helloAck(version: 7, features: []))).error
-                == .unsupportedVersion(ours: 1, theirs: 7))
+                == .unsupportedVersion(ours: 2, theirs: 7))
     }
 
     @Test func oversizedLengthIsRejectedBeforeThePayloadArrives() {

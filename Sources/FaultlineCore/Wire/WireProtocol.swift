@@ -10,7 +10,7 @@
 /// which is covered by each page's own CRC32C.
 public enum WireProtocol {
     /// The protocol version spoken by this build, carried in `hello` and `helloAck`.
-    public static let version: UInt32 = 1
+    public static let version: UInt32 = 2
     /// "FLT1" as it appears on the wire (bytes 46 4C 54 31), read as a little-endian u32.
     public static let magic: UInt32 = 0x3154_4C46
     /// Size of the fixed frame header in bytes.

@@ -119,7 +119,12 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                 let message = try bulk.receive()
                 switch message {
                 case .pages(let batch):
-                    if phase.isBeforeCommit && !awaitingCommit { try installer.storePrecopy(batch) }
+                    if phase.isBeforeCommit && !awaitingCommit {
+                        try installer.storePrecopy(batch)
+                        if let n = options.exitDuringPrecopyAfterPages, installer.precopyCount.load(ordering: .relaxed) >= n {
+                            _exit(9)  // the injection: a destination that dies mid-pre-copy
+                        }
+                    }
                     else if guestStarted { try installer.install(batch, demand: false, scratch: scratch, runPages: runPages) }
                     else { throw MigrationError.protocolViolation("pages between ready and commit") }
                 case .vcpuState(let id, let blob):

@@ -25,6 +25,8 @@ public struct DestinationOptions: Sendable {
     public var faultPathCPU: FaultPathCPU = .automatic
     /// Test hook: after this page is installed in post-copy, damage one byte of it in guest memory.
     public var damageInstalledPage: Int?
+    /// Test hook: the process dies (as a killed peer would) after this many pre-copy pages.
+    public var exitDuringPrecopyAfterPages: Int?
     /// Test hook: fail the fault-path thread that installs the first demand reply.
     public var failFaultPathThread = false
     /// Builds the guest and its page mapper (nil: a KVM guest under userfaultfd).
