@@ -4,21 +4,23 @@ import FaultlineEngine
 import FaultlineLinux
 import Testing
 
+/// Whether the end-to-end suites can run here, and why not (shown as the skip reason).
 enum Kernel {
     static let kvmUnavailable: String? = {
-        do { _ = try KVM(); return nil } catch {
-            print("SKIP KVM end-to-end tests: \(error)")
-            return "\(error)"
-        }
+        do { _ = try KVM(); return nil } catch { return "\(error)" }
     }()
+    /// KVM's own accesses to guest memory are kernel-mode faults: the KVM modes need a
+    /// userfaultfd without UFFD_USER_MODE_ONLY (root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1).
+    static let kernelUffdUnavailable: String? = {
+        do { _ = try Userfaultfd(required: [], flags: [.nonBlocking]); return nil } catch { return "\(error)" }
+    }()
+    /// The software vCPUs fault in user mode: any user may catch that (Linux 5.11+).
     static let uffdUnavailable: String? = {
-        do { _ = try Userfaultfd(required: [], flags: [.nonBlocking, .userModeOnly]); return nil } catch {
-            print("SKIP userfaultfd end-to-end tests: \(error)")
-            return "\(error)"
-        }
+        do { _ = try Userfaultfd(required: [], flags: [.nonBlocking, .userModeOnly]); return nil } catch { return "\(error)" }
     }()
-    static var kvm: Bool { kvmUnavailable == nil && uffdUnavailable == nil }
+    static var kvm: Bool { kvmUnavailable == nil && kernelUffdUnavailable == nil }
     static var uffd: Bool { uffdUnavailable == nil }
+    static func reason(_ need: String, _ why: String?) -> Comment { Comment(rawValue: why.map { "\(need): \($0)" } ?? need) }
 }
 
 func config(_ mode: FaultMode, backend: ExecutionBackend = .kvm, vcpus: Int = 2, kib: UInt64 = 1024,
@@ -40,7 +42,10 @@ func runVerified(_ c: DemandPagingConfig) throws -> DemandPagingResult {
     return r
 }
 
-@Suite("Demand paging on KVM, every mode", .serialized, .enabled(if: Kernel.kvm, "needs /dev/kvm and userfaultfd"))
+@Suite("Demand paging on KVM, every mode", .serialized,
+       .enabled(if: Kernel.kvmUnavailable == nil, Kernel.reason("needs a usable /dev/kvm", Kernel.kvmUnavailable)),
+       .enabled(if: Kernel.kernelUffdUnavailable == nil,
+                Kernel.reason("needs a userfaultfd that catches KVM's kernel-mode faults", Kernel.kernelUffdUnavailable)))
 struct KVMDemandPagingTests {
     @Test(arguments: FaultMode.allCases)
     func everyModeVerifiesEveryPage(mode: FaultMode) throws {
@@ -84,7 +89,8 @@ struct KVMDemandPagingTests {
     }
 }
 
-@Suite("Demand paging on software vCPUs", .serialized, .enabled(if: Kernel.uffd, "needs userfaultfd"))
+@Suite("Demand paging on software vCPUs", .serialized,
+       .enabled(if: Kernel.uffd, Kernel.reason("needs a user-mode userfaultfd", Kernel.uffdUnavailable)))
 struct SoftDemandPagingTests {
     @Test(arguments: FaultMode.allCases)
     func everyModeVerifiesEveryPage(mode: FaultMode) throws {
