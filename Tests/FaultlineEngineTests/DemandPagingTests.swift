@@ -1,4 +1,5 @@
 import CFaultlineShim
+import Dispatch
 import FaultlineCore
 import FaultlineEngine
 import FaultlineLinux
@@ -34,8 +35,34 @@ func config(_ mode: FaultMode, backend: ExecutionBackend = .kvm, vcpus: Int = 2,
     return c
 }
 
-func runVerified(_ c: DemandPagingConfig) throws -> DemandPagingResult {
-    let r = try DemandPagingBenchmark(config: c).run()
+/// A run that did not end in time (its thread is left behind; the test fails instead of hanging).
+struct RanPastDeadline: Error, CustomStringConvertible { let description: String }
+
+/// What a bounded body returned or threw, handed over from its thread.
+final class BoundedOutcome: @unchecked Sendable { var value: Any?; var error: Error? }
+
+/// Runs `body` on its own thread (8 MiB of stack, like a main thread) and waits at most
+/// `seconds` for it; past that records an issue and throws.
+func bounded<T>(_ what: String, within seconds: Int = 120, sourceLocation: SourceLocation = #_sourceLocation,
+                _ body: @escaping () throws -> T) throws -> T {
+    let outcome = BoundedOutcome(), done = DispatchSemaphore(value: 0)
+    let thread = try OSThread(name: "bounded test", stackSize: 8 << 20) {
+        do { outcome.value = try body() } catch { outcome.error = error }
+        done.signal()
+    }
+    guard done.wait(timeout: .now() + .seconds(seconds)) == .success else {
+        Issue.record("\(what) ran past \(seconds) s", sourceLocation: sourceLocation)
+        throw RanPastDeadline(description: "\(what) ran past \(seconds) s")
+    }
+    thread.join()
+    if let error = outcome.error { throw error }
+    return outcome.value as! T
+}
+
+func runVerified(_ c: DemandPagingConfig, sourceLocation: SourceLocation = #_sourceLocation) throws -> DemandPagingResult {
+    let r = try bounded("demand paging \(c.mode) \(c.pattern) on \(c.backend)", sourceLocation: sourceLocation) {
+        try DemandPagingBenchmark(config: c).run()
+    }
     #expect(r.badPages == 0, "\(c.mode) \(c.pattern): \(r.badPages) bad pages")
     #expect(r.checksumFailures == 0, "\(c.mode) \(c.pattern): read checksums")
     #expect(r.pages == Int(c.totalBytes / 4096))
