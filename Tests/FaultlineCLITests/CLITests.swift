@@ -1,50 +1,6 @@
 import Foundation
 import Testing
 
-/// Runs the `faultline` binary built next to the test bundle.
-struct CLIRun {
-    let status: Int32
-    let stdout: String
-    let stderr: String
-}
-
-func faultlineBinary() -> URL {
-    let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-    var dir = exe.deletingLastPathComponent()
-    while dir.path != "/" {
-        let candidate = dir.appendingPathComponent("faultline")
-        if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate }
-        dir = dir.deletingLastPathComponent()
-    }
-    return URL(fileURLWithPath: ".build/debug/faultline")
-}
-
-func run(_ arguments: [String], as prefix: [String] = [], timeout: TimeInterval = 120) throws -> CLIRun {
-    let p = Process()
-    if prefix.isEmpty {
-        p.executableURL = faultlineBinary()
-        p.arguments = arguments
-    } else {
-        p.executableURL = URL(fileURLWithPath: prefix[0])
-        p.arguments = Array(prefix.dropFirst()) + [faultlineBinary().path] + arguments
-    }
-    let out = Pipe(), err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    try p.run()
-    let deadline = Date().addingTimeInterval(timeout)
-    let outData = out.fileHandleForReading.readDataToEndOfFile()
-    let errData = err.fileHandleForReading.readDataToEndOfFile()
-    while p.isRunning && Date() < deadline { usleep(10_000) }
-    if p.isRunning { p.terminate(); Issue.record("faultline \(arguments) hung") }
-    p.waitUntilExit()
-    return CLIRun(status: p.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
-                  stderr: String(decoding: errData, as: UTF8.self))
-}
-
-let kvmUsable = FileManager.default.isWritableFile(atPath: "/dev/kvm")
-let isRoot = getuid() == 0
-
 @Suite("faultline CLI", .serialized)
 struct CLITests {
     @Test(arguments: [
@@ -70,10 +26,8 @@ struct CLITests {
         #expect(r.stderr.contains("telepathy"))
     }
 
-    @Test(.enabled(if: FileManager.default.fileExists(atPath: "/proc/meminfo")))
+    @Test(.enabled(if: freeHugePages == 0, "needs a machine with no free reserved huge pages (HugePages_Free in /proc/meminfo is not 0)"))
     func hugetlbWithoutReservedPages() throws {
-        let meminfo = (try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8)) ?? ""
-        guard meminfo.contains("HugePages_Free:        0") else { print("SKIP: huge pages are reserved here"); return }
         let r = try run(["bench", "demand-paging", "--backend", "soft", "--mode", "uffd-missing", "--backing", "hugetlb",
                          "--mem-per-vcpu", "2"])
         #expect(r.status == 2)
@@ -82,12 +36,14 @@ struct CLITests {
 
     /// With reserved 2 MiB pages (root reserves a few for the test and gives them back),
     /// hugetlb backing works in every mode that can use it; MINOR writes through an alias mapping.
-    @Test(.enabled(if: isRoot && kvmUsable, "needs root to reserve huge pages"))
+    @Test(.enabled(if: isRoot, "needs root to reserve huge pages (/proc/sys/vm/nr_hugepages)"), .enabled(if: kvmUsable, "needs /dev/kvm"))
     func hugetlbWithReservedPages() throws {
         let path = "/proc/sys/vm/nr_hugepages"
         let before = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap { Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) } ?? 0
         try "\(before + 8)\n".write(toFile: path, atomically: false, encoding: .utf8)
         defer { try? "\(before)\n".write(toFile: path, atomically: false, encoding: .utf8) }
+        let reserved = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap { Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) } ?? 0
+        try #require(reserved >= before + 8, "the kernel reserved \(reserved - before) of 8 huge pages (memory too fragmented?)")
         for mode in ["prefilled", "uffd-missing", "uffd-minor"] {
             let r = try run(["bench", "demand-paging", "--mode", mode, "--backing", "hugetlb", "--vcpus", "2", "--mem-per-vcpu", "4"])
             #expect(r.status == 0, "\(mode): \(r.stderr)")
@@ -96,7 +52,8 @@ struct CLITests {
         }
     }
 
-    @Test func softBackendRunsAndSaysSo() throws {
+    @Test(.enabled(if: softBackendUsable, "needs a userfaultfd for the software vCPUs (faultline probe)"))
+    func softBackendRunsAndSaysSo() throws {
         let r = try run(["bench", "demand-paging", "--backend", "soft", "--mode", "uffd-missing", "--vcpus", "2",
                          "--mem-per-vcpu", "1"])
         #expect(r.status == 0, "\(r.stderr)")
@@ -122,7 +79,9 @@ struct CLITests {
         #expect(object?["backend"] as? String == "kvm")
     }
 
-    @Test(.enabled(if: isRoot && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv"), "needs root and setpriv"))
+    @Test(.enabled(if: isRoot, "needs root to drop to uid 65534"),
+          .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv"), "needs /usr/bin/setpriv"),
+          .enabled(if: softBackendUsable, "needs a userfaultfd for the software vCPUs it falls back to"))
     func withoutPermissionForKVM() throws {
         let nobody = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
         let explicit = try run(["bench", "demand-paging", "--backend", "kvm", "--mem-per-vcpu", "1"], as: nobody)

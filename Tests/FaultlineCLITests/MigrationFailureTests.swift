@@ -9,10 +9,10 @@ struct MigrationFailureTests {
     let demo = ["demo", "--memory", "64M", "--json", "--migrate-after", "0.5", "--run-after", "0.5"]
 
     @Test func aDestinationKilledDuringPrecopyLeavesTheSourceGuestRunning() throws {
-        let (p, port, _, err) = try startReceiver(["--inject-exit-during-precopy-after-pages", "2000"])
+        let (receiver, port) = try startReceiver(["--inject-exit-during-precopy-after-pages", "2000"])
         let r = try run(["run", "--memory", "64M", "--migrate-to", "127.0.0.1:\(port)", "--migrate-after", "0.3",
                          "--precopy-rounds", "2", "--postcopy", "always", "--json"], timeout: 120)
-        _ = finish(p, err)
+        _ = receiver.finish(timeout: 30)
         #expect(r.status == 3, "\(r.stdout) \(r.stderr)")
         let j = lastJSON(r.stdout)
         #expect(j?["outcome"] as? String == "failed_before_switchover")

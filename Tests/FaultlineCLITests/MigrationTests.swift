@@ -8,24 +8,17 @@ func lastJSON(_ text: String) -> [String: Any]? {
     return try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any]
 }
 
-/// Starts `faultline receive` on an ephemeral loopback port; returns the process, its port
-/// and a reader for the rest of its output.
-func startReceiver(_ extra: [String] = []) throws -> (Process, UInt16, Pipe, Pipe) {
-    let p = Process()
-    p.executableURL = faultlineBinary()
-    p.arguments = ["receive", "--listen", "127.0.0.1:0", "--json", "--accept-seconds", "20"] + extra
-    let out = Pipe(), err = Pipe()
-    p.standardOutput = out
-    p.standardError = err
-    try p.run()
-    var line = ""
-    while !line.hasSuffix("\n") {
-        let d = out.fileHandleForReading.readData(ofLength: 1)
-        if d.isEmpty { break }
-        line += String(decoding: d, as: UTF8.self)
-    }
+/// Starts `faultline receive` on an ephemeral loopback port; returns it and its port.
+func startReceiver(_ extra: [String] = [], sourceLocation: SourceLocation = #_sourceLocation) throws -> (receiver: Child, port: UInt16) {
+    let receiver = try Child(["receive", "--listen", "127.0.0.1:0", "--json", "--accept-seconds", "20"] + extra)
+    let line = receiver.readLine(timeout: 30) ?? ""
     let port = UInt16(line.split(separator: ":").last?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? 0
-    return (p, port, out, err)
+    guard port != 0 else {
+        let stderr = receiver.finish(timeout: 5, sourceLocation: sourceLocation).stderr
+        Issue.record("the receiver printed '\(line)' instead of its port; stderr: \(stderr)", sourceLocation: sourceLocation)
+        throw HarnessError("faultline receive did not listen")
+    }
+    return (receiver, port)
 }
 
 /// A raw TCP client for speaking (or not speaking) the protocol to a receiver.
@@ -38,17 +31,12 @@ func rawSend(port: UInt16, _ bytes: [UInt8]) throws {
     addr.sin_addr.s_addr = inet_addr("127.0.0.1")
     let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
     #expect(rc == 0)
-    _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
+    _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
     usleep(200_000)
 }
 
-func finish(_ p: Process, _ err: Pipe) -> (Int32, String) {
-    let e = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    p.waitUntilExit()
-    return (p.terminationStatus, e)
-}
-
-@Suite("Live migration", .serialized, .enabled(if: kvmUsable && isRoot, "needs /dev/kvm and a privileged userfaultfd"))
+@Suite("Live migration", .serialized, .enabled(if: kvmUsable, "needs /dev/kvm"),
+       .enabled(if: isRoot, "needs root: the destination's userfaultfd must catch KVM's faults (vm.unprivileged_userfaultfd is 0 by default)"))
 struct MigrationTests {
     @Test(arguments: [
         ["--fault-mode", "vcpu-exit"],
@@ -105,32 +93,31 @@ struct MigrationTests {
     @Test func aPeerThatIsNotFaultlineIsNamedAndTurnedAway() throws {
         // A stranger on the socket is named and turned away; the receiver keeps waiting for a
         // real source (here until --accept-seconds runs out).
-        let (p, port, _, err) = try startReceiver(["--accept-seconds", "3"])
+        let (receiver, port) = try startReceiver(["--accept-seconds", "3"])
         try rawSend(port: port, Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
-        #expect(p.isRunning, "a stranger must not end the receiver")
-        let (status, stderr) = finish(p, err)
+        let (status, _, stderr, _) = receiver.finish(timeout: 60)
         #expect(status == 2)
         #expect(stderr.contains("not a Faultline peer"), "\(stderr)")
         #expect(stderr.contains("timed out: waiting for the source"), "\(stderr)")
     }
 
     @Test func aWrongProtocolVersionIsNamed() throws {
-        let (p, port, _, err) = try startReceiver()
+        let (receiver, port) = try startReceiver()
         let layout = try GuestMemoryLayout(regions: [GuestMemoryRange(start: GuestPhysicalAddress(0), size: 0x10000)!])
         var hello = WireMessage.Hello(role: .bulk, sessionID: 7, layout: layout, vcpuCount: 1, features: [])
         hello.version = 7
         try rawSend(port: port, try WireEncoder.encode(.hello(hello)))
-        let (status, stderr) = finish(p, err)
+        let (status, _, stderr, _) = receiver.finish(timeout: 60)
         #expect(status == 2)
         #expect(stderr.contains("protocol version mismatch: we speak version \(WireProtocol.version), the peer speaks version 7"), "\(stderr)")
     }
 
     @Test func aTruncatedStreamIsNamedAndTurnedAway() throws {
-        let (p, port, _, err) = try startReceiver(["--accept-seconds", "3"])
+        let (receiver, port) = try startReceiver(["--accept-seconds", "3"])
         let layout = try GuestMemoryLayout(regions: [GuestMemoryRange(start: GuestPhysicalAddress(0), size: 0x10000)!])
         let frame = try WireEncoder.encode(.hello(WireMessage.Hello(role: .bulk, sessionID: 7, layout: layout, vcpuCount: 1, features: [])))
         try rawSend(port: port, Array(frame.prefix(frame.count / 2)))
-        let (status, stderr) = finish(p, err)
+        let (status, _, stderr, _) = receiver.finish(timeout: 60)
         #expect(status == 2)
         #expect(stderr.contains("ended in the middle of a frame"), "\(stderr)")
     }
@@ -147,17 +134,26 @@ struct MigrationTests {
         listen(fd, 4)
         _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
         let port = UInt16(bigEndian: addr.sin_port)
+        // Answers up to two connections, each within 60 s; the test waits for it before closing the socket.
+        let served = DispatchSemaphore(value: 0)
         let server = Thread {
+            defer { served.signal() }
             for _ in 0..<2 {
+                var ready = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                guard poll(&ready, 1, 60_000) == 1 else { return }
                 let c = accept(fd, nil, nil)
                 guard c >= 0 else { return }
                 let reply = Array("HTTP/1.1 400 Bad Request\r\n\r\n".utf8)
-                _ = reply.withUnsafeBytes { send(c, $0.baseAddress, $0.count, 0) }
+                _ = reply.withUnsafeBytes { send(c, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
                 usleep(300_000)
                 close(c)
             }
         }
         server.start()
+        defer {
+            shutdown(fd, Int32(SHUT_RDWR))
+            if served.wait(timeout: .now() + 65) == .timedOut { Issue.record("the fake destination's thread did not end") }
+        }
         let r = try run(["run", "--memory", "16M", "--migrate-to", "127.0.0.1:\(port)", "--migrate-after", "0.1",
                          "--reconnect-seconds", "2", "--json", "--run-after-failure", "3"], timeout: 120)
         // Before the switch-over: a clean failure, and the guest kept running.
@@ -168,17 +164,12 @@ struct MigrationTests {
 }
 
 /// Two network namespaces joined by a veth pair: the same commands between two "hosts".
-@Suite("Migration between network namespaces", .serialized, .enabled(if: kvmUsable && isRoot, "needs root and /dev/kvm"))
+@Suite("Migration between network namespaces", .serialized, .enabled(if: kvmUsable, "needs /dev/kvm"),
+       .enabled(if: isRoot, "needs root: userfaultfd must catch KVM's faults, and network namespaces"),
+       .enabled(if: networkNamespacesUsable, "needs two network namespaces joined by a veth pair (ip netns, ip link ... type veth)"))
 struct NetnsMigrationTests {
-    func sh(_ command: String) -> Int32 {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/sh")
-        p.arguments = ["-c", command]
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try? p.run()
-        p.waitUntilExit()
-        return p.terminationStatus
+    func sh(_ command: String) throws -> Int32 {
+        try run(executable: "/bin/sh", arguments: ["-c", command], timeout: 60).status
     }
 
     @Test func migratesAcrossAVethPair() throws {
@@ -190,27 +181,21 @@ struct NetnsMigrationTests {
         ip -n \(a) link set va\(getpid() % 10000) up && ip -n \(b) link set vb\(getpid() % 10000) up && \
         ip -n \(a) link set lo up && ip -n \(b) link set lo up
         """
-        defer { _ = sh("ip netns del \(a); ip netns del \(b)") }
-        guard sh(setup) == 0 else {
-            print("SKIP netns migration: cannot create network namespaces and a veth pair here")
+        defer { _ = try? sh("ip netns del \(a); ip netns del \(b)") }
+        try #require(try sh(setup) == 0, "cannot set up the namespaces and the veth pair: \(setup)")
+        let receiver = try Child(["receive", "--listen", "10.77.0.2:7177", "--json", "--accept-seconds", "60"],
+                                 as: ["/usr/sbin/ip", "netns", "exec", b])
+        guard receiver.readLine(timeout: 30)?.hasPrefix("listening on") == true else {
+            Issue.record("the receiver did not start: \(receiver.finish(timeout: 5).stderr)")
             return
         }
-        let bin = faultlineBinary().path
-        let receiver = Process()
-        receiver.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
-        receiver.arguments = ["netns", "exec", b, bin, "receive", "--listen", "10.77.0.2:7177", "--json", "--accept-seconds", "60"]
-        let out = Pipe()
-        receiver.standardOutput = out
-        receiver.standardError = FileHandle.nullDevice
-        try receiver.run()
         let source = try run(["run", "--memory", "32M", "--migrate-to", "10.77.0.2:7177", "--migrate-after", "0.5", "--json",
                               "--precopy-rounds", "1"], as: ["/usr/sbin/ip", "netns", "exec", a], timeout: 300)
-        let destinationOut = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        receiver.waitUntilExit()
+        let destination = receiver.finish(timeout: 60)
         #expect(source.status == 0, "\(source.stderr)")
-        #expect(receiver.terminationStatus == 0)
+        #expect(destination.status == 0, "\(destination.stderr)")
         #expect(lastJSON(source.stdout)?["digest_match"] as? Bool == true)
-        let d = lastJSON(destinationOut)
+        let d = lastJSON(destination.stdout)
         #expect(d?["digest_match"] as? Bool == true)
         #expect(d?["guest_check"] as? Bool == true)
     }

@@ -180,7 +180,9 @@ struct RunningWorkloadTests {
         try guest.run(passes: 2)
         try guest.run(steps: pause)
         // Not the page under the cursor: a word already read there is about to be overwritten.
-        while Int(guest.cpu[.edx] - chunkBase) / pageSize == page { try guest.run(steps: 1) }
+        let limit = guest.steps + 10_000
+        while Int(guest.cpu[.edx] - chunkBase) / pageSize == page && guest.steps < limit { try guest.run(steps: 1) }
+        try #require(guest.steps < limit, "the cursor stayed on page \(page)")
         let bad: UInt32 = 0xBAD0_0000 | UInt32(pause)
         guest.cpu.poke(guest.address(page: page, offset: offset), bad)
         try guest.run(passes: 3)

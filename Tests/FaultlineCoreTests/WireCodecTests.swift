@@ -90,7 +90,11 @@ private func decodeAll(_ bytes: [UInt8], chunk: Int = .max) -> (messages: [WireM
             let end = offset + min(chunk, bytes.count - offset)
             bytes[offset..<end].withUnsafeBytes { decoder.append($0) }
             offset = end
-            while let message = try decoder.nextMessage() { messages.append(message) }
+            while let message = try decoder.nextMessage() {
+                messages.append(message)
+                // Every frame takes at least one byte: more messages than bytes is a decoder stuck in place.
+                guard messages.count <= bytes.count else { Issue.record("the decoder returns messages without consuming input"); return (messages, nil) }
+            }
         } while offset < bytes.count
         try decoder.finish()
         return (messages, nil)
@@ -188,8 +192,12 @@ private func decodeAll(_ bytes: [UInt8], chunk: Int = .max) -> (messages: [WireM
                 stream[offset..<offset + n].withUnsafeBytes { window.copyMemory(from: $0) }
                 return n
             }
+            try #require(written > 0, "append(upTo:) took no bytes at offset \(offset)")
             offset += written
-            while let message = try decoder.nextMessage() { messages.append(message) }
+            while let message = try decoder.nextMessage() {
+                messages.append(message)
+                try #require(messages.count <= stream.count, "the decoder returns messages without consuming input")
+            }
         }
         try decoder.finish()
         #expect(messages == sampleMessages)
@@ -421,7 +429,9 @@ private func decodeAll(_ bytes: [UInt8], chunk: Int = .max) -> (messages: [WireM
                 let end = min(stream.count, offset + Int.random(in: 1...6000, using: &random))
                 stream[offset..<end].withUnsafeBytes { decoder.append($0) }
                 offset = end
-                while true {
+                // Each message or in-sync error consumes at least one byte, so this ends.
+                for attempt in 0... {
+                    guard attempt <= stream.count else { Issue.record("the decoder makes no progress"); break }
                     do {
                         guard let message = try decoder.nextMessage() else { break }
                         // Whatever gets through must be intact.

@@ -1,24 +1,27 @@
 import CFaultlineShim
+import Dispatch
 import FaultlineCore
 import FaultlineEngine
 import FaultlineLinux
 import Testing
 
+/// Whether the end-to-end suites can run here, and why not (shown as the skip reason).
 enum Kernel {
     static let kvmUnavailable: String? = {
-        do { _ = try KVM(); return nil } catch {
-            print("SKIP KVM end-to-end tests: \(error)")
-            return "\(error)"
-        }
+        do { _ = try KVM(); return nil } catch { return "\(error)" }
     }()
+    /// KVM's own accesses to guest memory are kernel-mode faults: the KVM modes need a
+    /// userfaultfd without UFFD_USER_MODE_ONLY (root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1).
+    static let kernelUffdUnavailable: String? = {
+        do { _ = try Userfaultfd(required: [], flags: [.nonBlocking]); return nil } catch { return "\(error)" }
+    }()
+    /// The software vCPUs fault in user mode: any user may catch that (Linux 5.11+).
     static let uffdUnavailable: String? = {
-        do { _ = try Userfaultfd(required: [], flags: [.nonBlocking, .userModeOnly]); return nil } catch {
-            print("SKIP userfaultfd end-to-end tests: \(error)")
-            return "\(error)"
-        }
+        do { _ = try Userfaultfd(required: [], flags: [.nonBlocking, .userModeOnly]); return nil } catch { return "\(error)" }
     }()
-    static var kvm: Bool { kvmUnavailable == nil && uffdUnavailable == nil }
+    static var kvm: Bool { kvmUnavailable == nil && kernelUffdUnavailable == nil }
     static var uffd: Bool { uffdUnavailable == nil }
+    static func reason(_ need: String, _ why: String?) -> Comment { Comment(rawValue: why.map { "\(need): \($0)" } ?? need) }
 }
 
 func config(_ mode: FaultMode, backend: ExecutionBackend = .kvm, vcpus: Int = 2, kib: UInt64 = 1024,
@@ -32,15 +35,44 @@ func config(_ mode: FaultMode, backend: ExecutionBackend = .kvm, vcpus: Int = 2,
     return c
 }
 
-func runVerified(_ c: DemandPagingConfig) throws -> DemandPagingResult {
-    let r = try DemandPagingBenchmark(config: c).run()
+/// A run that did not end in time (its thread is left behind; the test fails instead of hanging).
+struct RanPastDeadline: Error, CustomStringConvertible { let description: String }
+
+/// What a bounded body returned or threw, handed over from its thread.
+final class BoundedOutcome: @unchecked Sendable { var value: Any?; var error: Error? }
+
+/// Runs `body` on its own thread (8 MiB of stack, like a main thread) and waits at most
+/// `seconds` for it; past that records an issue and throws.
+func bounded<T>(_ what: String, within seconds: Int = 120, sourceLocation: SourceLocation = #_sourceLocation,
+                _ body: @escaping () throws -> T) throws -> T {
+    let outcome = BoundedOutcome(), done = DispatchSemaphore(value: 0)
+    let thread = try OSThread(name: "bounded test", stackSize: 8 << 20) {
+        do { outcome.value = try body() } catch { outcome.error = error }
+        done.signal()
+    }
+    guard done.wait(timeout: .now() + .seconds(seconds)) == .success else {
+        Issue.record("\(what) ran past \(seconds) s", sourceLocation: sourceLocation)
+        throw RanPastDeadline(description: "\(what) ran past \(seconds) s")
+    }
+    thread.join()
+    if let error = outcome.error { throw error }
+    return outcome.value as! T
+}
+
+func runVerified(_ c: DemandPagingConfig, sourceLocation: SourceLocation = #_sourceLocation) throws -> DemandPagingResult {
+    let r = try bounded("demand paging \(c.mode) \(c.pattern) on \(c.backend)", sourceLocation: sourceLocation) {
+        try DemandPagingBenchmark(config: c).run()
+    }
     #expect(r.badPages == 0, "\(c.mode) \(c.pattern): \(r.badPages) bad pages")
     #expect(r.checksumFailures == 0, "\(c.mode) \(c.pattern): read checksums")
     #expect(r.pages == Int(c.totalBytes / 4096))
     return r
 }
 
-@Suite("Demand paging on KVM, every mode", .serialized, .enabled(if: Kernel.kvm, "needs /dev/kvm and userfaultfd"))
+@Suite("Demand paging on KVM, every mode", .serialized,
+       .enabled(if: Kernel.kvmUnavailable == nil, Kernel.reason("needs a usable /dev/kvm", Kernel.kvmUnavailable)),
+       .enabled(if: Kernel.kernelUffdUnavailable == nil,
+                Kernel.reason("needs a userfaultfd that catches KVM's kernel-mode faults", Kernel.kernelUffdUnavailable)))
 struct KVMDemandPagingTests {
     @Test(arguments: FaultMode.allCases)
     func everyModeVerifiesEveryPage(mode: FaultMode) throws {
@@ -84,7 +116,8 @@ struct KVMDemandPagingTests {
     }
 }
 
-@Suite("Demand paging on software vCPUs", .serialized, .enabled(if: Kernel.uffd, "needs userfaultfd"))
+@Suite("Demand paging on software vCPUs", .serialized,
+       .enabled(if: Kernel.uffd, Kernel.reason("needs a user-mode userfaultfd", Kernel.uffdUnavailable)))
 struct SoftDemandPagingTests {
     @Test(arguments: FaultMode.allCases)
     func everyModeVerifiesEveryPage(mode: FaultMode) throws {

@@ -1,51 +1,83 @@
 import CFaultlineShim
 import FaultlineCore
 import FaultlineLinux
+import Dispatch
 import Testing
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// Whether the real-kernel suites can run here; prints why not once.
+/// Whether the real-kernel suites can run here, and why not (shown as the skip reason).
 enum Kernel {
     static let kvmUnavailable: String? = {
-        do { _ = try KVM(); return nil } catch {
-            print("SKIP real-KVM tests: \(error)")
-            return "\(error)"
-        }
+        do { _ = try KVM(); return nil } catch { return "\(error)" }
     }()
+    /// A userfaultfd that catches kernel-mode faults too (root, CAP_SYS_PTRACE or
+    /// vm.unprivileged_userfaultfd=1).
     static let uffdUnavailable: String? = {
-        do { _ = try Userfaultfd(required: []); return nil } catch {
-            print("SKIP real-userfaultfd tests: \(error)")
-            return "\(error)"
-        }
+        do { _ = try Userfaultfd(required: []); return nil } catch { return "\(error)" }
     }()
+    static let features: UffdFeatures = (try? Userfaultfd.availableFeatures()) ?? []
     static var kvm: Bool { kvmUnavailable == nil }
     static var uffd: Bool { uffdUnavailable == nil }
+    static func reason(_ need: String, _ why: String?) -> Comment { Comment(rawValue: why.map { "\(need): \($0)" } ?? need) }
+    static let guestMemfdMmap: Bool = { ((try? KVM())?.check(.guestMemfdFlags) ?? 0) & 1 != 0 }()
 }
+
+/// A test's wait ran out.
+struct TimedOut: Error, CustomStringConvertible { let description: String }
 
 /// Runs `body` on a new OS thread (not the cooperative pool: it may block in a page fault).
 final class TestThread: @unchecked Sendable {
     private var thread = pthread_t()
+    private let finished = DispatchSemaphore(value: 0)
+    private var joined = false
     private final class Box { let body: () -> Void; init(_ b: @escaping () -> Void) { body = b } }
     init(_ body: @escaping () -> Void) {
-        let box = Unmanaged.passRetained(Box(body)).toOpaque()
+        let done = finished
+        let box = Unmanaged.passRetained(Box({ body(); done.signal() })).toOpaque()
         _ = fl_thread_create(&thread, 0, { arg in
             Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue().body()
             return nil
         }, box)
     }
-    func join() { pthread_join(thread, nil) }
+
+    /// Waits up to `seconds` for it to end; past that records an issue and leaves it running
+    /// (detached; whatever its body captured stays alive with it).
+    @discardableResult
+    func join(within seconds: Int = 10, sourceLocation: SourceLocation = #_sourceLocation) -> Bool {
+        guard !joined else { return true }
+        joined = true
+        if finished.wait(timeout: .now() + .seconds(seconds)) == .timedOut {
+            Issue.record("a test thread did not end within \(seconds) s", sourceLocation: sourceLocation)
+            pthread_detach(thread)
+            return false
+        }
+        pthread_join(thread, nil)
+        return true
+    }
 }
 
-/// Waits (up to 5 s per poll) for the next event on `u`.
-func nextEvent(_ u: Userfaultfd) throws -> UffdEvent {
+/// The next event on `u`, waiting at most `seconds`; throws (naming the wait) past that.
+func nextEvent(_ u: Userfaultfd, within seconds: Int = 10) throws -> UffdEvent {
     let events = UnsafeMutableBufferPointer<fl_uffd_msg>.allocate(capacity: 1)
     defer { events.deallocate() }
-    while true {
-        _ = try u.waitReadable(orStop: -1, timeoutMs: 5000)
+    let deadline = ContinuousClock.now + .seconds(seconds)
+    while ContinuousClock.now < deadline {
+        _ = try u.waitReadable(orStop: -1, timeoutMs: 200)
         if try u.readEvents(into: events) > 0 { return UffdEvent(events[0]) }
     }
+    throw TimedOut(description: "no userfaultfd event within \(seconds) s")
+}
+
+/// One KVM_RUN, kicked out after `seconds` if the guest is still running then (a guest
+/// stuck in a loop fails its test with an `.interrupted` exit instead of hanging it).
+func runOnce(_ v: Vcpu, within seconds: Int = 10) throws -> VcpuExit {
+    v.bindToCurrentThread()
+    let watchdog = DispatchWorkItem { v.kick() }
+    DispatchQueue.global().asyncAfter(deadline: .now() + .seconds(seconds), execute: watchdog)
+    defer { watchdog.cancel() }
+    return try v.runOnce()
 }
 
 /// A VM with 64 KiB of code memory at GPA 0 and a program at 0x1000.
@@ -74,7 +106,7 @@ final class TinyVM {
     }
 }
 
-@Suite("KVM on the real kernel", .enabled(if: Kernel.kvm, "needs a usable /dev/kvm"))
+@Suite("KVM on the real kernel", .enabled(if: Kernel.kvm, Kernel.reason("needs a usable /dev/kvm", Kernel.kvmUnavailable)))
 struct KVMTests {
     @Test func capabilitiesAreTyped() throws {
         let kvm = try KVM()
@@ -92,10 +124,10 @@ struct KVMTests {
             a.hlt()
         }
         let v = try t.vcpu()
-        let first = try v.runOnce()
+        let first = try runOnce(v)
         #expect(first == .io(port: 0x42, size: 4, count: 1, isOut: true))
         #expect(v.ioData.load(as: UInt32.self) == 0xCAFE_F00D)
-        #expect(try v.runOnce() == .hlt)
+        #expect(try runOnce(v) == .hlt)
         #expect((t.low.base + 0x8000).load(as: UInt32.self) == 0xCAFE_F00D)
         #expect(try v.registers().rip == 0x1000 + 5 + 5 + 2 + 2 + 1)
     }
@@ -109,10 +141,10 @@ struct KVMTests {
             a.hlt()
         }
         let v = try t.vcpu()
-        #expect(try v.runOnce() == .mmio(address: GuestPhysicalAddress(0x2000_0000), length: 4, isWrite: true, data: 0x1234_5678))
-        #expect(try v.runOnce() == .mmio(address: GuestPhysicalAddress(0x2000_0000), length: 4, isWrite: false, data: 0))
+        #expect(try runOnce(v) == .mmio(address: GuestPhysicalAddress(0x2000_0000), length: 4, isWrite: true, data: 0x1234_5678))
+        #expect(try runOnce(v) == .mmio(address: GuestPhysicalAddress(0x2000_0000), length: 4, isWrite: false, data: 0))
         v.completeMMIORead(0xABCD)
-        #expect(try v.runOnce() == .hlt)
+        #expect(try runOnce(v) == .hlt)
         #expect(try v.registers().rdx == 0xABCD)
     }
 
@@ -131,7 +163,7 @@ struct KVMTests {
         try t.vm.setMemoryRegion(slot: 1, flags: .logDirtyPages, guestPhysicalAddress: GuestPhysicalAddress(0x1000_0000),
                                  size: ram.size, hostAddress: ram.hostAddress)
         let v = try t.vcpu { $0.rsi = 0x1000_0000; $0.rdi = 0x1000_0000 + 64 * 4096; $0.rax = 7 }
-        #expect(try v.runOnce() == .hlt)
+        #expect(try runOnce(v) == .hlt)
         var bits: [UInt64] = [0]
         try bits.withUnsafeMutableBytes { try t.vm.getDirtyLog(slot: 1, into: $0.baseAddress!) }
         #expect(bits[0] == 0x5555_5555_5555_5555)
@@ -139,19 +171,19 @@ struct KVMTests {
         #expect(bits[0] == 0, "KVM_GET_DIRTY_LOG resets the log")
     }
 
-    @Test func guestMemfdSlotIsSharedWithTheMapping() throws {
+    @Test(.enabled(if: Kernel.guestMemfdMmap, "needs KVM_CAP_GUEST_MEMFD_FLAGS with GUEST_MEMFD_FLAG_MMAP"))
+    func guestMemfdSlotIsSharedWithTheMapping() throws {
         let t = try TinyVM { a in
             a.mov(.eax, imm: 0x6D656D67)
             a.mov(.esi, imm: 0x1000_1000)
             a.store(.eax, to: .esi)
             a.hlt()
         }
-        guard t.vm.kvm.check(.guestMemfdFlags) & 1 != 0 else { print("SKIP: no GUEST_MEMFD_FLAG_MMAP"); return }
         let ram = try GuestMemoryRegion(backing: .guestMemfd, size: 16 * 4096, vm: t.vm)
         try t.vm.setMemoryRegion(slot: 1, flags: .guestMemfd, guestPhysicalAddress: GuestPhysicalAddress(0x1000_0000),
                                  size: ram.size, hostAddress: ram.hostAddress, guestMemfd: ram.guestMemfd)
         let v = try t.vcpu()
-        #expect(try v.runOnce() == .hlt)
+        #expect(try runOnce(v) == .hlt)
         #expect((ram.base + 4096).load(as: UInt32.self) == 0x6D656D67)
     }
 
@@ -188,28 +220,23 @@ struct KVMTests {
             a.jmp(spin)
         }
         let v = try t.vcpu()
-        let done = UnsafeMutablePointer<Int>.allocate(capacity: 1)
-        done.initialize(to: 0)
-        defer { done.deallocate() }
-        var thread = pthread_t()
-        final class Box: @unchecked Sendable { let v: Vcpu; let done: UnsafeMutablePointer<Int>; init(_ v: Vcpu, _ d: UnsafeMutablePointer<Int>) { self.v = v; self.done = d } }
-        let box = Unmanaged.passRetained(Box(v, done)).toOpaque()
-        _ = fl_thread_create(&thread, 0, { arg in
-            let b = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
-            b.v.bindToCurrentThread()
-            let exit = try? b.v.runOnce()
-            b.done.pointee = exit == .interrupted ? 1 : 2
-            return nil
-        }, box)
+        final class Outcome: @unchecked Sendable { var exit: VcpuExit? }
+        let outcome = Outcome()
+        // A bare KVM_RUN (no watchdog): only the kick can end it; if it does not, the thread is left spinning.
+        let runner = TestThread {
+            v.bindToCurrentThread()
+            outcome.exit = try? v.runOnce()
+        }
         try await Task.sleep(for: .milliseconds(100))
         v.kick()
-        pthread_join(thread, nil)
-        #expect(done.pointee == 1)
+        #expect(runner.join(within: 10))
+        #expect(outcome.exit == .interrupted)
         v.clearKick()
     }
 }
 
-@Suite("userfaultfd on the real kernel", .serialized, .enabled(if: Kernel.uffd, "needs a userfaultfd"))
+@Suite("userfaultfd on the real kernel", .serialized,
+       .enabled(if: Kernel.uffd, Kernel.reason("needs a userfaultfd that catches kernel faults (root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)", Kernel.uffdUnavailable)))
 struct UserfaultfdTests {
     @Test func negotiatesFeatures() throws {
         let available = try Userfaultfd.availableFeatures()
@@ -240,8 +267,7 @@ struct UserfaultfdTests {
     @Test func aRunStepsOverPagesAlreadyMapped() throws {
         // Pages 1 and 3 of six are mapped by "another installer" first; a run over all six
         // with skippingPresent maps the other four and leaves those two as they were.
-        let features = try Userfaultfd.availableFeatures()
-        let u = try Userfaultfd(required: UffdFeatures([.move]).intersection(features))
+        let u = try Userfaultfd(required: [])
         let ram = try GuestMemoryRegion(backing: .anonymous, size: 6 * 4096)
         try u.register(start: ram.hostAddress, length: ram.size, mode: .missing)
         let mine = [UInt8](repeating: 0x11, count: 4096), theirs = [UInt8](repeating: 0x22, count: 6 * 4096)
@@ -258,7 +284,12 @@ struct UserfaultfdTests {
         try u.register(start: other.hostAddress, length: other.size, mode: .missing)
         _ = try mine.withUnsafeBytes { try u.copy(to: other.hostAddress, from: $0.baseAddress!, length: 4096) }
         #expect(try theirs.withUnsafeBytes { try u.copy(to: other.hostAddress, from: $0.baseAddress!, length: 2 * 4096) } == .alreadyPresent)
-        guard features.contains(.move) else { print("SKIP: no UFFDIO_MOVE for the move half"); return }
+    }
+
+    @Test(.enabled(if: Kernel.features.contains(.move), "needs UFFD_FEATURE_MOVE (UFFDIO_MOVE)"))
+    func aMoveStepsOverPagesAlreadyMapped() throws {
+        let u = try Userfaultfd(required: [.move])
+        let mine = [UInt8](repeating: 0x11, count: 4096)
         let target = try GuestMemoryRegion(backing: .anonymous, size: 4 * 4096)
         try u.register(start: target.hostAddress, length: target.size, mode: .missing)
         _ = try mine.withUnsafeBytes { try u.copy(to: target.hostAddress.adding(2 * 4096)!, from: $0.baseAddress!, length: 4096) }
@@ -274,8 +305,14 @@ struct UserfaultfdTests {
         try u.register(start: ram.hostAddress, length: ram.size, mode: .missing)
         final class Target: @unchecked Sendable { let p: UnsafeMutableRawPointer; init(_ p: UnsafeMutableRawPointer) { self.p = p } }
         let target = Target(ram.base + 2 * 4096 + 8)
-        let writer = TestThread { target.p.storeBytes(of: UInt32(77), as: UInt32.self) }
-        let event = try nextEvent(u)
+        // The thread holds the region: if the test ends early, the memory it faults on stays mapped.
+        let writer = TestThread { withExtendedLifetime(ram) { target.p.storeBytes(of: UInt32(77), as: UInt32.self) } }
+        let event: UffdEvent
+        do { event = try nextEvent(u) } catch {
+            _ = try? u.zeroPage(at: ram.hostAddress, length: ram.size)
+            writer.join()
+            throw error
+        }
         guard case .pagefault(let address, let flags, let tid) = event else {
             Issue.record("expected a pagefault, got \(event)")
             return
@@ -288,8 +325,8 @@ struct UserfaultfdTests {
         #expect((ram.base + 2 * 4096 + 8).load(as: UInt32.self) == 77)
     }
 
-    @Test func minorFaultsWriteThenContinue() throws {
-        guard try Userfaultfd.availableFeatures().contains(.minorShmem) else { print("SKIP: no MINOR_SHMEM"); return }
+    @Test(.enabled(if: Kernel.features.contains(.minorShmem), "needs UFFD_FEATURE_MINOR_SHMEM"))
+    func minorFaultsWriteThenContinue() throws {
         let u = try Userfaultfd(required: [.minorShmem])
         let ram = try GuestMemoryRegion(backing: .memfd, size: 4 * 4096)
         try ram.allocateFile()
