@@ -10,6 +10,8 @@
 # FaultlineCore (PageBitmap) needs swift-atomics, which a plain swiftc run does not have.
 
 FUZZ_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The clang of the Swift toolchain (it has the libFuzzer and ASan runtimes swiftc links).
+FUZZ_CLANG="$(dirname "$(command -v swiftc)")/clang"
 CORE_SOURCES=(
   "$FUZZ_ROOT/Sources/FaultlineCore/Addresses.swift"
   "$FUZZ_ROOT"/Sources/FaultlineCore/Wire/*.swift
@@ -25,7 +27,7 @@ module CFaultlineCRC {
   export *
 }
 MAP
-  clang -O2 -c "$FUZZ_ROOT/Sources/CFaultlineCRC/crc.c" -I "$dir/include" -o "$dir/crc.o"
+  "$FUZZ_CLANG" -O2 -c "$FUZZ_ROOT/Sources/CFaultlineCRC/crc.c" -I "$dir/include" -o "$dir/crc.o"
   swiftc -parse-as-library -module-name FaultlineCore -emit-module -emit-module-path "$dir/FaultlineCore.swiftmodule" \
     -emit-library -static -o "$dir/libFaultlineCore.a" -I "$dir/include" -swift-version 5 "$@" "${CORE_SOURCES[@]}"
 }
