@@ -4,6 +4,7 @@
 # check and exits with the number of failed checks.
 bin=${FAULTLINE_BIN:-.build/release/faultline}
 out=$(mktemp); err=$(mktemp)
+begin=$(date +%s.%N)
 failed=0
 pass() { echo "rig check $1: ok${2:+ - $2}"; }
 flunk() { echo "rig check $1: FAILED - $2"; echo "--- stdout"; cat "$out"; echo "--- stderr"; cat "$err"; failed=$((failed + 1)); }
@@ -31,11 +32,12 @@ fi
 refused() {  # label, expected stderr text, command...
   label=$1 text=$2; shift 2
   if [ "$auto" = vcpu-exit ]; then echo "rig check $label: skipped - vcpu-exit works on this kernel"; return; fi
+  t=$(clock)
   "$@" >"$out" 2>"$err"; rc=$?
   if [ $rc -ne 2 ]; then flunk "$label" "exit status $rc, expected 2"
   elif ! grep -qF -- "$text" "$err"; then flunk "$label" "stderr lacks '$text'"
   elif grep -qE "listening on|demo:|Total guest execution time" "$out"; then flunk "$label" "it started before refusing"
-  else pass "$label" "exit 2 before starting: $(sed 's/^faultline: error: //' "$err" | head -1)"
+  else pass "$label" "$(took "$t") s; exit 2 before starting: $(sed 's/^faultline: error: //' "$err" | head -1)"
   fi
 }
 refused "c (demo --fault-mode vcpu-exit refused)" "--fault-mode vcpu-exit cannot work on this kernel: a vCPU fault on missing RAM returns a bare EFAULT" \
@@ -46,4 +48,5 @@ refused "e (bench demand-paging --mode vcpu-exit refused)" "--mode vcpu-exit can
   "$bin" bench demand-paging --mode vcpu-exit --vcpus 2 --mem-per-vcpu 8
 
 rm -f "$out" "$err"
+echo "rig checks: $failed failed, $(took "$begin") s inside the rig"
 exit $failed
