@@ -69,6 +69,10 @@ public final class DemandPagingBenchmark {
 
     public init(config: DemandPagingConfig) throws {
         try config.validate()
+        // Refused up front where KVM_RUN cannot say which page a vCPU fault wants (TDP).
+        if config.backend == .kvm && config.mode == .vcpuExit {
+            _ = try FaultModeSelection.resolve(requested: .explicit(.vcpuExit), option: "--mode", offerAuto: false)
+        }
         self.config = config
         self.backend = config.backend
     }

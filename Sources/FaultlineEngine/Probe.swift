@@ -21,6 +21,10 @@ public struct SystemProbe: Sendable {
     public var hugePages = 0
     /// Mode name -> nil when it can run here, else why not.
     public var modes: [(String, String?)] = []
+    /// What a vCPU fault on missing RAM produces here (nil without /dev/kvm).
+    public var vcpuFault: VcpuFaultProbe?
+    /// What `--fault-mode auto` picks here and why (or why nothing can work).
+    public var autoFaultMode: (mode: String, reason: String) = ("none", "")
 
     public static func collect() -> SystemProbe {
         var p = SystemProbe()
@@ -67,6 +71,11 @@ public struct SystemProbe: Sendable {
                 withExtendedLifetime(mem) {}
             }
             row("KVM_MEM_USERFAULT", userfault, "proposed in the KVM Userfault series")
+            let fault = VcpuFaultProbe.current
+            p.vcpuFault = fault
+            row("vCPU fault on missing RAM", "\(fault.sigbusFault)",
+                "userfaultfd SIGBUS; vcpu-exit needs an exit naming the page; probe took \(fmtMilliseconds(fault.milliseconds)) ms")
+            if let u = fault.kvmUserfault { row("vCPU fault, KVM_MEM_USERFAULT", "\(u)", "the page marked in the userfault bitmap") }
         }
         row("/dev/userfaultfd", access("/dev/userfaultfd", R_OK | W_OK) == 0 ? "yes" : "no")
         do {
@@ -90,15 +99,28 @@ public struct SystemProbe: Sendable {
             ("prefilled (kvm)", need(kvmOK, "no /dev/kvm")),
             ("uffd-missing (kvm)", need(kvmOK && uffdOK, "needs /dev/kvm and userfaultfd")),
             ("uffd-minor (kvm)", need(kvmOK && p.uffdFeatures.contains(.minorShmem), "needs /dev/kvm and UFFD_FEATURE_MINOR_SHMEM")),
-            ("vcpu-exit (kvm)", need(kvmOK && p.uffdFeatures.contains(.sigbus),
-                                     "needs /dev/kvm and UFFD_FEATURE_SIGBUS")),
+            ("vcpu-exit (kvm)", kvmOK ? FaultModeSelection.obstacle(to: .vcpuExit, probe: VcpuFaultProbe.current) : "needs /dev/kvm"),
             ("uffd-* / vcpu-exit (soft)", need(uffdOK, "needs userfaultfd")),
             ("backing guest-memfd", need(kvmOK && p.guestMemfdFlags & 1 != 0, "needs KVM_CAP_GUEST_MEMFD_FLAGS with MMAP")),
             ("backing hugetlb", need(p.hugePages > 0, "no free 2 MiB huge pages")),
-            ("guest-memfd post-copy (KVM Userfault)", "KVM_MEM_USERFAULT is not in this kernel"),
+            ("guest-memfd post-copy (KVM Userfault)", !p.rows.contains { $0.name == "KVM_MEM_USERFAULT" && $0.value == "yes" }
+                ? "KVM_MEM_USERFAULT is not in this kernel"
+                : "KVM_MEM_USERFAULT is in this kernel, but faultline does not use it yet"),
         ]
+        do {
+            let (mode, reason) = try FaultModeSelection.resolve(requested: .auto)
+            p.autoFaultMode = (mode.rawValue, reason)
+        } catch {
+            p.autoFaultMode = ("none", "\(error)")
+        }
         return p
     }
+}
+
+func fmtMilliseconds(_ v: Double) -> String {
+    var buf = [CChar](repeating: 0, count: 32)
+    _ = withVaList([v]) { vsnprintf(&buf, 32, "%.1f", $0) }
+    return String(cString: buf)
 }
 
 extension String {

@@ -121,10 +121,13 @@ public final class VirtualMachine: @unchecked Sendable {
 
     /// KVM_SET_USER_MEMORY_REGION2. Unsafe in the sense of rust-vmm's API: the host range
     /// must stay mapped for as long as the slot exists (GuestMemoryRegion guarantees it
-    /// by outliving the VM). A size of 0 deletes the slot.
+    /// by outliving the VM). A size of 0 deletes the slot. `userfaultBitmap` (with
+    /// `.userfault`, KVM Userfault kernels only): one bit per page, bit 0 = the slot's first
+    /// page; it must stay valid as long as the slot has the flag.
     public func setMemoryRegion(
         slot: UInt32, flags: MemslotFlags = [], guestPhysicalAddress: GuestPhysicalAddress, size: UInt64,
-        hostAddress: HostAddress, guestMemfd: GuestMemfd? = nil, guestMemfdOffset: UInt64 = 0
+        hostAddress: HostAddress, guestMemfd: GuestMemfd? = nil, guestMemfdOffset: UInt64 = 0,
+        userfaultBitmap: UnsafeRawPointer? = nil
     ) throws(SystemError) {
         var region = fl_kvm_userspace_memory_region2()
         region.slot = slot
@@ -134,6 +137,7 @@ public final class VirtualMachine: @unchecked Sendable {
         region.userspace_addr = hostAddress.rawValue
         region.guest_memfd_offset = guestMemfdOffset
         region.guest_memfd = UInt32(bitPattern: guestMemfd?.fd.rawValue ?? 0)
+        region.pad2.0 = UInt64(UInt(bitPattern: userfaultBitmap))  // userfault_bitmap in the KVM Userfault proposal
         try systemCall("KVM_SET_USER_MEMORY_REGION2 slot \(slot)") { fd.ioctl(FL_KVM_SET_USER_MEMORY_REGION2, &region) }
     }
 

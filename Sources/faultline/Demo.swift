@@ -13,7 +13,7 @@ struct Demo: ParsableCommand {
     @Option(help: "Guest RAM") var memory = "512M"
     @Option(help: "dirtier | selfcheck") var workload: RunningWorkloadKind = .selfcheck
     @Option(name: .customLong("working-set"), help: "dirtier: pages per vCPU rewritten each pass (default: all)") var workingSet: Int?
-    @Option(name: .customLong("fault-mode"), help: "vcpu-exit | uffd-missing | uffd-minor") var faultMode: FaultMode = .vcpuExit
+    @Option(name: .customLong("fault-mode"), help: faultModeHelp) var faultMode: FaultModeChoice = .auto
     @Option(help: "single | per-vcpu (uffd modes)") var uffd: UffdTopology = .single
     @Option(name: .customLong("precopy-rounds"), help: "The most pre-copy rounds before the switch-over") var precopyRounds = 1
     @Option(help: "never | auto | always (see `run --help`)") var postcopy: PostcopyPolicy = .auto
@@ -33,6 +33,7 @@ struct Demo: ParsableCommand {
         do {
             let (backend, why) = BackendSelection.resolve(nil)
             guard backend == .kvm else { throw CLIError(description: "the migration demo needs KVM: \(why)") }
+            let (mode, modeReason) = try FaultModeSelection.resolve(requested: faultMode)
             guard let size = parseSize(memory) else { throw CLIError(description: "cannot read --memory '\(memory)'") }
             let layout = try MachineLayout(vcpus: vcpus, ramSize: size)
             let wl = try RunningWorkload(kind: workload, pagesPerVcpu: layout.pagesPerVcpu, workingSetPages: workingSet)
@@ -40,7 +41,7 @@ struct Demo: ParsableCommand {
             // The destination: a second process.
             let child = Process()
             child.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-            var arguments = ["receive", "--listen", "127.0.0.1:0", "--json", "--fault-mode", faultMode.rawValue,
+            var arguments = ["receive", "--listen", "127.0.0.1:0", "--json", "--fault-mode", faultMode.argument,
                              "--uffd", uffd.rawValue, "--run-after", String(runAfter), "--accept-seconds", "60",
                              "--fault-cpu", faultCPU.argument]
             if prealloc { arguments += ["--prealloc", String(size)] }
@@ -62,7 +63,8 @@ struct Demo: ParsableCommand {
                 throw CLIError(description: "unexpected destination output: \(firstLine)")
             }
             if !json {
-                print("backend: kvm; demo: \(vcpus) vCPU(s), \(size >> 20) MiB, workload \(workload), fault mode \(faultMode), "
+                print("backend: kvm; demo: \(vcpus) vCPU(s), \(size >> 20) MiB, workload \(workload), fault mode \(mode) "
+                      + "(\(modeReason)), "
                       + "\(precopyRounds) pre-copy round(s); destination pid \(child.processIdentifier) on \(endpoint)")
             }
 
@@ -97,7 +99,7 @@ struct Demo: ParsableCommand {
             } else {
                 print(report.human)
                 let l = object["fault_latency_us"] as? [String: Double] ?? [:]
-                print("destination (fault mode \(faultMode))")
+                print("destination (fault mode \(mode): \(modeReason))")
                 print("  faults                \(object["faults"] ?? 0), latency p50 \(l["p50"] ?? 0) us, p90 \(l["p90"] ?? 0) us, "
                       + "p99 \(l["p99"] ?? 0) us, max \(l["max"] ?? 0) us")
                 print("  vCPU stall (ms)       \(object["vcpu_stall_ms"] ?? [])")

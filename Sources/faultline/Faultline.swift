@@ -35,6 +35,7 @@ struct Probe: ParsableCommand {
         if json {
             var fields = p.rows.map { "\"\(jsonEscape($0.name))\":\"\(jsonEscape($0.value))\"" }
             fields.append("\"modes\":{" + p.modes.map { "\"\(jsonEscape($0.0))\":\($0.1 == nil ? "true" : "false")" }.joined(separator: ",") + "}")
+            fields.append("\"fault_mode_auto\":\"\(p.autoFaultMode.mode)\",\"fault_mode_auto_reason\":\"\(jsonEscape(p.autoFaultMode.reason))\"")
             print("{" + fields.joined(separator: ",") + "}")
             return
         }
@@ -50,6 +51,7 @@ struct Probe: ParsableCommand {
             let pad = String(repeating: " ", count: mw - mode.count)
             print("  \(mode)\(pad)  \(why == nil ? "yes" : "no: \(why!)")")
         }
+        print("Migration --fault-mode auto: \(p.autoFaultMode.mode) (\(p.autoFaultMode.reason))")
     }
 }
 
@@ -72,6 +74,10 @@ struct Bench: ParsableCommand {
 }
 
 extension FaultMode: ExpressibleByArgument {}
+extension FaultModeChoice: ExpressibleByArgument {
+    public var defaultValueDescription: String { argument }
+    public static var allValueStrings: [String] { spellings }
+}
 extension UffdTopology: ExpressibleByArgument {}
 extension ExecutionBackend: ExpressibleByArgument {}
 extension BackingKind: ExpressibleByArgument {}

@@ -25,6 +25,9 @@ extension FaultPathCPU: ExpressibleByArgument {
 /// `--fault-cpu`, shared by run, receive and demo.
 let faultCPUHelp: ArgumentHelp = "CPU for the fault-path threads: auto (the last CPU allowed), none, or a number"
 
+/// `--fault-mode`, shared by receive and demo.
+let faultModeHelp: ArgumentHelp = "auto | vcpu-exit | uffd-missing | uffd-minor (auto: the best mode that works on this kernel)"
+
 /// The source's hidden fault-injection flags (for tests), shared by `run` and `demo`.
 struct SourceFaultInjection: ParsableArguments {
     @Option(name: .customLong("inject-disconnect-after-pages"), help: .hidden) var disconnectAfter: Int?
@@ -190,7 +193,7 @@ struct Receive: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Receive a migrating VM and run it.")
 
     @Option(help: "HOST:PORT to listen on (port 0 picks one; it is printed)") var listen = "0.0.0.0:7077"
-    @Option(name: .customLong("fault-mode"), help: "vcpu-exit | uffd-missing | uffd-minor") var faultMode: FaultMode = .vcpuExit
+    @Option(name: .customLong("fault-mode"), help: faultModeHelp) var faultMode: FaultModeChoice = .auto
     @Option(help: "single | per-vcpu (uffd modes)") var uffd: UffdTopology = .single
     @Option(help: "Reader threads per userfaultfd (uffd modes)") var readers = 1
     @Option(name: .customLong("run-after"), help: "Seconds the guest keeps running after the migration") var runAfter = 1.0
@@ -206,8 +209,9 @@ struct Receive: ParsableCommand {
     func run() {
         do {
             guard let endpoint = SocketEndpoint(parsing: listen) else { throw CLIError(description: "cannot read --listen '\(listen)'") }
+            let (mode, modeReason) = try FaultModeSelection.resolve(requested: faultMode)
             var options = DestinationOptions(listen: endpoint)
-            options.faultMode = faultMode
+            options.faultMode = mode
             options.uffd = uffd
             options.readers = readers
             options.faultPathCPU = faultCPU
@@ -239,7 +243,7 @@ struct Receive: ParsableCommand {
                 }
                 throw error
             }
-            print(json ? report.json : report.human)
+            print(json ? report.json(faultModeReason: modeReason) : report.human(faultModeReason: modeReason))
             if !report.digestMatch || report.guestMismatches > 0 {
                 if !report.digestMatch { fputs("faultline: error: memory digest mismatch (computed from destination memory)\n", stderr) }
                 Foundation.exit(1)

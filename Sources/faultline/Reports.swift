@@ -56,10 +56,11 @@ extension SourceReport {
 extension DestinationReport {
     var guestCheck: Bool { guestMismatches == 0 }
 
-    var human: String {
+    func human(faultModeReason: String) -> String {
         let l = faultLatencyMicroseconds
         return [
             "migration complete (destination, fault mode \(faultMode))",
+            "  fault mode            \(faultMode): \(faultModeReason)",
             "  switch-over           \(ms(switchoverMilliseconds)) ms from the first vCPU state to running",
             "  post-copy             \(fmt(postcopySeconds, 3)) s: \(demandPages) pages on demand, \(backgroundPages) in background, \(zeroPages) zero",
             "  pre-copy pages        \(precopyPages)",
@@ -75,10 +76,11 @@ extension DestinationReport {
         ].joined(separator: "\n")
     }
 
-    var jsonFields: [String] {
+    func jsonFields(faultModeReason: String) -> [String] {
         let l = faultLatencyMicroseconds
         return [
-            "\"fault_mode\":\"\(faultMode)\"", "\"switchover_ms\":\(fmt(switchoverMilliseconds, 3))",
+            "\"fault_mode\":\"\(faultMode)\"", "\"fault_mode_reason\":\"\(jsonEscape(faultModeReason))\"",
+            "\"switchover_ms\":\(fmt(switchoverMilliseconds, 3))",
             "\"destination_postcopy_seconds\":\(fmt(postcopySeconds, 6))", "\"faults\":\(faults)",
             "\"fault_latency_us\":{\"p50\":\(fmt(l.p50, 2)),\"p90\":\(fmt(l.p90, 2)),\"p99\":\(fmt(l.p99, 2)),\"max\":\(fmt(l.max, 2))}",
             "\"vcpu_stall_ms\":[" + vcpuStallMilliseconds.map { fmt($0, 3) }.joined(separator: ",") + "]",
@@ -92,5 +94,7 @@ extension DestinationReport {
         ]
     }
 
-    var json: String { "{\"side\":\"destination\"," + jsonFields.joined(separator: ",") + "}" }
+    func json(faultModeReason: String) -> String {
+        "{\"side\":\"destination\"," + jsonFields(faultModeReason: faultModeReason).joined(separator: ",") + "}"
+    }
 }

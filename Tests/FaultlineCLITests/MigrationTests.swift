@@ -39,6 +39,7 @@ func rawSend(port: UInt16, _ bytes: [UInt8]) throws {
        .enabled(if: isRoot, "needs root: the destination's userfaultfd must catch KVM's faults (vm.unprivileged_userfaultfd is 0 by default)"))
 struct MigrationTests {
     @Test(arguments: [
+        [],  // the default: --fault-mode auto
         ["--fault-mode", "vcpu-exit"],
         ["--fault-mode", "uffd-missing"],
         ["--fault-mode", "uffd-missing", "--uffd", "per-vcpu"],
@@ -56,9 +57,12 @@ struct MigrationTests {
         #expect(j?["guest_mismatches"] as? Int == 0)
         #expect((j?["passes_after_migration"] as? Int ?? 0) > 0, "the guest kept running on the destination")
         for key in ["total_seconds", "downtime_ms", "precopy_pages", "demand_pages", "background_pages", "zero_pages",
-                    "bytes_sent", "faults", "fault_latency_us"] {
+                    "bytes_sent", "faults", "fault_latency_us", "fault_mode", "fault_mode_reason"] {
             #expect(j?[key] != nil, "missing \(key)")
         }
+        let reason = j?["fault_mode_reason"] as? String ?? ""
+        let expectedPrefix = args.contains("--fault-mode") ? "requested" : "auto: "
+        #expect(reason.hasPrefix(expectedPrefix), "\(reason)")
     }
 
     @Test func aCutConnectionResumesAndCompletes() throws {
