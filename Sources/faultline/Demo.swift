@@ -16,6 +16,7 @@ struct Demo: ParsableCommand {
     @Option(name: .customLong("fault-mode"), help: faultModeHelp) var faultMode: FaultModeChoice = .auto
     @Option(help: "single | per-vcpu (uffd modes)") var uffd: UffdTopology = .single
     @Option(name: .customLong("precopy-rounds"), help: "The most pre-copy rounds before the switch-over") var precopyRounds = 1
+    @Option(name: .customLong("precopy-seconds"), help: "Time bound for pre-copy") var precopySeconds = 10.0
     @Option(help: "never | auto | always (see `run --help`)") var postcopy: PostcopyPolicy = .auto
     @Option(name: .customLong("max-downtime-ms"), help: "Downtime target for stopping pre-copy") var maxDowntimeMs = 300.0
     @Option(help: "Attempts after the first when one fails before the switch-over") var retries = 0
@@ -75,6 +76,7 @@ struct Demo: ParsableCommand {
             Thread.sleep(forTimeInterval: migrateAfter)
             var migration = try SourceMigrationArguments.parse([])
             migration.precopyRounds = precopyRounds
+            migration.precopySeconds = precopySeconds
             migration.postcopy = postcopy
             migration.maxDowntimeMs = maxDowntimeMs
             migration.retries = retries

@@ -13,7 +13,7 @@ struct MigrationMatrixTests {
 
     @Test(arguments: cases)
     func migratesWithMatchingDigestAndAGreenGuest(mode: String, rounds: Int, workload: String) throws {
-        let r = try run(["demo", "--memory", "64M", "--json", "--migrate-after", "0.5", "--run-after", "0.5",
+        let r = try run(["demo", "--memory", "64M", "--json", "--migrate-after", "0.5", "--run-after", "1",
                          "--fault-mode", mode, "--workload", workload, "--precopy-rounds", String(rounds),
                          "--postcopy", "always", "--precopy-seconds", "60"], timeout: 240)
         #expect(r.status == 0, "\(mode) \(rounds) \(workload): \(r.stderr)")
