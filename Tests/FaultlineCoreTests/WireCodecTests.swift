@@ -339,7 +339,7 @@ private func decodeAll(_ bytes: [UInt8], chunk: Int = .max) -> (messages: [WireM
         (5, 0, le(UInt32(4096)) + le(UInt64(1)) + [0, 0, 0, 0] + le(UInt32(0)) + [1, 2]),  // short page
         (5, 0, le(UInt32(1000))),  // bad page size
         (7, 0, [1, 2, 3]),  // reply shorter than its request ID
-        (1, 0, le(UInt32(1)) + le(UInt32(3))),  // hello with unknown role, cut short
+        (1, 0, le(WireProtocol.version) + le(UInt32(3))),  // hello with unknown role, cut short
     ])
     func malformedPayloadsAreRejected(type: UInt16, flags: UInt16, payload: [UInt8]) throws {
         var decoder = WireDecoder()
