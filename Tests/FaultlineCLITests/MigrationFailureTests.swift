@@ -50,7 +50,8 @@ struct MigrationFailureTests {
     }
 
     @Test func aFailingFaultPathThreadIsReportedByBothSides() throws {
-        let r = try run(demo + ["--precopy-rounds", "0", "--inject-fault-thread-failure"], timeout: 240)
+        // The corrupt page makes a reply on the fault connection certain.
+        let r = try run(demo + ["--precopy-rounds", "0", "--inject-fault-thread-failure", "--inject-corrupt-page"], timeout: 240)
         #expect(r.status == 4, "\(r.stderr)")
         #expect(r.stderr.contains("fault receiver"), "\(r.stderr)")
         #expect(r.stderr.contains("injected"), "\(r.stderr)")

@@ -164,9 +164,12 @@ struct MigrationWithFakesTests {
 
     @Test func aFailingFaultPathThreadFailsTheMigrationWithItsError() throws {
         let pair = try FakePair()
+        // A corrupt background page is dropped, so at least that page must come as a reply on the
+        // fault connection (whatever the simulated vCPU's fault races with): the injected failure
+        // of the fault receiver is certain to happen.
         pair.configureDestinationMachine = { $0.simulatedFaults = [4096 * 100] }
-        let r = try pair.migrate(destination: { $0.faultMode = .vcpuExit; $0.failFaultPathThread = true; $0.reconnectSeconds = 1 },
-                                 )
+        let r = try pair.migrate(source: { $0.corruptOnePage = true },
+                                 destination: { $0.faultMode = .vcpuExit; $0.failFaultPathThread = true; $0.reconnectSeconds = 1 })
         guard case .failure(let e) = r.destination else { Issue.record("the destination completed"); return }
         #expect("\(e)".contains("fault receiver"))
         #expect("\(e)".contains("injected"))
@@ -182,8 +185,10 @@ struct MigrationWithFakesTests {
     }
 
     @Test func demandFaultsAreServedOnTheFaultConnection() throws {
-        let pair = try FakePair(ramPages: 512)
-        pair.configureDestinationMachine = { $0.simulatedFaults = [0, 4096 * 300, 4096 * 511] }
+        // The vCPU touches the last pages the stream would send (it streams in order from the
+        // start of RAM), so its faults come long before the stream gets there.
+        let pair = try FakePair(ramPages: 8192)
+        pair.configureDestinationMachine = { $0.simulatedFaults = [4096 * 8191, 4096 * 8000] }
         let r = try pair.migrate(destination: { $0.faultMode = .vcpuExit })
         let d = try r.destination.get()
         #expect(d.faults >= 1)
