@@ -29,6 +29,9 @@ struct Demo: ParsableCommand {
     @Flag(help: "One JSON line with both sides' figures") var json = false
     @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
     @OptionGroup var injection: SourceFaultInjection
+    @Option(name: .customLong("chaos-seed"), help: .hidden) var chaosSeed: UInt64?
+    @Option(name: .customLong("chaos-events"), help: .hidden) var chaosEvents = 3
+    @Option(name: .customLong("chaos-event"), help: .hidden) var chaosEventSpecs: [String] = []
 
     func run() {
         do {
@@ -69,6 +72,31 @@ struct Demo: ParsableCommand {
                       + "\(precopyRounds) pre-copy round(s); destination pid \(child.processIdentifier) on \(endpoint)")
             }
 
+            // Chaos (`bench chaos`): a proxy between the two sides carries out a seeded schedule.
+            var chaos: ChaosProxy?
+            var target = endpoint
+            var retries = retries
+            if chaosSeed != nil || !chaosEventSpecs.isEmpty {
+                // Explicit events (`--chaos-event PHASE:ROLE:DIRECTION:FRAME:ACTION[:BIT]`) keep `--retries`.
+                let explicit = try chaosEventSpecs.map { spec in
+                    guard let e = ChaosEvent(spec: spec) else { throw CLIError(description: "cannot read --chaos-event '\(spec)'") }
+                    return e
+                }
+                let schedule = explicit.isEmpty
+                    ? ChaosSchedule.generate(seed: chaosSeed ?? 0, vcpus: vcpus, maxEvents: chaosEvents)
+                    : ChaosSchedule(seed: 0, events: explicit, retries: retries)
+                let proxy = try ChaosProxy(upstream: endpoint, schedule: schedule)
+                retries = schedule.retries
+                target = proxy.endpoint
+                chaos = proxy
+                FaultlineLog.note("faultline demo: chaos schedule \(schedule)")
+            }
+            let printChaos = {
+                guard let chaos else { return }
+                chaos.stop()
+                print(chaosJSON(chaos.summary))
+            }
+
             // The source: this process.
             let vm = try MigratableVM(layout: layout, backing: .anonymous)
             try vm.boot(workload: wl)
@@ -80,14 +108,18 @@ struct Demo: ParsableCommand {
             migration.postcopy = postcopy
             migration.maxDowntimeMs = maxDowntimeMs
             migration.retries = retries
-            let options = MigrationOptions(destination: endpoint, migration: migration, progress: !json,
+            let options = MigrationOptions(destination: target, migration: migration, progress: !json,
                                            faultPathCPU: faultCPU, injection: injection)
-            let terminateChild = { if child.isRunning { child.terminate() } }
+            let terminateChild = {
+                printChaos()
+                if child.isRunning { child.terminate() }
+            }
             guard let (_, report) = migrateSource(vm, options: options, baseline: baseline, json: json,
                                                   runAfterFailure: 1, onFailure: terminateChild) else { return }
             _ = vm.stop()
             let rest = String(decoding: reader.readDataToEndOfFile(), as: UTF8.self)
             child.waitUntilExit()
+            printChaos()
             let destinationJSON = rest.split(separator: "\n").last(where: { $0.hasPrefix("{") }).map(String.init)
             guard let destinationJSON, let object = try JSONSerialization.jsonObject(with: Data(destinationJSON.utf8)) as? [String: Any] else {
                 throw CLIError(description: "the destination process failed (exit \(child.terminationStatus))")
@@ -114,4 +146,13 @@ struct Demo: ParsableCommand {
             fail(error)
         }
     }
+}
+
+/// One JSON line: the chaos schedule and what of it fired (`bench chaos` reads it).
+func chaosJSON(_ s: ChaosProxy.Summary) -> String {
+    func list(_ items: [String]) -> String { "[" + items.map { "\"\(jsonEscape($0))\"" }.joined(separator: ",") + "]" }
+    let fired = s.fired.map { "attempt \($0.attempt): \($0.event) (frame type \($0.frameType))" }
+    return "{\"chaos\":{\"seed\":\(s.schedule.seed),\"retries\":\(s.schedule.retries),\"attempts\":\(s.attempts),"
+        + "\"disturbed_attempts_before_commit\":\(s.disturbedAttemptsBeforeCommit),\"fired\":\(list(fired)),"
+        + "\"fired_phases\":\(list(s.fired.map(\.event.phase.rawValue))),\"unfired\":\(list(s.unfired.map(\.description)))}}"
 }

@@ -12,4 +12,8 @@ public enum SessionAck {
     /// Source -> destination after `ready`: the source has committed (it will never resume
     /// its guest); the destination starts the vCPUs. The switch-over point.
     public static let commit: UInt64 = 3
+    /// Source -> destination after the verdict: the source has the verdict. Until it arrives
+    /// the destination keeps answering a reconnect of the session (a verdict lost in transit
+    /// is sent again), for at most its reconnect timeout.
+    public static let verdictReceived: UInt64 = 4
 }

@@ -28,6 +28,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     /// Between `ready` and `commit`: everything is prepared, the vCPUs have not started.
     var awaitingCommit = false
     var guestStarted = false
+    /// Every page is in and the digest read back from memory matched (the verdict is sent).
+    var verified = false
+    /// The fault receiver lost its connection (the main loop reconnects both).
+    let faultConnectionLost = ManagedAtomic<Bool>(false)
     var sessionID: UInt64 = 0
     var bulk: WireChannel!
     var fault: WireChannel!
@@ -157,16 +161,24 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                         throw MigrationError.protocolViolation("complete before the commit and the digest")
                     }
                     phase = .completion
-                    try waitForEveryPage()
-                    tComplete = MonotonicClock.nanoseconds()
-                    finishPostcopy()
-                    try verify(expected: expected)
-                    if report.digestMatch {
-                        try bulk.send(.ack(SessionAck.verified))
-                    } else {
-                        let cause = MigrationError.digestMismatch(source: expected, destination: report.destinationDigest)
-                        try? bulk.send(.error(message: "destination: \(cause)"))
+                    if !verified {
+                        try waitForEveryPage()
+                        tComplete = MonotonicClock.nanoseconds()
+                        finishPostcopy()
+                        try verify(expected: expected)
+                        guard report.digestMatch else {
+                            let cause = MigrationError.digestMismatch(source: expected, destination: report.destinationDigest)
+                            try? bulk.send(.error(message: "destination: \(cause)"))
+                            break receiveLoop
+                        }
+                        verified = true
                     }
+                    // Sent again after a reconnect: the first verdict may have been lost. The
+                    // source confirms it has it (`verdictReceived`); until then a lost
+                    // connection is waited for like any other after the commit.
+                    bulk.socket.setReceiveTimeout(seconds: options.reconnectSeconds)
+                    try bulk.send(.ack(SessionAck.verified))
+                case .ack(SessionAck.verdictReceived) where verified:
                     break receiveLoop
                 case .error(let m):
                     throw MigrationError.peerError(m)
@@ -185,6 +197,15 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     // did not (and gave up on this one).
                     try awaitCommitAfterLoss(cause)
                     tRunning = MonotonicClock.nanoseconds()
+                    continue
+                }
+                if verified && (kind == .connectionLost || kind == .corruptTransport) {
+                    // Everything is in and checked; only the source's receipt of the verdict is
+                    // missing. Wait for it to reconnect and ask again, but succeed either way.
+                    do { try reconnect(after: cause) } catch {
+                        FaultlineLog.warn("faultline receive: verified, but the source did not confirm the verdict: \(error)")
+                        break receiveLoop
+                    }
                     continue
                 }
                 switch FailurePolicy.action(phase: guestStarted ? phase : .switchover, kind: kind) {
@@ -323,6 +344,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         table.installed.forEachClearRange { missing.append(UInt64($0.lowerBound)..<UInt64($0.upperBound)) }
         try bulk.send(.resume(sessionID: sessionID, installedPages: UInt64(table.installedCount), missing: missing))
         requester.setChannel(fault)
+        faultConnectionLost.store(false, ordering: .relaxed)
         try startFaultReceiver()
         requester.rerequest(all: false)
         report.reconnects += 1
@@ -355,6 +377,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                 } catch {
                     if stopping.load(ordering: .relaxed) { return }
                     if FailureClassifier.isConnectionLoss(error) {
+                        faultConnectionLost.store(true, ordering: .relaxed)
                         bulk.close()  // the main loop reconnects both
                     } else {
                         failures.record("fault receiver", error)
@@ -372,6 +395,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         var lastAsk: UInt64 = 0
         while !table.isComplete {
             if let failure = failures.failure { throw failure }
+            if faultConnectionLost.load(ordering: .relaxed) {
+                // The re-requests below travel on the fault connection: reconnect first.
+                throw MigrationError.connectionClosed("fault connection, while waiting for the last \(table.count - table.installedCount) pages")
+            }
             if MonotonicClock.nanoseconds() &- lastAsk > 200_000_000 {
                 requester.rerequest(all: true)
                 lastAsk = MonotonicClock.nanoseconds()

@@ -20,7 +20,8 @@ extension MigrationSource {
             }
             carriedDigest = d
         }
-        defer { digestThread.join() }
+        var digestJoined = false
+        defer { if !digestJoined { digestThread.join() } }
         var sentBackground = 0
         var injectedCut = false, injectedCorruption = false, injectedViolation = false
         if let e = failedCommitSend { failedCommitSend = nil; try recover(from: e) }
@@ -53,7 +54,7 @@ extension MigrationSource {
                 }
                 try sender.finish(&encoder, channel: bulk)
                 phase = .completion
-                digestThread.join()
+                if !digestJoined { digestThread.join(); digestJoined = true }  // once: a resume comes back here
                 var digest = carriedDigest
                 for page in 0..<layout.totalPages where !carried.contains(page) {
                     digest ^= MemoryDigest.mix(page: page, crc: sender.sentCRC[page])
@@ -67,6 +68,9 @@ extension MigrationSource {
                 case .error(let m): throw MigrationError.peerError(m)
                 case let other: throw MigrationError.protocolViolation("expected the verdict, got \(other.type)")
                 }
+                // The destination waits for this before it lets go of the session; if it is
+                // lost, the destination gives up waiting after its reconnect timeout, verified.
+                try? bulk.send(.ack(SessionAck.verdictReceived))
                 break
             } catch {
                 try recover(from: failures.failure ?? error)
