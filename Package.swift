@@ -8,8 +8,11 @@ import PackageDescription
 //   CFaultlineCRC   - C: the hardware CRC-32C instruction, nothing else.
 //   FaultlineCore   - pure Swift, no syscalls: addresses, page bitmap, range map, x86
 //                     encoder and guest workloads, wire codec, statistics.
-//   FaultlineLinux  - owning types over the kernel: Kvm, VirtualMachine, Vcpu,
-//                     Userfaultfd, GuestMemory; one syscall wrapper and error type.
+//   FaultlineLinux  - owning types over the kernel: KVM, VirtualMachine (holds its memslots'
+//                     memory), Vcpu (typed registers, state blob), Userfaultfd, GuestMemory,
+//                     AnonymousMapping, DirtyLogBuffer, EventFD, OSThread (affinity, priority),
+//                     KickSignal, SigbusResolver, MonotonicClock, locks; Errno names; one
+//                     syscall wrapper and error type. The engine imports no libc or C shim.
 //   FaultlineEngine - fault delivery (uffd single/per-vCPU, MINOR, vCPU exits), page
 //                     sources, the demand-paging benchmark, migration.
 //   faultline       - the command-line tool.

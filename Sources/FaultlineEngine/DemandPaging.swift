@@ -1,11 +1,7 @@
 import Atomics
-import CFaultlineShim
 import FaultlineCore
 import FaultlineLinux
 import Histogram
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// The outcome of one demand-paging run: the kernel selftest's figures, the C reference's
 /// JSON keys, latency percentiles and the verification verdict.
@@ -44,17 +40,15 @@ public enum DemandPagingError: Error, CustomStringConvertible {
 /// Collects the first error raised by any thread of a run and tells the others to stop.
 final class RunControl: @unchecked Sendable {
     let stopping = ManagedAtomic(false)
-    private var lock = pthread_mutex_t()
-    private(set) var errors: [String] = []
+    private let failures = Locked<[String]>([])
+    var errors: [String] { failures.withLock { $0 } }
     var onFailure: (() -> Void)?
 
-    init() { pthread_mutex_init(&lock, nil) }
-
     func fail(_ message: String) {
-        pthread_mutex_lock(&lock)
-        errors.append(message)
-        let first = errors.count == 1
-        pthread_mutex_unlock(&lock)
+        let first = failures.withLock { errors in
+            errors.append(message)
+            return errors.count == 1
+        }
         stopping.store(true, ordering: .sequentiallyConsistent)
         if first { onFailure?() }
     }
@@ -86,20 +80,16 @@ public final class DemandPagingBenchmark {
         let source = try LocalPageSource(size: total, delayMicroseconds: cfg.delayMicroseconds)
         let backing = MemoryBacking(rawValue: cfg.effectiveBacking.rawValue)!
 
-        // KVM objects (kvm backend only). Guest RAM must outlive the VM's memslots, so the
-        // region is created after the VM and released before it (reverse declaration order).
+        // KVM objects (kvm backend only). The VM keeps the memory of its memslots alive.
         var vm: VirtualMachine?
-        var lowMemory: GuestMemoryRegion?
         if backend == .kvm {
             let kvm = try KVM()
             let machine = try kvm.createVM()
             let low = try GuestMemoryRegion(backing: .anonymous, size: Self.codeRegionSize, label: "guest-code")
             let code = try workload.program()
             code.withUnsafeBytes { low.base.advanced(by: Int(GuestWorkload.codeAddress)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-            try machine.setMemoryRegion(slot: 0, guestPhysicalAddress: GuestPhysicalAddress(0), size: Self.codeRegionSize,
-                                        hostAddress: low.hostAddress)
+            try machine.setMemoryRegion(slot: 0, guestPhysicalAddress: GuestPhysicalAddress(0), memory: low)
             vm = machine
-            lowMemory = low
         }
         let region = try GuestMemoryRegion(backing: backing, size: total, vm: vm)
         switch cfg.mode {
@@ -109,8 +99,8 @@ public final class DemandPagingBenchmark {
         }
         if let vm {
             try vm.setMemoryRegion(slot: 1, flags: backing == .guestMemfd ? .guestMemfd : [],
-                                   guestPhysicalAddress: GuestPhysicalAddress(DemandPagingConfig.ramBase), size: total,
-                                   hostAddress: region.hostAddress, guestMemfd: region.guestMemfd)
+                                   guestPhysicalAddress: GuestPhysicalAddress(DemandPagingConfig.ramBase), memory: region,
+                                   guestMemfd: region.guestMemfd)
         }
 
         let present = PageBitmap(count: Int(total / backing.pageSize))
@@ -143,20 +133,14 @@ public final class DemandPagingBenchmark {
         }
         // On any failure: unregister every range, which wakes all faulting threads (they
         // then see plain memory and finish; verification reports the damage), and kick vCPUs.
-        var vcpuHandles: [Vcpu?] = Array(repeating: nil, count: cfg.vcpus)
-        var vcpuLock = pthread_mutex_t()
-        pthread_mutex_init(&vcpuLock, nil)
-        control.onFailure = {
+        let vcpuHandles = Locked<[Vcpu?]>(Array(repeating: nil, count: cfg.vcpus))
+        control.onFailure = { [uffds] in
             for (uffd, offset, length) in uffds { try? uffd.unregister(start: region.hostAddress.adding(offset)!, length: length) }
-            pthread_mutex_lock(&vcpuLock)
-            for v in vcpuHandles { v?.kick() }
-            pthread_mutex_unlock(&vcpuLock)
+            vcpuHandles.withLock { for v in $0 { v?.kick() } }
         }
 
         // Handler threads (uffd-missing / uffd-minor).
-        let stopFD = fl_eventfd(0, Int32(O_CLOEXEC))
-        guard stopFD >= 0 else { throw SystemError("eventfd", errno: fl_errno()) }
-        defer { close(stopFD) }
+        let stop = try EventFD()  // each reader holds it: it is closed after the last one ends
         var readerStates: [FaultThreadState] = []
         var readers: [OSThread] = []
         if cfg.mode.hasReaders {
@@ -166,8 +150,8 @@ public final class DemandPagingBenchmark {
                     readerStates.append(state)
                     let uffd = entry.0
                     readers.append(try OSThread(name: "uffd \(index) reader \(r)") {
-                        _ = fl_kick_signal_block(1)
-                        Self.readerLoop(uffd: uffd, stopFD: stopFD, resolver: resolver, state: state, control: control)
+                        try? KickSignal.blockInCurrentThread()
+                        Self.readerLoop(uffd: uffd, stopFD: stop.fd, resolver: resolver, state: state, control: control)
                     })
                 }
             }
@@ -179,9 +163,9 @@ public final class DemandPagingBenchmark {
         checksums.initialize(repeating: 0)
         defer { checksums.deallocate() }
         let exitUffd = cfg.mode == .vcpuExit ? uffds.first?.0 : nil
-        if backend == .soft && cfg.mode == .vcpuExit { _ = fl_sigbus_install() }
+        if backend == .soft && cfg.mode == .vcpuExit { try? SigbusResolver.installHandler() }
 
-        let start = fl_now_ns()
+        let start = MonotonicClock.nanoseconds()
         var threads: [OSThread] = []
         for id in 0..<cfg.vcpus {
             let state = vcpuStates[id]
@@ -190,9 +174,7 @@ public final class DemandPagingBenchmark {
                 body = {
                     do {
                         let vcpu = try vm.createVcpu(id: id)
-                        pthread_mutex_lock(&vcpuLock)
-                        vcpuHandles[id] = vcpu
-                        pthread_mutex_unlock(&vcpuLock)
+                        vcpuHandles.withLock { $0[id] = vcpu }
                         checksums[id] = try Self.runKVMVcpu(vcpu, id: id, config: cfg, workload: workload, region: region,
                                                             resolver: resolver, exitUffd: exitUffd, state: state, control: control)
                     } catch {
@@ -213,10 +195,9 @@ public final class DemandPagingBenchmark {
             }
         }
         for t in threads { t.join() }
-        let elapsed = Double(fl_now_ns() - start) / 1e9
+        let elapsed = Double(MonotonicClock.nanoseconds() - start) / 1e9
 
-        var one: UInt64 = 1
-        _ = write(stopFD, &one, 8)
+        stop.signal()
         for t in readers { t.join() }
         if let first = control.errors.first { throw DemandPagingError.threadFailed(first) }
 
@@ -231,7 +212,6 @@ public final class DemandPagingBenchmark {
             raced += s.raced
         }
         let us = { (p: Double) in Double(merged.valueAtPercentile(p)) / 1000 }
-        withExtendedLifetime(lowMemory) {}  // slot 0's memory must outlive the vCPUs
         return DemandPagingResult(
             config: cfg, backend: backend, seconds: elapsed, pages: Int(total / 4096), resolved: resolved, raced: raced,
             badPages: bad, checksumFailures: checksumFailures,
@@ -243,14 +223,13 @@ public final class DemandPagingBenchmark {
 
     static func readerLoop(uffd: Userfaultfd, stopFD: Int32, resolver: FaultResolver, state: FaultThreadState,
                            control: RunControl) {
-        let events = UnsafeMutableBufferPointer<fl_uffd_msg>.allocate(capacity: 16)
-        defer { events.deallocate() }
+        var events = UffdEventBuffer(capacity: 16)
         let base = resolver.region.hostAddress.rawValue
         do {
             while try uffd.waitReadable(orStop: stopFD) {
-                let n = try uffd.readEvents(into: events)
+                let n = try uffd.readEvents(into: &events)
                 for i in 0..<n {
-                    guard case .pagefault(let address, _, _) = UffdEvent(events[i]) else { continue }
+                    guard case .pagefault(let address, _, _) = events[i] else { continue }
                     try resolver.resolve(offset: address.rawValue &- base, uffd: uffd, wake: true, state: state)
                 }
             }
@@ -267,7 +246,7 @@ public final class DemandPagingBenchmark {
                            region: GuestMemoryRegion, resolver: FaultResolver, exitUffd: Userfaultfd?,
                            state: FaultThreadState, control: RunControl) throws -> UInt32 {
         try vcpu.enterFlatProtectedMode()
-        var regs = fl_kvm_regs()
+        var regs = VcpuRegisters()
         let chunk = DemandPagingConfig.ramBase + UInt64(id) * config.bytesPerVcpu
         regs.rip = GuestWorkload.codeAddress
         regs.rflags = 2
@@ -305,27 +284,19 @@ public final class DemandPagingBenchmark {
                             control: RunControl) -> UInt32 {
         let order = workload.pageOrder(forVcpu: id)
         let chunk = region.base + id * Int(config.bytesPerVcpu)
-        var context: SoftFaultContext?
-        if let exitUffd {
-            let ctx = SoftFaultContext(resolver: resolver, uffd: exitUffd, state: state, control: control)
-            context = ctx
-            fl_sigbus_set_thread_resolver({ raw, address in
-                let ctx = Unmanaged<SoftFaultContext>.fromOpaque(raw!).takeUnretainedValue()
-                return ctx.handle(address: address)
-            }, Unmanaged.passUnretained(ctx).toOpaque())
-        }
-        defer {
-            if context != nil { fl_sigbus_set_thread_resolver(nil, nil) }
-            withExtendedLifetime(context) {}
-        }
         let value = GuestWorkload.storeValue(forVcpu: id)
-        var sum: UInt32 = 0
-        if workload.writes {
-            for page in order { (chunk + page * 4096).storeBytes(of: value, as: UInt32.self) }
-        } else {
-            for page in order { sum &+= (chunk + page * 4096).load(as: UInt32.self) }
+        let touch = { () -> UInt32 in
+            var sum: UInt32 = 0
+            if workload.writes {
+                for page in order { (chunk + page * 4096).storeBytes(of: value, as: UInt32.self) }
+            } else {
+                for page in order { sum &+= (chunk + page * 4096).load(as: UInt32.self) }
+            }
+            return sum
         }
-        return sum
+        guard let exitUffd else { return touch() }
+        let context = SoftFaultContext(resolver: resolver, uffd: exitUffd, state: state, control: control)
+        return SigbusResolver { context.handle(address: $0) }.whileRegistered(touch)
     }
 
     // MARK: verification
@@ -376,13 +347,14 @@ final class SoftFaultContext {
         self.size = resolver.region.size
     }
 
-    func handle(address: UInt64) -> Int32 {
-        guard address >= base, address - base < size else { return -1 }
+    /// True when the page is there now (the access is retried).
+    func handle(address: UInt64) -> Bool {
+        guard address >= base, address - base < size else { return false }
         do {
             try resolver.resolve(offset: address - base, uffd: uffd, wake: false, state: state)
-            return 0
+            return true
         } catch {
-            return -1
+            return false
         }
     }
 }

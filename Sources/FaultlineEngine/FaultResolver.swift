@@ -1,4 +1,3 @@
-import CFaultlineShim
 import FaultlineCore
 import FaultlineLinux
 import Histogram
@@ -63,7 +62,7 @@ public final class FaultResolver: @unchecked Sendable {
     /// passes false (nobody waits).
     @inlinable
     public func resolve(offset: UInt64, uffd: Userfaultfd, wake: Bool, state: FaultThreadState) throws {
-        let t0 = fl_now_ns()
+        let t0 = MonotonicClock.nanoseconds()
         let pageOffset = offset & ~(pageSize - 1)
         let page = Int(pageOffset >> pageShift)
         if present.contains(page) {
@@ -84,6 +83,6 @@ public final class FaultResolver: @unchecked Sendable {
         }
         present.insert(page)
         if outcome == .installed { state.resolved += 1 } else { state.raced += 1 }
-        _ = state.latency.record(fl_now_ns() &- t0)
+        _ = state.latency.record(MonotonicClock.nanoseconds() &- t0)
     }
 }

@@ -1,9 +1,5 @@
-import CFaultlineShim
 import FaultlineCore
 import FaultlineLinux
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// What this machine offers Faultline, found by asking the kernel (never assumed).
 public struct SystemProbe: Sendable {
@@ -30,7 +26,8 @@ public struct SystemProbe: Sendable {
         var p = SystemProbe()
         func row(_ n: String, _ v: String, _ note: String = "") { p.rows.append(Row(name: n, value: v, note: note)) }
 
-        row("euid", "\(geteuid())", geteuid() == 0 ? "root" : "unprivileged")
+        let euid = HostProcess.effectiveUserID
+        row("euid", "\(euid)", euid == 0 ? "root" : "unprivileged")
         var kvm: KVM?
         do {
             kvm = try KVM()
@@ -62,13 +59,11 @@ public struct SystemProbe: Sendable {
             var userfault = "no"
             if let vm = try? kvm.createVM(), let mem = try? GuestMemoryRegion(backing: .anonymous, size: 4096) {
                 do {
-                    try vm.setMemoryRegion(slot: 0, flags: .userfault, guestPhysicalAddress: GuestPhysicalAddress(0), size: 4096,
-                                           hostAddress: mem.hostAddress)
+                    try vm.setMemoryRegion(slot: 0, flags: .userfault, guestPhysicalAddress: GuestPhysicalAddress(0), memory: mem)
                     userfault = "yes"
                 } catch {
                     userfault = "no (\(error))"
                 }
-                withExtendedLifetime(mem) {}
             }
             row("KVM_MEM_USERFAULT", userfault, "proposed in the KVM Userfault series")
             let fault = VcpuFaultProbe.current
@@ -77,7 +72,7 @@ public struct SystemProbe: Sendable {
                 "userfaultfd SIGBUS; vcpu-exit needs an exit naming the page; probe took \(fmtMilliseconds(fault.milliseconds)) ms")
             if let u = fault.kvmUserfault { row("vCPU fault, KVM_MEM_USERFAULT", "\(u)", "the page marked in the userfault bitmap") }
         }
-        row("/dev/userfaultfd", access("/dev/userfaultfd", R_OK | W_OK) == 0 ? "yes" : "no")
+        row("/dev/userfaultfd", HostProcess.canReadAndWrite("/dev/userfaultfd") ? "yes" : "no")
         do {
             p.uffdFeatures = try Userfaultfd.availableFeatures()
             row("userfaultfd features", "0x" + String(p.uffdFeatures.rawValue, radix: 16), p.uffdFeatures.description)
@@ -85,7 +80,7 @@ public struct SystemProbe: Sendable {
             p.uffdError = "\(error)"
             row("userfaultfd", "no", "\(error)")
         }
-        if let v = try? String(contentsOfFileAtPath: "/proc/sys/vm/unprivileged_userfaultfd") {
+        if let v = HostProcess.firstLine(ofFile: "/proc/sys/vm/unprivileged_userfaultfd") {
             row("vm.unprivileged_userfaultfd", v)
         }
         p.hugePages = hugePagesFree()
@@ -117,21 +112,7 @@ public struct SystemProbe: Sendable {
     }
 }
 
-func fmtMilliseconds(_ v: Double) -> String {
-    var buf = [CChar](repeating: 0, count: 32)
-    _ = withVaList([v]) { vsnprintf(&buf, 32, "%.1f", $0) }
-    return String(cString: buf)
-}
-
-extension String {
-    init?(contentsOfFileAtPath path: String) throws {
-        guard let f = fopen(path, "r") else { return nil }
-        defer { fclose(f) }
-        var buf = [CChar](repeating: 0, count: 128)
-        guard fgets(&buf, 128, f) != nil else { return nil }
-        self = String(cString: buf).trimmed(of: " \n")
-    }
-}
+func fmtMilliseconds(_ v: Double) -> String { FixedPoint.format(v, digits: 1) }
 
 /// Picks the execution backend: the one asked for, or KVM when /dev/kvm works, else the
 /// software vCPUs - and always says which and why.

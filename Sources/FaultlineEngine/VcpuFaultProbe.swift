@@ -1,10 +1,6 @@
 import Atomics
-import CFaultlineShim
 import FaultlineCore
 import FaultlineLinux
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// What KVM_RUN made of a guest store to a RAM page that is missing in a userfaultfd range
 /// registered with UFFD_FEATURE_SIGBUS (docs/design.md, "Fault mode on TDP hosts").
@@ -76,14 +72,14 @@ public struct VcpuFaultProbe: Equatable, Sendable {
 
     /// Runs the probe now (`current` caches it). Each KVM_RUN is kicked after `timeoutMilliseconds`.
     public static func run(timeoutMilliseconds: Int = 1000) -> VcpuFaultProbe {
-        let start = fl_now_ns()
+        let start = MonotonicClock.nanoseconds()
         let sigbus = trial(userfault: false, timeoutMilliseconds: timeoutMilliseconds) ?? .failed("no result")
         // Only worth a second VM when the first said nothing usable.
         let userfault = sigbus.namesFaultingPage ? nil : trial(userfault: true, timeoutMilliseconds: timeoutMilliseconds)
         return VcpuFaultProbe(sigbusFault: sigbus, kvmUserfault: userfault,
                               uffdMissingObstacle: registrationObstacle(minor: false),
                               uffdMinorObstacle: registrationObstacle(minor: true),
-                              milliseconds: Double(fl_now_ns() - start) / 1e6)
+                              milliseconds: Double(MonotonicClock.nanoseconds() - start) / 1e6)
     }
 
     /// One VM, one vCPU, one store to the missing page. With `userfault`, the RAM slot has
@@ -101,18 +97,17 @@ public struct VcpuFaultProbe: Equatable, Sendable {
             asm.hlt()
             let program = try asm.assemble()
             program.withUnsafeBytes { code.base.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-            try vm.setMemoryRegion(slot: 0, guestPhysicalAddress: GuestPhysicalAddress(codeGPA), size: 4096,
-                                   hostAddress: code.hostAddress)
+            try vm.setMemoryRegion(slot: 0, guestPhysicalAddress: GuestPhysicalAddress(codeGPA), memory: code)
             let ram = try GuestMemoryRegion(backing: .anonymous, size: 4096, label: "probe-ram")
             let uffd = try Userfaultfd(required: .sigbus, label: "probe uffd")
             try uffd.register(start: ram.hostAddress, length: 4096, mode: .missing)
             if let error = setRAMSlot(vm, ram: ram, userfaultBitmap: userfault ? UnsafeRawPointer(bitmap) : nil) {
-                if userfault && error.errno == EINVAL { return nil }  // no KVM_MEM_USERFAULT
+                if userfault && error.code == .invalidArgument { return nil }  // no KVM_MEM_USERFAULT
                 throw error
             }
             let vcpu = try vm.createVcpu(id: 0)
             try vcpu.enterFlatProtectedMode()
-            var regs = fl_kvm_regs()
+            var regs = VcpuRegisters()
             regs.rip = codeGPA
             regs.rflags = 2
             regs.rsi = ramGPA
@@ -130,7 +125,7 @@ public struct VcpuFaultProbe: Equatable, Sendable {
     static func setRAMSlot(_ vm: VirtualMachine, ram: GuestMemoryRegion, userfaultBitmap: UnsafeRawPointer?) -> SystemError? {
         do {
             try vm.setMemoryRegion(slot: 1, flags: userfaultBitmap == nil ? [] : .userfault,
-                                   guestPhysicalAddress: GuestPhysicalAddress(ramGPA), size: 4096, hostAddress: ram.hostAddress,
+                                   guestPhysicalAddress: GuestPhysicalAddress(ramGPA), memory: ram,
                                    userfaultBitmap: userfaultBitmap)
             return nil
         } catch {
@@ -172,7 +167,7 @@ public struct VcpuFaultProbe: Equatable, Sendable {
             do {
                 exit = try vcpu.runOnce()
             } catch {
-                return error.errno == EFAULT ? .bareEFAULT : .other("\(error)")
+                return error.code == .badAddress ? .bareEFAULT : .other("\(error)")
             }
             switch exit {
             case .mmio(let address, _, _, _):
@@ -210,27 +205,19 @@ public struct VcpuFaultProbe: Equatable, Sendable {
 /// The result slot and completion signal of one bounded KVM_RUN.
 private final class BoundedRun: @unchecked Sendable {
     let kicked = ManagedAtomic(false)
-    private(set) var outcome: VcpuFaultOutcome?
-    private var done = sem_t()
+    private let condition = TimedCondition()
+    /// Written once, under `condition`'s lock.
+    private var result: VcpuFaultOutcome?
 
-    init() { sem_init(&done, 0, 0) }
-    deinit { sem_destroy(&done) }
+    var outcome: VcpuFaultOutcome? { condition.withLock { result } }
 
-    func finish(_ result: VcpuFaultOutcome) {
-        outcome = result
-        sem_post(&done)
+    func finish(_ outcome: VcpuFaultOutcome) {
+        condition.withLock { result = outcome }
+        condition.broadcast()
     }
 
     /// True when the run finished within `milliseconds`.
     func wait(milliseconds: Int) -> Bool {
-        var deadline = timespec()
-        clock_gettime(CLOCK_REALTIME, &deadline)
-        let ns = Int(deadline.tv_nsec) + milliseconds * 1_000_000
-        deadline.tv_sec += ns / 1_000_000_000
-        deadline.tv_nsec = ns % 1_000_000_000
-        while sem_timedwait(&done, &deadline) != 0 {
-            if errno != EINTR { return false }
-        }
-        return true
+        condition.wait(timeoutNanoseconds: UInt64(milliseconds) * 1_000_000) { result != nil }
     }
 }

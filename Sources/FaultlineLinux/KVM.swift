@@ -108,6 +108,9 @@ public final class GuestMemfd: @unchecked Sendable {
 public final class VirtualMachine: @unchecked Sendable {
     public let fd: FileDescriptor
     public let kvm: KVM
+    /// The memory behind each memslot registered with `setMemoryRegion(slot:memory:)`:
+    /// held here so it cannot be unmapped while the slot exists.
+    private let slotMemory = Locked<[UInt32: GuestMemoryRegion]>([:])
 
     init(fd: FileDescriptor, kvm: KVM) {
         self.fd = fd
@@ -119,9 +122,26 @@ public final class VirtualMachine: @unchecked Sendable {
         max(0, fd.ioctl(FL_KVM_CHECK_EXTENSION, value: UInt(capability.rawValue)))
     }
 
-    /// KVM_SET_USER_MEMORY_REGION2. Unsafe in the sense of rust-vmm's API: the host range
-    /// must stay mapped for as long as the slot exists (GuestMemoryRegion guarantees it
-    /// by outliving the VM). A size of 0 deletes the slot. `userfaultBitmap` (with
+    /// KVM_SET_USER_MEMORY_REGION2 over the whole of `memory`, which the VM then keeps alive
+    /// until the slot is deleted or redeclared (and vCPUs keep the VM alive). `guestMemfd`,
+    /// `userfaultBitmap`: as in the raw-address form below.
+    public func setMemoryRegion(
+        slot: UInt32, flags: MemslotFlags = [], guestPhysicalAddress: GuestPhysicalAddress, memory: GuestMemoryRegion,
+        guestMemfd: GuestMemfd? = nil, userfaultBitmap: UnsafeRawPointer? = nil
+    ) throws(SystemError) {
+        try setMemoryRegion(slot: slot, flags: flags, guestPhysicalAddress: guestPhysicalAddress, size: memory.size,
+                            hostAddress: memory.hostAddress, guestMemfd: guestMemfd, userfaultBitmap: userfaultBitmap)
+        slotMemory.withLock { $0[slot] = memory }
+    }
+
+    /// Deletes memslot `slot` (size 0) and lets go of its memory.
+    public func deleteMemoryRegion(slot: UInt32) throws(SystemError) {
+        try setMemoryRegion(slot: slot, guestPhysicalAddress: GuestPhysicalAddress(0), size: 0, hostAddress: HostAddress(rawValue: 0))
+    }
+
+    /// KVM_SET_USER_MEMORY_REGION2 over a raw host range. Unsafe in the sense of rust-vmm's
+    /// API: the caller keeps the range mapped for as long as the slot exists (the
+    /// `memory:` form above does that for you). A size of 0 deletes the slot. `userfaultBitmap` (with
     /// `.userfault`, KVM Userfault kernels only): one bit per page, bit 0 = the slot's first
     /// page; it must stay valid as long as the slot has the flag.
     public func setMemoryRegion(
@@ -139,6 +159,7 @@ public final class VirtualMachine: @unchecked Sendable {
         region.guest_memfd = UInt32(bitPattern: guestMemfd?.fd.rawValue ?? 0)
         region.pad2.0 = UInt64(UInt(bitPattern: userfaultBitmap))  // userfault_bitmap in the KVM Userfault proposal
         try systemCall("KVM_SET_USER_MEMORY_REGION2 slot \(slot)") { fd.ioctl(FL_KVM_SET_USER_MEMORY_REGION2, &region) }
+        if size == 0 { slotMemory.withLock { _ = $0.removeValue(forKey: slot) } }
     }
 
     public func createGuestMemfd(size: UInt64, flags: GuestMemfdFlags) throws(SystemError) -> GuestMemfd {
@@ -190,6 +211,6 @@ public final class VirtualMachine: @unchecked Sendable {
         guard let run = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, raw, 0), run != MAP_FAILED else {
             throw SystemError("mmap kvm_run vcpu \(id)", errno: fl_errno())
         }
-        return Vcpu(id: id, fd: vcpuFD, run: run, runSize: size)
+        return Vcpu(id: id, fd: vcpuFD, run: run, runSize: size, machine: self)
     }
 }

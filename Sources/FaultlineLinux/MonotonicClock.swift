@@ -1,8 +1,11 @@
 import CFaultlineShim
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// CLOCK_MONOTONIC in nanoseconds: durations and deadlines (never the wall clock).
 public enum MonotonicClock {
-    @inline(__always) public static func nanoseconds() -> UInt64 { fl_now_ns() }
+    @inlinable public static func nanoseconds() -> UInt64 { fl_now_ns() }
 
     /// A deadline `seconds` from now.
     public static func deadline(after seconds: Double) -> UInt64 { nanoseconds() &+ UInt64(max(seconds, 0) * 1e9) }
@@ -11,5 +14,22 @@ public enum MonotonicClock {
     public static func secondsLeft(until deadline: UInt64) -> Double {
         let now = nanoseconds()
         return now >= deadline ? 0 : Double(deadline - now) / 1e9
+    }
+
+    /// Sleeps the calling thread for `nanoseconds` (a signal does not cut it short: the sleep
+    /// resumes for the time left). Allocates nothing (a fault path may sleep).
+    public static func sleep(nanoseconds: UInt64) {
+        var request = timespec(tv_sec: Int(nanoseconds / 1_000_000_000), tv_nsec: Int(nanoseconds % 1_000_000_000))
+        var remaining = timespec()
+        while nanosleep(&request, &remaining) != 0 && fl_errno() == EINTR { request = remaining }
+    }
+
+    /// Sleeps the calling thread for `microseconds`.
+    public static func sleep(microseconds: UInt64) { sleep(nanoseconds: microseconds &* 1000) }
+
+    /// Sleeps the calling thread for `seconds` (nothing when not positive).
+    public static func sleep(seconds: Double) {
+        guard seconds > 0 else { return }
+        sleep(nanoseconds: UInt64(seconds * 1e9))
     }
 }

@@ -41,6 +41,13 @@ public final class TimedCondition: @unchecked Sendable {
         pthread_mutex_unlock(mutex)
     }
 
+    /// Waits, without a timeout, until `done()` is true; `done` is evaluated under the lock.
+    public func wait(until done: () -> Bool) {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        while !done() { pthread_cond_wait(cond, mutex) }
+    }
+
     /// Waits until `done()` is true or `timeoutNanoseconds` have passed; `done` is evaluated
     /// under the lock. Returns `done()`'s last value.
     @discardableResult

@@ -50,22 +50,20 @@ public final class Vcpu: @unchecked Sendable {
     public let fd: FileDescriptor
     @usableFromInline let run: UnsafeMutablePointer<fl_kvm_run>
     let runSize: Int
-    private var thread: pthread_t?
-    private let threadLock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    /// The thread running KVM_RUN (the kick's target), if bound.
+    private let runner = Locked<pthread_t?>(nil)
+    /// Keeps the VM, and with it the memory behind its memslots, alive while this vCPU exists.
+    let machine: VirtualMachine
 
-    init(id: Int, fd: FileDescriptor, run: UnsafeMutableRawPointer, runSize: Int) {
+    init(id: Int, fd: FileDescriptor, run: UnsafeMutableRawPointer, runSize: Int, machine: VirtualMachine) {
         self.id = id
         self.fd = fd
         self.run = run.assumingMemoryBound(to: fl_kvm_run.self)
         self.runSize = runSize
-        pthread_mutex_init(threadLock, nil)
+        self.machine = machine
     }
 
-    deinit {
-        munmap(UnsafeMutableRawPointer(run), runSize)
-        pthread_mutex_destroy(threadLock)
-        threadLock.deallocate()
-    }
+    deinit { munmap(UnsafeMutableRawPointer(run), runSize) }
 
     /// One KVM_RUN. EINTR is `.interrupted`, not an error; EFAULT/EHWPOISON carrying a
     /// memory-fault exit is `.memoryFault`; anything else throws naming the vCPU.
@@ -129,30 +127,6 @@ public final class Vcpu: @unchecked Sendable {
         return UnsafeMutableRawBufferPointer(start: base, count: Int(io.size) * Int(io.count))
     }
 
-    // MARK: registers
-
-    public func registers() throws(SystemError) -> fl_kvm_regs {
-        var regs = fl_kvm_regs()
-        try systemCall("KVM_GET_REGS vcpu \(id)") { fd.ioctl(FL_KVM_GET_REGS, &regs) }
-        return regs
-    }
-
-    public func setRegisters(_ regs: fl_kvm_regs) throws(SystemError) {
-        var r = regs
-        try systemCall("KVM_SET_REGS vcpu \(id)") { fd.ioctl(FL_KVM_SET_REGS, &r) }
-    }
-
-    public func specialRegisters() throws(SystemError) -> fl_kvm_sregs {
-        var sregs = fl_kvm_sregs()
-        try systemCall("KVM_GET_SREGS vcpu \(id)") { fd.ioctl(FL_KVM_GET_SREGS, &sregs) }
-        return sregs
-    }
-
-    public func setSpecialRegisters(_ sregs: fl_kvm_sregs) throws(SystemError) {
-        var s = sregs
-        try systemCall("KVM_SET_SREGS vcpu \(id)") { fd.ioctl(FL_KVM_SET_SREGS, &s) }
-    }
-
     /// 32-bit protected mode, flat 4 GiB code and data segments, paging off - the mode
     /// of Faultline's guest programs.
     public func enterFlatProtectedMode() throws(SystemError) {
@@ -209,17 +183,14 @@ public final class Vcpu: @unchecked Sendable {
 
     /// Records the calling thread as this vCPU's runner (call before the first KVM_RUN).
     public func bindToCurrentThread() {
-        _ = fl_kick_signal_install()
-        _ = fl_kick_signal_block(0)
-        pthread_mutex_lock(threadLock)
-        thread = pthread_self()
-        pthread_mutex_unlock(threadLock)
+        _ = try? KickSignal.install()
+        try? KickSignal.unblockInCurrentThread()
+        let current = KickSignal.currentThread()
+        runner.withLock { $0 = current }
     }
 
     public func unbindThread() {
-        pthread_mutex_lock(threadLock)
-        thread = nil
-        pthread_mutex_unlock(threadLock)
+        runner.withLock { $0 = nil }
     }
 
     /// Makes the current or next KVM_RUN return `.interrupted`: sets immediate_exit, then
@@ -229,9 +200,9 @@ public final class Vcpu: @unchecked Sendable {
             UnsafeMutableRawPointer(p).storeBytes(of: 1, as: UInt8.self)
         }
         atomicFence()
-        pthread_mutex_lock(threadLock)
-        if let t = thread { _ = fl_kick_thread(t) }
-        pthread_mutex_unlock(threadLock)
+        runner.withLock { thread in
+            if let thread { try? KickSignal.send(to: thread) }
+        }
     }
 
     /// Clears immediate_exit after handling an `.interrupted` exit.

@@ -1,4 +1,3 @@
-import CFaultlineShim
 import Dispatch
 import FaultlineCore
 import FaultlineEngine
@@ -156,7 +155,7 @@ struct MigrationPlumbingTests {
         // A thread pinned there runs there.
         final class Seen: @unchecked Sendable { var cpu: Int32 = -1 }
         let seen = Seen()
-        let t = try OSThread(name: "pinned", cpu: cpu) { seen.cpu = fl_current_cpu() }
+        let t = try OSThread(name: "pinned", cpu: cpu) { seen.cpu = ThreadScheduling.currentCPU() ?? -1 }
         t.join()
         #expect(seen.cpu == cpu)
     }

@@ -91,13 +91,13 @@ final class TinyVM {
         build(&asm)
         let code = try asm.assemble()
         code.withUnsafeBytes { (low.base + 0x1000).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-        try vm.setMemoryRegion(slot: 0, guestPhysicalAddress: GuestPhysicalAddress(0), size: 0x10000, hostAddress: low.hostAddress)
+        try vm.setMemoryRegion(slot: 0, guestPhysicalAddress: GuestPhysicalAddress(0), memory: low)
     }
 
-    func vcpu(_ setup: (inout fl_kvm_regs) -> Void = { _ in }) throws -> Vcpu {
+    func vcpu(_ setup: (inout VcpuRegisters) -> Void = { _ in }) throws -> Vcpu {
         let v = try vm.createVcpu(id: 0)
         try v.enterFlatProtectedMode()
-        var r = fl_kvm_regs()
+        var r = VcpuRegisters()
         r.rip = 0x1000
         r.rflags = 2
         setup(&r)

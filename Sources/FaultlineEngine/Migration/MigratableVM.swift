@@ -1,10 +1,6 @@
 import Atomics
-import CFaultlineShim
 import FaultlineCore
 import FaultlineLinux
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// The machine layout every Faultline VM shares, so source and destination agree on it:
 /// 64 KiB of low memory at GPA 0 (the guest program at 0x1000) and RAM at 0x10000000,
@@ -61,14 +57,14 @@ public final class GuestCounters: @unchecked Sendable {
     public let passes: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
     public let mismatches = ManagedAtomic<Int>(0)
     public let count: Int
-    private var lock = pthread_mutex_t()
-    public private(set) var firstMismatch: String?
+    private let first = Locked<String?>(nil)
+    /// The first mismatch a guest reported, described.
+    public var firstMismatch: String? { first.withLock { $0 } }
 
     init(vcpus: Int) {
         count = vcpus
         passes = .allocate(capacity: vcpus)
         passes.initialize(repeating: .init(0), count: vcpus)
-        pthread_mutex_init(&lock, nil)
     }
 
     deinit { passes.deallocate() }
@@ -80,9 +76,7 @@ public final class GuestCounters: @unchecked Sendable {
 
     func recordMismatch(_ text: String) {
         mismatches.wrappingIncrement(ordering: .relaxed)
-        pthread_mutex_lock(&lock)
-        if firstMismatch == nil { firstMismatch = text }
-        pthread_mutex_unlock(&lock)
+        first.withLock { if $0 == nil { $0 = text } }
     }
 }
 
@@ -106,8 +100,8 @@ public final class MigratableVM: @unchecked Sendable {
 
     enum RunState: Int { case running = 0, pausing = 1, stopping = 2 }
     private let state = ManagedAtomic<Int>(RunState.running.rawValue)
-    private var lock = pthread_mutex_t()
-    private var cond = pthread_cond_t()
+    /// Guards `parked` and `failure`; vCPU threads wait on it while paused.
+    private let parking = TimedCondition()
     private var parked = 0
     private var threads: [OSThread] = []
     private var failure: String?
@@ -128,10 +122,8 @@ public final class MigratableVM: @unchecked Sendable {
         counters = GuestCounters(vcpus: layout.vcpus)
         threadIDs = .allocate(capacity: layout.vcpus)
         threadIDs.initialize(repeating: 0, count: layout.vcpus)
-        pthread_mutex_init(&lock, nil)
-        pthread_cond_init(&cond, nil)
         try vm.setMemoryRegion(slot: 0, flags: dirtyLogging ? .logDirtyPages : [], guestPhysicalAddress: GuestPhysicalAddress(0),
-                               size: MachineLayout.lowSize, hostAddress: low.hostAddress)
+                               memory: low)
         try setRAMSlot(dirtyLogging: dirtyLogging)
         for id in 0..<layout.vcpus { vcpus.append(try vm.createVcpu(id: id)) }
     }
@@ -141,8 +133,8 @@ public final class MigratableVM: @unchecked Sendable {
     /// (Re)declares the RAM memslot, turning dirty logging on or off.
     public func setRAMSlot(dirtyLogging: Bool) throws {
         try vm.setMemoryRegion(slot: 1, flags: dirtyLogging ? .logDirtyPages : [],
-                               guestPhysicalAddress: GuestPhysicalAddress(MachineLayout.ramBase), size: layout.ramSize,
-                               hostAddress: ram.hostAddress, guestMemfd: ram.guestMemfd)
+                               guestPhysicalAddress: GuestPhysicalAddress(MachineLayout.ramBase), memory: ram,
+                               guestMemfd: ram.guestMemfd)
     }
 
     /// Host pointer of a page index of the machine layout.
@@ -153,30 +145,14 @@ public final class MigratableVM: @unchecked Sendable {
     // MARK: vCPU state
 
     /// regs + sregs, as raw ABI bytes (the same kernel ABI on both ends).
-    public func vcpuStateBlob(_ id: Int) throws -> [UInt8] {
-        var regs = try vcpus[id].registers()
-        var sregs = try vcpus[id].specialRegisters()
-        var blob = [UInt8]()
-        blob.reserveCapacity(MemoryLayout<fl_kvm_regs>.size + MemoryLayout<fl_kvm_sregs>.size)
-        withUnsafeBytes(of: &regs) { blob.append(contentsOf: $0) }
-        withUnsafeBytes(of: &sregs) { blob.append(contentsOf: $0) }
-        return blob
-    }
+    public func vcpuStateBlob(_ id: Int) throws -> [UInt8] { try vcpus[id].stateBlob() }
 
     public func loadVcpuState(_ id: Int, blob: [UInt8]) throws {
-        let rs = MemoryLayout<fl_kvm_regs>.size, ss = MemoryLayout<fl_kvm_sregs>.size
         guard id >= 0, id < vcpus.count else { throw MachineLayout.Invalid(description: "vCPU state for unknown vCPU \(id)") }
-        guard blob.count == rs + ss else {
-            throw MachineLayout.Invalid(description: "vCPU \(id) state is \(blob.count) bytes, expected \(rs + ss)")
+        guard blob.count == Vcpu.stateBlobSize else {
+            throw MachineLayout.Invalid(description: "vCPU \(id) state is \(blob.count) bytes, expected \(Vcpu.stateBlobSize)")
         }
-        var regs = fl_kvm_regs()
-        var sregs = fl_kvm_sregs()
-        blob.withUnsafeBytes { raw in
-            withUnsafeMutableBytes(of: &regs) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: raw[0..<rs])) }
-            withUnsafeMutableBytes(of: &sregs) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: raw[rs...])) }
-        }
-        try vcpus[id].setSpecialRegisters(sregs)
-        try vcpus[id].setRegisters(regs)
+        try vcpus[id].loadStateBlob(blob)
     }
 
     /// Boots the guest program: code into low memory, flat protected mode, registers.
@@ -186,7 +162,7 @@ public final class MigratableVM: @unchecked Sendable {
         for (id, vcpu) in vcpus.enumerated() {
             try vcpu.enterFlatProtectedMode()
             let r = workload.initialRegisters(vcpu: id, chunkBase: MachineLayout.ramBase + UInt64(id) * layout.bytesPerVcpu)
-            var regs = fl_kvm_regs()
+            var regs = VcpuRegisters()
             regs.rip = GuestWorkload.codeAddress
             regs.rflags = 2
             regs.rax = UInt64(r.eax); regs.rbx = UInt64(r.ebx); regs.rcx = UInt64(r.ecx); regs.rdx = UInt64(r.edx)
@@ -207,7 +183,7 @@ public final class MigratableVM: @unchecked Sendable {
 
     private func vcpuLoop(_ id: Int) {
         let vcpu = vcpus[id]
-        threadIDs[id] = Int32(fl_gettid())
+        threadIDs[id] = ThreadScheduling.currentThreadID()
         if startNiceness != 0 { OSThread.setCurrentNiceness(startNiceness) }
         vcpu.bindToCurrentThread()
         defer { vcpu.unbindThread() }
@@ -241,27 +217,21 @@ public final class MigratableVM: @unchecked Sendable {
                 }
             }
         } catch {
-            pthread_mutex_lock(&lock)
-            if failure == nil { failure = "vcpu \(id): \(error)" }
-            pthread_mutex_unlock(&lock)
+            parking.withLock { if failure == nil { failure = "vcpu \(id): \(error)" } }
         }
     }
 
     /// Called on a vCPU thread after a kick: parks while paused. False = stop.
     private func parkIfAsked() -> Bool {
-        pthread_mutex_lock(&lock)
-        defer { pthread_mutex_unlock(&lock) }
         while true {
             switch RunState(rawValue: state.load(ordering: .sequentiallyConsistent))! {
             case .running: return true
             case .stopping: return false
             case .pausing:
-                parked += 1
-                pthread_cond_broadcast(&cond)
-                while state.load(ordering: .sequentiallyConsistent) == RunState.pausing.rawValue {
-                    pthread_cond_wait(&cond, &lock)
-                }
-                parked -= 1
+                parking.withLock { parked += 1 }
+                parking.broadcast()
+                parking.wait { state.load(ordering: .sequentiallyConsistent) != RunState.pausing.rawValue }
+                parking.withLock { parked -= 1 }
             }
         }
     }
@@ -269,49 +239,41 @@ public final class MigratableVM: @unchecked Sendable {
     /// Stops every vCPU at an instruction boundary and waits until all are parked.
     public func pause() {
         state.store(RunState.pausing.rawValue, ordering: .sequentiallyConsistent)
-        pthread_mutex_lock(&lock)
-        while parked < runningThreads() {
-            pthread_mutex_unlock(&lock)
+        while !parking.withLock({ allParked() }) {
             for v in vcpus { v.kick() }
-            pthread_mutex_lock(&lock)
-            conditionWait(&cond, &lock, nanoseconds: 1_000_000)
+            parking.wait(timeoutNanoseconds: 1_000_000) { allParked() }
         }
-        pthread_mutex_unlock(&lock)
     }
 
-    private func runningThreads() -> Int { failure == nil ? vcpus.count : 0 }
+    /// Under `parking`'s lock: every running vCPU thread is parked (none run after a failure).
+    private func allParked() -> Bool { parked >= (failure == nil ? vcpus.count : 0) }
 
-    public func resume() {
-        pthread_mutex_lock(&lock)
-        state.store(RunState.running.rawValue, ordering: .sequentiallyConsistent)
-        pthread_cond_broadcast(&cond)
-        pthread_mutex_unlock(&lock)
+    public func resume() { setStateAndWake(.running) }
+
+    /// Under `parking`'s lock, so a vCPU thread about to wait sees the change.
+    private func setStateAndWake(_ new: RunState) {
+        parking.withLock { state.store(new.rawValue, ordering: .sequentiallyConsistent) }
+        parking.broadcast()
     }
 
     /// Stops and joins every vCPU thread. Returns the first vCPU error, if any.
     @discardableResult
     public func stop() -> String? {
-        pthread_mutex_lock(&lock)
-        state.store(RunState.stopping.rawValue, ordering: .sequentiallyConsistent)
-        pthread_cond_broadcast(&cond)
-        pthread_mutex_unlock(&lock)
+        setStateAndWake(.stopping)
         for v in vcpus { v.kick() }
         for t in threads { t.join() }
         threads = []
-        return failure
+        return error
     }
 
     /// Sets the scheduling niceness of every vCPU thread (0 normal, higher yields the CPU
     /// to other threads - during post-copy the page stream is what the guest waits for).
+    /// Refused (unprivileged, negative values) quietly.
     public func setVcpuNiceness(_ value: Int32) {
         for i in 0..<layout.vcpus where threadIDs[i] != 0 {
-            _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(threadIDs[i]), value)
+            try? ThreadScheduling.setNiceness(value, ofThread: threadIDs[i])
         }
     }
 
-    public var error: String? {
-        pthread_mutex_lock(&lock)
-        defer { pthread_mutex_unlock(&lock) }
-        return failure
-    }
+    public var error: String? { parking.withLock { failure } }
 }

@@ -1,8 +1,5 @@
 import FaultlineCore
 import FaultlineLinux
-#if canImport(Glibc)
-import Glibc
-#endif
 
 public enum MigrationError: Error, CustomStringConvertible {
     case protocolViolation(String)
@@ -52,7 +49,7 @@ public enum FailureClassifier {
             case .thread(_, let inner): return classify(inner)
             }
         case let e as SystemError:
-            return connectionErrnos.contains(e.errno) ? .connectionLost : .local
+            return connectionErrnos.contains(e.code) ? .connectionLost : .local
         case let e as WireError:
             switch e {
             case .truncated: return .connectionLost
@@ -65,8 +62,9 @@ public enum FailureClassifier {
     }
 
     /// errnos of a connection that is gone (or a peer that stopped answering).
-    static let connectionErrnos: Set<Int32> = [EPIPE, ECONNRESET, ENOTCONN, ESHUTDOWN, ETIMEDOUT, EAGAIN, ECONNREFUSED,
-                                                ECONNABORTED, EHOSTUNREACH, ENETUNREACH]
+    static let connectionErrnos: Set<Errno> = [.brokenPipe, .connectionReset, .socketNotConnected, .socketShutdown, .timedOut,
+                                                .resourceTemporarilyUnavailable, .connectionRefused, .connectionAbort,
+                                                .noRouteToHost, .networkUnreachable]
 
     public static func isConnectionLoss(_ error: Error) -> Bool {
         let kind = classify(error)

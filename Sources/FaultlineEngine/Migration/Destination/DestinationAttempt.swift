@@ -1,9 +1,6 @@
 import Atomics
 import FaultlineCore
 import FaultlineLinux
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// One migration attempt on the destination: the guest, its pages and the threads that fill
 /// them, from the hello to the verdict. Thrown away whole when the attempt fails before
@@ -126,7 +123,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     if phase.isBeforeCommit && !awaitingCommit {
                         try installer.storePrecopy(batch)
                         if let n = options.exitDuringPrecopyAfterPages, installer.precopyCount.load(ordering: .relaxed) >= n {
-                            _exit(9)  // the injection: a destination that dies mid-pre-copy
+                            HostProcess.exitImmediately(status: 9)  // the injection: a destination that dies mid-pre-copy
                         }
                     }
                     else if guestStarted { try installer.install(batch, demand: false, scratch: scratch, runPages: runPages) }
@@ -217,7 +214,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     try reconnect(after: cause)
                 case .unrecoverable:
                     tellSource("destination: \(cause)")
-                    usleep(200_000)
+                    MonotonicClock.sleep(microseconds: 200_000)
                     FaultlineLog.warn("faultline receive: unrecoverable after the switch-over: \(cause); the guest and "
                                       + "its \(table.installedCount) installed pages are kept as they are")
                     throw MigrationError.unrecoverable("\(cause)")
@@ -230,7 +227,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         // The guest now runs on plain memory; let it run, then stop and check it.
         let runUntil = MonotonicClock.deadline(after: options.runAfterSeconds)
         let passesAtComplete = machine.counters.totalPasses
-        while MonotonicClock.nanoseconds() < runUntil && machine.vcpuError == nil { usleep(10_000) }
+        while MonotonicClock.nanoseconds() < runUntil && machine.vcpuError == nil { MonotonicClock.sleep(microseconds: 10_000) }
         let vcpuError = tearDown()
         if let vcpuError { throw MigrationError.peerError("destination \(vcpuError)") }
 
@@ -407,7 +404,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                 throw MigrationError.timeout("waiting for the last \(table.count - table.installedCount) pages "
                                              + "(first: \(table.installed.firstClear(from: 0) ?? -1))")
             }
-            usleep(1000)
+            MonotonicClock.sleep(microseconds: 1000)
         }
     }
 

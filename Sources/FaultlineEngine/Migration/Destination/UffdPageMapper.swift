@@ -1,9 +1,6 @@
 import Atomics
 import FaultlineCore
 import FaultlineLinux
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// The real page mapper: guest RAM of a ``MigratableVM`` under userfaultfd. Pre-copy pages
 /// are plain stores (pwrite into the file for MINOR, so they stay unmapped and later fault
@@ -31,7 +28,7 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         self.pool = faultMode == .uffdMinor ? nil : pool
         pagesPerUffd = vm.layout.ramPages
         zeroPage = .allocate(byteCount: 4096, alignment: 4096)
-        memset(zeroPage, 0, 4096)
+        zeroPage.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
     }
 
     deinit {
@@ -127,19 +124,17 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
 /// Pre-populated private pages for MISSING-mode installs (see ``UffdPageMapper``), kept
 /// across attempts of one `receive`.
 final class DestinationPool: @unchecked Sendable {
-    let base: UnsafeMutableRawPointer
     let pages: Int
+    private let memory: AnonymousMapping
     private let next = ManagedAtomic<Int>(0)
+    var base: UnsafeMutableRawPointer { memory.base }
 
     /// nil when the mapping cannot be made (installs then copy instead of moving).
     init?(pages: Int) {
-        guard let p = mmap(nil, pages * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0),
-              p != MAP_FAILED else { return nil }
-        base = p
+        guard let memory = try? AnonymousMapping(size: pages * 4096, populate: true, label: "destination pool") else { return nil }
+        self.memory = memory
         self.pages = pages
     }
-
-    deinit { munmap(base, pages * 4096) }
 
     /// `count` contiguous pool pages, or nil when the pool is used up.
     func take(_ count: Int) -> UnsafeMutableRawPointer? {

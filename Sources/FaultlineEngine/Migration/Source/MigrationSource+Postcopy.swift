@@ -1,9 +1,6 @@
 import Atomics
 import FaultlineCore
 import FaultlineLinux
-#if canImport(Glibc)
-import Glibc
-#endif
 
 extension MigrationSource {
     /// After the commit: the background stream of every page still owed (the fault server
@@ -77,7 +74,7 @@ extension MigrationSource {
             }
         }
         report.backgroundPages = sentBackground
-        if options.progress && isatty(2) != 0 { progressBar(layout.totalPages, layout.totalPages); fputs("\n", stderr) }
+        if options.progress && StandardError.isTerminal { progressBar(layout.totalPages, layout.totalPages); StandardError.write("\n") }
     }
 
     /// After the commit: reconnect on a lost connection, give up with the cause otherwise.
@@ -96,10 +93,10 @@ extension MigrationSource {
     }
 
     func progressBar(_ have: Int, _ total: Int) {
-        guard isatty(2) != 0 else { return }
+        guard StandardError.isTerminal else { return }
         let width = 40, filled = total > 0 ? have * width / total : width
-        fputs("\r[" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
-              + "] \(have * 100 / max(total, 1))% of \(total) pages", stderr)
+        StandardError.write("\r[" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
+              + "] \(have * 100 / max(total, 1))% of \(total) pages")
     }
 
     /// After a broken connection: reconnect within the timeout, learn from the destination
@@ -138,7 +135,7 @@ extension MigrationSource {
                 if kind == .protocolViolation || kind == .peerReported { throw error }
                 bulk?.close()
                 fault?.close()
-                usleep(100_000)
+                MonotonicClock.sleep(microseconds: 100_000)
             }
         }
         throw MigrationError.timeout("reconnecting to \(options.destination): \(lastError)")
@@ -186,7 +183,7 @@ public enum SourceMigration {
                 causes.append("\(failed)")
                 FaultlineLog.note("faultline run: attempt \(attempt + 1) failed \(failed); the guest keeps running"
                                   + (attempt < options.retries ? ", retrying in \(options.retryDelaySeconds) s" : ""))
-                if attempt < options.retries { usleep(UInt32(options.retryDelaySeconds * 1e6)) }
+                if attempt < options.retries { MonotonicClock.sleep(microseconds: UInt64(options.retryDelaySeconds * 1e6)) }
             }
         }
         throw MigrationFailedBeforeSwitchover(causes: causes)

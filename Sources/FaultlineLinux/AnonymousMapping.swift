@@ -1,0 +1,37 @@
+import CFaultlineShim
+import FaultlineCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Private anonymous memory mapped into this process (mmap), owned: unmapped in deinit.
+/// For host-side buffers the kernel works on directly (a page source, a pool of pages to
+/// UFFDIO_MOVE from); guest RAM is a ``GuestMemoryRegion``.
+public final class AnonymousMapping: @unchecked Sendable {
+    public let base: UnsafeMutableRawPointer
+    /// Bytes mapped.
+    public let size: Int
+    public let label: String
+
+    /// Maps `size` bytes, read-write. `populate` faults every page in now (MAP_POPULATE), so
+    /// later accesses never fault.
+    public init(size: Int, populate: Bool = false, label: String) throws(SystemError) {
+        let flags = MAP_PRIVATE | MAP_ANONYMOUS | (populate ? MAP_POPULATE : 0)
+        guard size > 0 else { throw SystemError("mmap \(label): size \(size)", errno: EINVAL) }
+        let p = mmap(nil, size, PROT_READ | PROT_WRITE, flags, -1, 0)
+        guard let p, p != MAP_FAILED else { throw SystemError("mmap \(label) \(size) bytes", errno: fl_errno()) }
+        base = p
+        self.size = size
+        self.label = label
+    }
+
+    deinit { munmap(base, size) }
+
+    public var hostAddress: HostAddress { HostAddress(base) }
+
+    /// Which pages are resident (mincore): one byte per page, bit 0 set when resident.
+    /// `bytes` holds at least `size / 4096` bytes.
+    public func residency(into bytes: UnsafeMutablePointer<UInt8>) throws(SystemError) {
+        try queryResidency(base: base, length: size, into: bytes, label: label)
+    }
+}

@@ -1,0 +1,54 @@
+import CFaultlineShim
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A dedicated OS thread (vCPUs block in KVM_RUN; fault handlers block in poll): not a
+/// Swift concurrency task. `join()` waits for it.
+public final class OSThread: @unchecked Sendable {
+    private var thread = pthread_t()
+    private final class Box { let body: () -> Void; init(_ b: @escaping () -> Void) { body = b } }
+
+    /// Starts `body` on a new thread with `stackSize` bytes of stack. A non-zero `niceness`
+    /// is applied to the thread first (negative needs privilege; refused quietly otherwise -
+    /// it orders the fault path before the bulk stream before running vCPUs, it is not
+    /// needed for correctness).
+    /// With `cpu`, the thread runs on that CPU only (refused, e.g. by a cpuset: it runs unpinned).
+    public init(name: String, stackSize: Int = 1 << 20, niceness: Int32 = 0, cpu: Int32? = nil,
+                _ body: @escaping () -> Void) throws(SystemError) {
+        let run: () -> Void = niceness == 0 && cpu == nil ? body : {
+            if let cpu { try? ThreadScheduling.pinCurrentThread(to: cpu) }
+            if niceness != 0 { OSThread.setCurrentNiceness(niceness) }
+            body()
+        }
+        let box = Unmanaged.passRetained(Box(run)).toOpaque()
+        let rc = fl_thread_create(&thread, stackSize, { arg in
+            let box = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
+            box.body()
+            return nil
+        }, box)
+        if rc != 0 {
+            Unmanaged<Box>.fromOpaque(box).release()
+            throw SystemError("pthread_create \(name)", errno: rc)
+        }
+    }
+
+    public func join() { pthread_join(thread, nil) }
+
+    /// Sets the calling thread's niceness (Linux: per thread, by tid). The fault path asks
+    /// for real-time FIFO scheduling first (it blocks on its socket or uffd almost always and
+    /// must preempt the bulk stream at once); without the privilege it gets nice -10.
+    /// Refusals are quiet (see `init`).
+    public static func setCurrentNiceness(_ value: Int32) {
+        if value == Niceness.faultPath, (try? ThreadScheduling.requestRealtimeFIFO(priority: 1)) != nil { return }
+        try? ThreadScheduling.setCurrentNiceness(value)
+    }
+
+    /// Scheduling priorities of Faultline's threads during post-copy.
+    public enum Niceness {
+        /// Fault server, fault receiver, uffd readers: a fault never waits behind bulk data.
+        public static let faultPath: Int32 = -10
+        /// vCPU threads while their memory is still arriving.
+        public static let vcpuDuringPostcopy: Int32 = 10
+    }
+}
