@@ -4,7 +4,7 @@
 # in two shapes: no pre-copy, and 2 s of pre-copy then post-copy. N alternating pairs per
 # shape (QEMU, Faultline, QEMU, Faultline, ...), then median and worst of each and the
 # Faultline/QEMU ratio of the medians.
-#   bench/peers/run.sh [N] [--json]        (N defaults to 5; MIGRATE_AFTER=3 seconds)
+#   bench/peers/run.sh [N] [--json]        (N defaults to 5; MIGRATE_AFTER=3 seconds; RESULTS=file)
 # Installs qemu-system-x86 with apt if qemu-system-x86_64 is missing; if that fails, says so
 # and skips the QEMU peer. Needs /dev/kvm, as, ld (binutils) and python3.
 set -euo pipefail
@@ -42,8 +42,8 @@ if [ -z "${FAULTLINE:-}" ]; then
   swift build -c release --product faultline >&2
 fi
 
-results=$(mktemp)
-trap 'rm -f "$results"' EXIT
+# RESULTS=file keeps the raw JSON lines (one per run) there.
+if [ -n "${RESULTS:-}" ]; then results=$RESULTS; : > "$results"; else results=$(mktemp); trap 'rm -f "$results"' EXIT; fi
 shape_flags() {  # Faultline's flags for a shape
   case $1 in
     0) echo "--precopy-rounds 0" ;;
