@@ -146,6 +146,17 @@ public final class StreamSocket: @unchecked Sendable {
 
     /// Shuts both directions down: wakes a thread blocked in receive on this socket.
     public func shutdown() { _ = Glibc.shutdown(fd.rawValue, Int32(SHUT_RDWR)) }
+
+    /// True when the peer has already closed its end (or reset it): the socket is readable
+    /// and a peek finds end of stream, or poll reports a hang-up. Consumes nothing.
+    public var peerHasClosed: Bool {
+        let pollRDHUP: Int16 = 0x2000  // POLLRDHUP (Linux; Glibc's module map leaves it out)
+        var p = pollfd(fd: fd.rawValue, events: Int16(POLLIN) | pollRDHUP, revents: 0)
+        guard poll(&p, 1, 0) == 1 else { return false }
+        if p.revents & (Int16(POLLHUP) | Int16(POLLERR) | pollRDHUP) != 0 { return true }
+        var byte: UInt8 = 0
+        return recv(fd.rawValue, &byte, 1, Int32(MSG_PEEK) | Int32(MSG_DONTWAIT)) == 0
+    }
 }
 
 /// A listening TCP socket.

@@ -26,6 +26,7 @@ struct BenchChaos: ParsableCommand {
     @Option(name: .customLong("max-events"), help: "The most events per schedule") var maxEvents = 3
     @Option(help: "Seconds before a run counts as hung and is killed") var timeout = 180.0
     @Flag(help: "One JSON line per run and a JSON summary") var json = false
+    @Option(name: .customLong("log-dir"), help: "Keep each run's output there (seed-N.stdout, seed-N.stderr)") var logDir: String?
 
     struct RunResult {
         let seed: UInt64
@@ -57,6 +58,11 @@ struct BenchChaos: ParsableCommand {
                              "--chaos-events", String(maxEvents)]
             let child = try BoundedChild(arguments: arguments).run(timeout: timeout)
             let result = Self.judge(child, seed: s, mode: mode, workload: workload)
+            if let logDir {
+                try? FileManager.default.createDirectory(atPath: logDir, withIntermediateDirectories: true)
+                try? child.stdout.write(toFile: "\(logDir)/seed-\(s).stdout", atomically: false, encoding: .utf8)
+                try? child.stderr.write(toFile: "\(logDir)/seed-\(s).stderr", atomically: false, encoding: .utf8)
+            }
             results.append(result)
             if json {
                 print(Self.line(result))

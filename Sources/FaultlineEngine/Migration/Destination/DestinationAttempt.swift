@@ -26,7 +26,11 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     var awaitingCommit = false
     var guestStarted = false
     /// Every page is in and the digest read back from memory matched (the verdict is sent).
-    var verified = false
+    var verified: Bool {
+        get { verifiedFlag.load(ordering: .acquiring) }
+        set { verifiedFlag.store(newValue, ordering: .releasing) }
+    }
+    let verifiedFlag = ManagedAtomic<Bool>(false)
     /// The fault receiver lost its connection (the main loop reconnects both).
     let faultConnectionLost = ManagedAtomic<Bool>(false)
     var sessionID: UInt64 = 0
@@ -375,7 +379,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     if stopping.load(ordering: .relaxed) { return }
                     if FailureClassifier.isConnectionLoss(error) {
                         faultConnectionLost.store(true, ordering: .relaxed)
-                        bulk.close()  // the main loop reconnects both
+                        // The main loop reconnects both - unless everything is in: then the
+                        // source closing its fault connection is the normal end, and the bulk
+                        // connection still carries its `verdictReceived`.
+                        if !verified { bulk.close() }
                     } else {
                         failures.record("fault receiver", error)
                     }

@@ -22,7 +22,15 @@ final class SessionAcceptor: @unchecked Sendable {
         var channels: [ConnectionRole: WireChannel] = [:]
         var hello: WireMessage.Hello?
         let deadline = MonotonicClock.deadline(after: timeout)
-        while channels.count < 2 {
+        while channels.count < 2 || channels.values.contains(where: { $0.socket.peerHasClosed }) {
+            // A connection whose source has already closed it (the rest of a reconnect that
+            // failed half-way) must not be paired with a newer one: drop it, keep accepting.
+            for (role, channel) in channels where channel.socket.peerHasClosed {
+                channel.close()
+                channels[role] = nil
+                FaultlineLog.note("faultline receive: dropped a \(role) connection its source had already closed")
+            }
+            if channels.isEmpty { hello = nil }
             let left = MonotonicClock.secondsLeft(until: deadline)
             guard left > 0, let socket = try listener.accept(timeoutSeconds: max(0.01, left)) else {
                 throw MigrationError.timeout("waiting for the source on \(listener.endpoint)")

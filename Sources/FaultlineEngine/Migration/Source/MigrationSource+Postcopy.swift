@@ -110,7 +110,10 @@ extension MigrationSource {
         var lastError: Error = cause
         while MonotonicClock.nanoseconds() < deadline {
             do {
-                try connect(timeout: max(1, MonotonicClock.secondsLeft(until: deadline)))
+                // A destination waiting for our reconnect answers at once: a hello that goes
+                // unanswered for seconds hit a half-dead pairing, so try again.
+                let left = max(1, MonotonicClock.secondsLeft(until: deadline))
+                try connect(timeout: left, ackTimeout: min(left, 3))
                 bulk.socket.setReceiveTimeout(seconds: options.peerTimeoutSeconds)
                 let message = try bulk.receive()
                 guard case .resume(let session, _, let missing) = message, session == sessionID else {

@@ -44,7 +44,9 @@ public final class MigrationSource: @unchecked Sendable {
 
     // MARK: connections
 
-    func connect(timeout: Double) throws {
+    /// `ackTimeout`: how long each hello may wait for its answer (default: `timeout`, at least
+    /// the peer timeout - a destination answers once its memory is prepared).
+    func connect(timeout: Double, ackTimeout: Double? = nil) throws {
         let deadline = MonotonicClock.deadline(after: timeout)
         let b = WireChannel(socket: try StreamSocket.connect(to: options.destination, timeoutSeconds: timeout), role: .bulk)
         try b.send(.hello(hello))
@@ -57,7 +59,7 @@ public final class MigrationSource: @unchecked Sendable {
         try f.send(.hello(faultHello))
         for channel in [b, f] {
             // The destination answers once its memory is ready (it may take a while for big guests).
-            channel.socket.setReceiveTimeout(seconds: max(timeout, options.peerTimeoutSeconds))
+            channel.socket.setReceiveTimeout(seconds: ackTimeout ?? max(timeout, options.peerTimeoutSeconds))
             switch try channel.receive() {
             case .helloAck: break
             case .reject(let reason): throw MigrationError.rejected(reason)

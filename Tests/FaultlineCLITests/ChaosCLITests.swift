@@ -1,0 +1,67 @@
+import FaultlineCore
+import Foundation
+import Testing
+
+/// Chaos end to end: a frame-aware proxy between the two sides flips bits and cuts
+/// connections. Each run must end in one of the two allowed ways (completed with matching
+/// digests and a green guest, or a clean failure before the switch-over with the source guest
+/// still running); `bench chaos` judges every run and exits non-zero otherwise.
+@Suite("Chaos", .serialized, .enabled(if: kvmUsable && isRoot, "needs /dev/kvm and a privileged userfaultfd"))
+struct ChaosCLITests {
+    let demo = ["demo", "--memory", "32M", "--json", "--migrate-after", "0.5", "--run-after", "0.5",
+                "--precopy-rounds", "1", "--postcopy", "always"]
+
+    /// A seeded batch as CI runs it: every fault mode, both workloads, events in every phase.
+    @Test func seededSchedulesEndCorrectly() throws {
+        let r = try run(["bench", "chaos", "--schedules", "12", "--seed", "7001", "--memory", "32M", "--timeout", "120",
+                         "--json"], timeout: 1500)
+        #expect(r.status == 0, "\(r.stdout)\n\(r.stderr.suffix(4000))")
+        let summary = lastJSON(r.stdout)
+        #expect(summary?["schedules"] as? Int == 12)
+        #expect(summary?["wrong"] as? Int == 0, "\(r.stdout)")
+        // The batch reaches both outcomes and fires events in every phase.
+        #expect((summary?["completed"] as? Int ?? 0) > 0)
+        #expect((summary?["failed_before_switchover"] as? Int ?? 0) > 0)
+        let phases = summary?["events_fired_by_phase"] as? [String: Int] ?? [:]
+        for phase in ["precopy", "switchover", "postcopy", "completion"] {
+            #expect((phases[phase] ?? 0) > 0, "no event fired in \(phase): \(phases)")
+        }
+    }
+
+    /// Forced paths, one event each: the run must end as the table in docs/design.md says.
+    @Test(arguments: [
+        // Before the commit without retries: a clean failure, the source guest runs on.
+        ("precopy:bulk:to_destination:3:flip_page_data_bit", 0, 3),
+        ("precopy:bulk:to_destination:2:flip_header_bit", 0, 3),
+        ("switchover:bulk:to_source:0:flip_payload_bit", 0, 3),  // the ready ack damaged
+        // ... and with one retry the second attempt completes.
+        ("precopy:bulk:to_destination:1:cut_both", 1, 0),
+        ("switchover:bulk:to_destination:0:cut", 1, 0),
+        // After the commit: resumed, completed.
+        ("postcopy:bulk:to_destination:0:cut", 0, 0),  // the commit itself is lost
+        ("postcopy:bulk:to_destination:3:flip_header_bit", 0, 0),
+        ("postcopy:bulk:to_destination:2:flip_page_data_bit", 0, 0),
+        ("postcopy:fault:to_source:0:cut_both", 0, 0),
+        ("completion:bulk:to_source:0:cut", 0, 0),  // the verdict is lost: asked for again
+        ("completion:bulk:to_source:0:flip_header_bit", 0, 0),
+        ("completion:bulk:to_destination:1:cut_both", 0, 0),  // `complete` is lost
+    ])
+    func aForcedEventEndsAsTheTableSays(event: String, retries: Int, expected: Int32) throws {
+        let r = try run(demo + ["--chaos-event", event, "--retries", String(retries)], timeout: 240)
+        let lines = r.stdout.split(separator: "\n").compactMap {
+            try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
+        }
+        let chaos = lines.compactMap { $0["chaos"] as? [String: Any] }.first
+        #expect((chaos?["fired"] as? [String])?.count == 1, "the event did not fire: \(r.stdout)")
+        #expect(r.status == expected, "\(event): exit \(r.status)\n\(r.stdout)\n\(r.stderr.suffix(3000))")
+        let report = lines.last { $0["chaos"] == nil }
+        if expected == 0 {
+            #expect(report?["digest_match"] as? Bool == true)
+            #expect(report?["guest_check"] as? Bool == true)
+        } else {
+            #expect(report?["outcome"] as? String == "failed_before_switchover")
+            #expect(report?["guest_running"] as? Bool == true)
+            #expect((report?["passes_after_failure"] as? Int ?? 0) > (report?["passes_at_failure"] as? Int ?? Int.max))
+        }
+    }
+}
