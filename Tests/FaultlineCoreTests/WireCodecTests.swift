@@ -349,6 +349,24 @@ private func decodeAll(_ bytes: [UInt8], chunk: Int = .max) -> (messages: [WireM
         #expect(try decoder.nextMessage() == .complete)
     }
 
+    /// A bit flipped in a descriptor's kind byte breaks the batch's structure: that is damage
+    /// (the batch is dropped, the stream stays in sync), not a malformed message from the peer.
+    @Test func aDamagedDescriptorIsDamageNotAProtocolViolation() throws {
+        let batch = PageBatch(pageSize: 4096, pages: [(5, [UInt8](repeating: 1, count: 4096)), (6, nil)])
+        let frame = try WireEncoder.encode(.pages(batch))
+        let kindOffsets = [WireProtocol.headerSize + 4 + 8, WireProtocol.headerSize + 4 + 16 + 4096 + 8]
+        for offset in kindOffsets {
+            for bit in 0..<8 {
+                var damaged = frame
+                damaged[offset] ^= UInt8(1) << bit
+                var decoder = WireDecoder()
+                decoder.append(damaged + (try WireEncoder.encode(.complete)))
+                #expect(throws: WireError.payloadChecksumMismatch(.pages)) { try decoder.nextMessage() }
+                #expect(try decoder.nextMessage() == .complete)
+            }
+        }
+    }
+
     @Test func invalidHellosAreRejected() {
         func rejected(_ change: (inout WireMessage.Hello) -> Void) -> Bool {
             var hello = sampleHello

@@ -185,13 +185,14 @@ struct MigrationWithFakesTests {
     }
 
     @Test func demandFaultsAreServedOnTheFaultConnection() throws {
-        // The vCPU touches the last pages the stream would send (it streams in order from the
-        // start of RAM), so its faults come long before the stream gets there.
+        // The vCPU touches the last pages the stream would send, and the source holds its
+        // stream until both were served on demand: the fault path is certain to run.
         let pair = try FakePair(ramPages: 8192)
         pair.configureDestinationMachine = { $0.simulatedFaults = [4096 * 8191, 4096 * 8000] }
-        let r = try pair.migrate(destination: { $0.faultMode = .vcpuExit })
+        let r = try pair.migrate(source: { $0.holdStreamUntilDemandPages = 2 }, destination: { $0.faultMode = .vcpuExit })
         let d = try r.destination.get()
-        #expect(d.faults >= 1)
+        #expect(d.faults >= 2)
+        #expect(d.demandPages >= 2)
         #expect(pair.destinationMachine!.faultErrors.isEmpty)
         #expect(d.digestMatch && pair.memoriesMatch())
     }

@@ -499,7 +499,18 @@ public struct WireDecoder: Sendable {
             guard payload.count >= batchStart else { throw .malformed("\(type) payload too short") }
             crc.update(UnsafeRawBufferPointer(rebasing: payload[0..<batchStart]))
             let wire = UnsafeRawBufferPointer(rebasing: payload[batchStart...])
-            let scan = try PageBatch.scan(wire, crc: &crc, verifyData: true)
+            let scan: (pageSize: UInt32, count: Int, firstBadPage: UInt64?)
+            do throws(WireError) {
+                scan = try PageBatch.scan(wire, crc: &crc, verifyData: true)
+            } catch {
+                // The payload CRC leaves page data out, so where it applies depends on the
+                // descriptors: a batch whose structure is broken cannot be checked the normal
+                // way. Built wrong by its sender, its CRC covers every byte (there is no data
+                // to leave out); damaged in transit, it does not. Damage is dropped like any
+                // damaged batch, never taken for a protocol violation.
+                guard case .malformed = error, CRC32C.checksum(payload) != expectedCRC else { throw error }
+                throw .payloadChecksumMismatch(type)
+            }
             guard crc.value == expectedCRC else { throw .payloadChecksumMismatch(type) }
             if let bad = scan.firstBadPage { throw .checksumMismatch(pageIndex: bad) }
             let batch = PageBatch(pageSize: scan.pageSize, count: scan.count, wire: batchWire(batchStart..<payload.count))

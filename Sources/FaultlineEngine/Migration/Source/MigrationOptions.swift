@@ -40,6 +40,10 @@ public struct MigrationOptions: Sendable {
     /// Fault injection for tests: send a page request's worth of protocol violation after the
     /// commit (a page index outside memory on the bulk connection).
     public var violateProtocolAfterCommit = false
+    /// Test hook: after the commit, hold the background stream until the fault server has
+    /// served this many demand pages (at most 10 s), so that demand faults are certain to be
+    /// answered on the fault connection rather than overtaken by the stream.
+    public var holdStreamUntilDemandPages: Int?
     /// The CPU the fault server runs on (see ``FaultPathCPU``).
     public var faultPathCPU: FaultPathCPU = .automatic
     /// Print a progress bar (stderr, when it is a terminal).

@@ -22,6 +22,12 @@ extension MigrationSource {
         var sentBackground = 0
         var injectedCut = false, injectedCorruption = false, injectedViolation = false
         if let e = failedCommitSend { failedCommitSend = nil; try recover(from: e) }
+        if let wanted = options.holdStreamUntilDemandPages {
+            let until = MonotonicClock.deadline(after: 10)
+            while faultServer.demandServed.load(ordering: .relaxed) < wanted && MonotonicClock.nanoseconds() < until {
+                MonotonicClock.sleep(seconds: 0.001)
+            }
+        }
         while true {
             do {
                 if let failure = failures.failure { throw failure }
