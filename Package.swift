@@ -67,7 +67,7 @@ let package = Package(
             dependencies: ["FaultlineEngine", "FaultlineLinux", "FaultlineCore"]
         ),
         // Runs the built `faultline` binary: exit codes and messages of the CLI.
-        .testTarget(name: "FaultlineCLITests", dependencies: ["faultline", "FaultlineCore"]),
+        .testTarget(name: "FaultlineCLITests", dependencies: ["faultline", "FaultlineCore", "FaultlineLinux", "CFaultlineShim"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -26,6 +26,9 @@ int fl_userfaultfd_syscall(int flags) {
 #endif
 }
 
+int fl_pidfd_open(int pid, unsigned int flags) { return (int)syscall(SYS_pidfd_open, pid, flags); }
+int fl_pidfd_send_signal(int pidfd, int sig) { return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0); }
+int fl_pipe2(int fds[2], int flags) { return pipe2(fds, flags); }
 int fl_memfd_create(const char *name, unsigned int flags) { return (int)syscall(SYS_memfd_create, name, flags); }
 
 uint64_t fl_now_ns(void) {

@@ -1,4 +1,5 @@
 import Foundation
+import FaultlineLinux
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -6,7 +7,7 @@ import Glibc
 /// A child process run to completion under a deadline, for the benchmarks that drive whole
 /// migrations (`bench chaos`): its own process group, stdout and stderr into files (a chatty
 /// child never blocks on a pipe), and past the deadline it is killed together with every
-/// process it started.
+/// process it started. It is reaped only after that, so no signal reaches a reused pid or group.
 struct BoundedChild {
     struct Outcome {
         /// Exit code, or 128 + the signal that ended it.
@@ -44,43 +45,23 @@ struct BoundedChild {
         guard rc == 0 else { throw CLIError(description: "posix_spawn \(arguments[0]): \(String(cString: strerror(rc)))") }
 
         let start = Date()
-        var status: Int32 = 0
+        let child = ChildProcessGroup(pid: pid)
         var timedOut = false
-        while true {
-            let r = waitpid(pid, &status, WNOHANG)
-            if r == pid { break }
-            if r < 0 && errno != EINTR { status = -1; break }
+        while !child.hasExited {
             if Date().timeIntervalSince(start) > timeout && !timedOut {
                 timedOut = true
-                Self.killTree(pid)
+                // Found through it while it runs (some left its group), before its group dies.
+                let descendants = child.descendants()
+                child.signalGroup(SIGKILL)
+                for d in descendants { d.signal(SIGKILL) }
             }
             usleep(20_000)
         }
         let seconds = Date().timeIntervalSince(start)
-        Self.killTree(pid)  // anything the child left behind
-        let code: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+        // Kills what is left in its group while its exited leader still holds the group's id, then reaps it.
+        let code = child.reap()
         return Outcome(status: code, stdout: (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? "",
                        stderr: (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "", timedOut: timedOut,
                        seconds: seconds)
-    }
-
-    /// SIGKILL to the process group of `pid` and to every descendant found through /proc
-    /// (a grandchild may have left the group).
-    static func killTree(_ pid: pid_t) {
-        var parents: [pid_t: [pid_t]] = [:]
-        for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
-            guard let child = pid_t(entry),
-                  let stat = try? String(contentsOfFile: "/proc/\(entry)/stat", encoding: .utf8),
-                  let close = stat.lastIndex(of: ")") else { continue }
-            let fields = stat[stat.index(after: close)...].split(separator: " ")
-            if fields.count > 1, let parent = pid_t(fields[1]) { parents[parent, default: []].append(child) }
-        }
-        var stack = [pid], all: [pid_t] = []
-        while let p = stack.popLast() {
-            all.append(p)
-            stack += parents[p] ?? []
-        }
-        kill(-pid, SIGKILL)
-        for p in all.dropFirst() { kill(p, SIGKILL) }
     }
 }

@@ -1,12 +1,16 @@
 import Foundation
 import Testing
+import FaultlineLinux
+import CFaultlineShim
 #if canImport(Glibc)
 import Glibc
 #endif
 
 // The process harness of the CLI tests: every child runs under a deadline, its output is
 // read while it runs (a chatty child never blocks on a full pipe), and a child that overruns
-// is killed together with the processes it started.
+// is killed together with the processes it started. Signals go only to the child's group while
+// the child is not reaped, and to other processes through pidfds (ChildProcessGroup): never to a
+// pid or group id that is no longer the child's, nor to a child another test is spawning.
 
 /// How a child ended and what it printed. `status` is the exit code, or 128 + the signal
 /// number when a signal ended it (as a shell reports it); -1 if it could not be collected.
@@ -56,16 +60,15 @@ struct HarnessError: Error, CustomStringConvertible {
 /// Not thread-safe: one test drives it.
 final class Child {
     let pid: pid_t
+    private let process: ChildProcessGroup
     /// How issues name it, e.g. "faultline receive --listen 127.0.0.1:0".
     let name: String
     /// Read ends of stdout and stderr; -1 once at end of file.
     private var pipes: [Int32]
     private var output: [[UInt8]] = [[], []]
     private var lineStart = 0
-    private var exited = false
-    private var status: Int32?
     private var timedOut = false
-    private static let spawnLock = NSLock()
+    private var status: Int32? { process.status }
 
     /// Starts `faultline arguments`, behind `prefix` if given.
     convenience init(_ arguments: [String], as prefix: [String] = []) throws {
@@ -76,18 +79,15 @@ final class Child {
 
     init(executable: String, arguments: [String], name: String? = nil) throws {
         self.name = name ?? ([executable] + arguments).joined(separator: " ")
-        // Pipes and spawn under one lock: a child spawned by another test in between must not
-        // inherit these pipes before they are close-on-exec.
-        Child.spawnLock.lock()
-        defer { Child.spawnLock.unlock() }
+        // Pipes close-on-exec from birth: a child spawned meanwhile (by another test, or by
+        // anything else in this process) must not keep them past its exec.
         var out: [Int32] = [-1, -1], err: [Int32] = [-1, -1]
-        guard pipe(&out) == 0 else { throw HarnessError("pipe", errno: errno) }
-        guard pipe(&err) == 0 else {
+        guard fl_pipe2(&out, O_CLOEXEC) == 0 else { throw HarnessError("pipe2", errno: errno) }
+        guard fl_pipe2(&err, O_CLOEXEC) == 0 else {
             let code = errno
             close(out[0]); close(out[1])
-            throw HarnessError("pipe", errno: code)
+            throw HarnessError("pipe2", errno: code)
         }
-        for fd in out + err { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -118,6 +118,7 @@ final class Child {
             throw HarnessError("posix_spawn \(executable)", errno: rc)
         }
         pid = child
+        process = ChildProcessGroup(pid: child)
         pipes = [out[0], err[0]]
     }
 
@@ -181,8 +182,8 @@ final class Child {
                 let now = ContinuousClock.now
                 if exitSeen == nil { exitSeen = now }
                 if let seen = exitSeen, now - seen > .seconds(2) {
-                    let holders = Child.holders(of: pipes)
-                    for p in holders { Glibc.kill(p.pid, SIGKILL) }
+                    let holders = ProcessTable.holders(ofPipes: pipes)
+                    for p in holders { p.signal(SIGKILL) }
                     Issue.record("\(name) exited, but processes it started (\(holders.map { String($0.pid) }.joined(separator: ", "))) still held its output; killed them",
                                  sourceLocation: sourceLocation)
                     drain(for: .seconds(1))
@@ -199,16 +200,16 @@ final class Child {
     /// to all of them 2 s later. Returns once it has exited (or 5 s after SIGKILL).
     private func terminate() {
         guard status == nil else { return }
-        var victims = hasExited() ? Child.holders(of: pipes) : Child.descendants(of: pid) + Child.holders(of: pipes)
-        killpg(pid, SIGTERM)
-        for v in victims { Glibc.kill(v.pid, SIGTERM) }
+        // Pinned (pidfds): the SIGKILL round reaches these same processes or nobody.
+        var victims = process.descendants() + ProcessTable.holders(ofPipes: pipes)
+        process.signalGroup(SIGTERM)
+        for v in victims { v.signal(SIGTERM) }
         let soft = ContinuousClock.now + .seconds(2)
         while !hasExited() && ContinuousClock.now < soft { pump(milliseconds: 50) }
-        // Again: it may have started more meanwhile; keep only the ones that are still the same process.
-        victims = victims.filter { Child.startTime(of: $0.pid) == $0.start }
-            + (hasExited() ? [] : Child.descendants(of: pid)) + Child.holders(of: pipes)
-        killpg(pid, SIGKILL)
-        for v in victims { Glibc.kill(v.pid, SIGKILL) }
+        // Again: it may have started more meanwhile.
+        victims += process.descendants() + ProcessTable.holders(ofPipes: pipes)
+        process.signalGroup(SIGKILL)
+        for v in victims { v.signal(SIGKILL) }
         let hard = ContinuousClock.now + .seconds(5)
         while !hasExited() && ContinuousClock.now < hard { pump(milliseconds: 50) }
         drain(for: .seconds(1))
@@ -218,25 +219,12 @@ final class Child {
     /// (the unreaped leader keeps the group's id from being reused).
     private func reap() {
         guard status == nil, hasExited() else { return }
-        killpg(pid, SIGKILL)
-        var raw: Int32 = 0
-        if waitpid(pid, &raw, 0) == pid {
-            let signal = raw & 0x7F
-            status = signal == 0 ? (raw >> 8) & 0xFF : 128 + signal
-        } else {
-            status = -1
-        }
+        process.reap()
         for i in pipes.indices where pipes[i] >= 0 { close(pipes[i]); pipes[i] = -1 }
     }
 
     /// Whether it has exited, without reaping it.
-    private func hasExited() -> Bool {
-        if exited || status != nil { return true }
-        var info = siginfo_t()
-        let rc = waitid(P_PID, id_t(pid), &info, WEXITED | WNOHANG | WNOWAIT)
-        if (rc == 0 && info.si_signo == SIGCHLD) || (rc < 0 && errno == ECHILD) { exited = true }
-        return exited
-    }
+    private func hasExited() -> Bool { process.hasExited }
 
     /// Reads whatever arrives within `milliseconds` on the open pipes.
     private func pump(milliseconds: Int32) {
@@ -278,60 +266,5 @@ final class Child {
 
     private static func format(_ seconds: TimeInterval) -> String {
         seconds == seconds.rounded() ? String(Int(seconds)) : String(seconds)
-    }
-
-    // MARK: - Finding what it started (/proc)
-
-    /// A process, with its start time so a reused pid is not mistaken for it.
-    struct Relative: Equatable { let pid: pid_t; let start: UInt64 }
-
-    private static func allPids() -> [pid_t] {
-        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { pid_t($0) }
-    }
-
-    /// Parent and start time from /proc/PID/stat (fields 4 and 22; the name in field 2 may hold spaces).
-    private static func procStat(of pid: pid_t) -> (parent: pid_t, start: UInt64)? {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = text.lastIndex(of: ")") else { return nil }
-        let fields = text[text.index(after: close)...].split(separator: " ")
-        guard fields.count > 19, let parent = pid_t(fields[1]), let start = UInt64(fields[19]) else { return nil }
-        return (parent, start)
-    }
-
-    static func startTime(of pid: pid_t) -> UInt64? { procStat(of: pid)?.start }
-
-    /// Every live descendant of `root`.
-    static func descendants(of root: pid_t) -> [Relative] {
-        var children: [pid_t: [Relative]] = [:]
-        for pid in allPids() {
-            if let s = procStat(of: pid) { children[s.parent, default: []].append(Relative(pid: pid, start: s.start)) }
-        }
-        var found: [Relative] = [], queue = [root]
-        while let next = queue.popLast() {
-            for child in children[next] ?? [] where !found.contains(child) {
-                found.append(child)
-                queue.append(child.pid)
-            }
-        }
-        return found
-    }
-
-    /// Processes other than this one with one of `fds`' pipes open.
-    static func holders(of fds: [Int32]) -> [Relative] {
-        let names = Set(fds.filter { $0 >= 0 }.compactMap { fd -> String? in
-            var info = Glibc.stat()
-            return fstat(fd, &info) == 0 ? "pipe:[\(info.st_ino)]" : nil
-        })
-        guard !names.isEmpty else { return [] }
-        let me = getpid()
-        return allPids().filter { $0 != me }.compactMap { pid in
-            let dir = "/proc/\(pid)/fd"
-            let entries = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
-            let holds = entries.contains { entry in
-                (try? FileManager.default.destinationOfSymbolicLink(atPath: "\(dir)/\(entry)")).map(names.contains) ?? false
-            }
-            guard holds, let start = startTime(of: pid) else { return nil }
-            return Relative(pid: pid, start: start)
-        }
     }
 }

@@ -79,6 +79,24 @@ struct HarnessTests {
         #expect(isDead(pid))
     }
 
+    @Test func killingAChildSparesTheChildrenOtherTestsAreStarting() throws {
+        // A child being spawned holds every descriptor of this process until its exec closes
+        // them, another test's output pipes included: it must not be taken for a process that
+        // holds that test's output, and killed with its child (it died of SIGTERM before its exec,
+        // having printed nothing).
+        let done = DispatchSemaphore(value: 0)
+        Thread {
+            for _ in 0..<20 { (try? Child(executable: "/bin/sh", arguments: ["-c", "exec sleep 30"]))?.kill() }
+            done.signal()
+        }.start()
+        var runs: [CLIRun] = []
+        while done.wait(timeout: .now()) == .timedOut {
+            runs.append(try run(executable: "/bin/sh", arguments: ["-c", "echo ok"], timeout: 30))
+        }
+        let hurt = runs.filter { $0.status != 0 || $0.stdout != "ok\n" }
+        #expect(hurt.isEmpty, "\(hurt.count) of \(runs.count) children ended \(hurt.map(\.status))")
+    }
+
     @Test func aMissingExecutableIsAnError() {
         #expect(throws: HarnessError.self) { _ = try run(executable: "/nonexistent/faultline", arguments: [], timeout: 5) }
     }

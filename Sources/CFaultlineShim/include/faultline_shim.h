@@ -8,6 +8,8 @@
 //  * ioctl(2) is variadic; Swift cannot call variadic C functions. fl_ioctl_* are the
 //    non-variadic entry points.
 //  * userfaultfd has no libc wrapper on older glibc: fl_userfaultfd_syscall.
+//  * pidfd_open, pidfd_send_signal and pipe2 are not visible to Swift's Glibc module:
+//    fl_pidfd_open, fl_pidfd_send_signal, fl_pipe2 (a pipe that is close-on-exec from birth).
 //  * kvm_run and uffd_msg hold unions; they are spelled out as structs with named members.
 //  * Signal handlers: the vCPU "kick" signal (interrupts KVM_RUN with EINTR) and the SIGBUS
 //    hook used by software vCPUs; a handler must be plain C to be async-signal-safe.
@@ -298,6 +300,9 @@ int fl_memfd_create(const char *name, unsigned int flags);
 int fl_errno(void);
 int fl_fallocate(int fd, int mode, int64_t offset, int64_t length);
 int fl_eventfd(unsigned int initval, int flags);
+int fl_pidfd_open(int pid, unsigned int flags);
+int fl_pidfd_send_signal(int pidfd, int sig);
+int fl_pipe2(int fds[2], int flags);
 
 // The vCPU kick: a real-time signal whose handler does nothing, installed without
 // SA_RESTART, so a blocked KVM_RUN returns EINTR. Returns the signal number or -1.
