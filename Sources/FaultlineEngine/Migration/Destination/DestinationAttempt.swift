@@ -341,6 +341,9 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         try SessionAcceptor.ack(pair)
         bulk = pair.bulk
         fault = pair.fault
+        // As on the first connection: a source that goes silent on an open connection is
+        // treated as lost (and waited for again), never waited for forever.
+        bulk.socket.setReceiveTimeout(seconds: verified ? options.reconnectSeconds : options.idleSeconds)
         var missing: [Range<UInt64>] = []
         table.installed.forEachClearRange { missing.append(UInt64($0.lowerBound)..<UInt64($0.upperBound)) }
         try bulk.send(.resume(sessionID: sessionID, installedPages: UInt64(table.installedCount), missing: missing))
