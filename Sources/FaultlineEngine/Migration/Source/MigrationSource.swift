@@ -26,6 +26,8 @@ public final class MigrationSource: @unchecked Sendable {
     var bulk: WireChannel!
     var fault: WireChannel!
     var bytesFromClosedChannels: UInt64 = 0
+    /// The features the destination accepted on the bulk connection.
+    var accepted: FeatureFlags = []
 
     public init(machine: SourceMachine, options: MigrationOptions) {
         self.machine = machine
@@ -59,7 +61,7 @@ public final class MigrationSource: @unchecked Sendable {
             // The destination answers once its memory is ready (it may take a while for big guests).
             channel.socket.setReceiveTimeout(seconds: max(timeout, options.peerTimeoutSeconds))
             switch try channel.receive() {
-            case .helloAck: break
+            case .helloAck(_, let features): if channel === b { accepted = features }
             case .reject(let reason): throw MigrationError.rejected(reason)
             case .error(let message): throw MigrationError.peerError(message)
             case let other: throw MigrationError.protocolViolation("expected helloAck, got \(other.type)")
@@ -158,6 +160,7 @@ public final class MigrationSource: @unchecked Sendable {
                 }
             }
             try sender.finish(&encoder, channel: bulk)
+            try awaitRoundStored()
             if let failure = failures.failure { throw failure }
             let dirty = PageBitmap(count: layout.totalPages)
             try machine.collectDirty(into: dirty)
@@ -173,6 +176,7 @@ public final class MigrationSource: @unchecked Sendable {
             decision = policy.decide(rounds: rounds, elapsed: Double(MonotonicClock.nanoseconds() - t0) / 1e9)
         }
         pendingDirty = toSend
+        if case .postcopy = decision { try discardBeforePause(toSend) }
         return decision
     }
 
@@ -193,7 +197,7 @@ public final class MigrationSource: @unchecked Sendable {
         report.mode = stopAndCopy ? "precopy" : "postcopy"
         phase = .switchover
         tPause = MonotonicClock.nanoseconds()
-        partMark = tPause
+        parts.start(at: tPause)
         machine.pause()
         paused = true
         sender.invalidateResidency()  // retaken after the commit, while paused
@@ -248,6 +252,7 @@ public final class MigrationSource: @unchecked Sendable {
         var owed: [Range<UInt64>] = []
         done.forEachClearRange { owed.append(UInt64($0.lowerBound)..<UInt64($0.upperBound)) }
         try bulk.send(.pageSetSummary(owed))
+        part("page_set_summary")
         switch try bulk.receive() {
         case .ack(SessionAck.ready): break
         case .error(let m): throw MigrationError.peerError(m)
@@ -257,13 +262,12 @@ public final class MigrationSource: @unchecked Sendable {
     }
 
     var carried = PageBitmap(count: 0)
-    var partMark: UInt64 = 0
+    var parts = PartClock()
 
     /// Closes one part of the downtime breakdown.
     func part(_ name: String) {
-        let now = MonotonicClock.nanoseconds()
-        report.downtimeParts.append((name, Double(now - partMark) / 1e6))
-        partMark = now
+        parts.close(name, at: MonotonicClock.nanoseconds())
+        report.downtimeParts = parts.parts
     }
 
     /// Sends the commit. A failure to send it is a lost connection after the commit: the
@@ -275,7 +279,7 @@ public final class MigrationSource: @unchecked Sendable {
         }
         do { try bulk.send(.ack(SessionAck.commit)) } catch { failedCommitSend = error }
         part("commit")
-        return partMark
+        return parts.mark
     }
 
     var failedCommitSend: Error?
