@@ -55,6 +55,9 @@ extension SourceReport {
     var json: String { "{\"side\":\"source\"," + (jsonFields + ["\"digest_match\":true", "\"guest_check\":\(guestCheck)"]).joined(separator: ",") + "}" }
 }
 
+/// `[1,2,3]`.
+func intList(_ values: [UInt64]) -> String { "[" + values.map(String.init).joined(separator: ",") + "]" }
+
 extension DestinationReport {
     var guestCheck: Bool { guestMismatches == 0 }
 
@@ -68,6 +71,8 @@ extension DestinationReport {
             "  post-copy             \(fmt(postcopySeconds, 3)) s: \(demandPages) pages on demand, \(backgroundPages) in background, \(zeroPages) zero",
             "  pre-copy pages        \(precopyPages)",
             "  faults                \(faults), latency p50 \(fmt(l.p50, 1)) us, p90 \(fmt(l.p90, 1)) us, p99 \(fmt(l.p99, 1)) us, max \(fmt(l.max, 1)) us",
+            "  fault latency (log2)  " + faultLatencyLog2.enumerated().filter { $0.element > 0 }
+                .map { "[\(1 << $0.offset), \(2 << $0.offset)) us: \($0.element)" }.joined(separator: ", "),
             "  vCPU stall            " + vcpuStallMilliseconds.enumerated().map { "vcpu\($0.offset) \(ms($0.element)) ms" }.joined(separator: ", "),
             "  corrupt pages refused \(corruptPagesRejected)",
             "  reconnects            \(reconnects)",
@@ -87,6 +92,8 @@ extension DestinationReport {
             "\"switchover_parts_ms\":{" + switchoverParts.map { "\"\($0.name)\":\(fmt($0.milliseconds, 3))" }.joined(separator: ",") + "}",
             "\"destination_postcopy_seconds\":\(fmt(postcopySeconds, 6))", "\"faults\":\(faults)",
             "\"fault_latency_us\":{\"p50\":\(fmt(l.p50, 2)),\"p90\":\(fmt(l.p90, 2)),\"p99\":\(fmt(l.p99, 2)),\"max\":\(fmt(l.max, 2))}",
+            "\"fault_latency_log2_us\":{\"buckets\":\(intList(faultLatencyLog2)),\"per_vcpu\":["
+                + faultLatencyLog2PerVcpu.map(intList).joined(separator: ",") + "]}",
             "\"vcpu_stall_ms\":[" + vcpuStallMilliseconds.map { fmt($0, 3) }.joined(separator: ",") + "]",
             "\"installed_demand_pages\":\(demandPages)", "\"installed_background_pages\":\(backgroundPages)",
             "\"corrupt_pages_rejected\":\(corruptPagesRejected)", "\"destination_reconnects\":\(reconnects)",

@@ -197,3 +197,29 @@ struct CRCHardwareTests {
         #expect(Array("123456789".utf8).withUnsafeBytes { CRC32C.checksum($0) } == 0xE306_9283)
     }
 }
+
+@Suite struct Log2HistogramTests {
+    @Test func bucketsArePowersOfTwoInMicroseconds() {
+        #expect(Log2Histogram.bucket(microseconds: 0) == 0)
+        #expect(Log2Histogram.bucket(microseconds: 1) == 0)
+        #expect(Log2Histogram.bucket(microseconds: 2) == 1)
+        #expect(Log2Histogram.bucket(microseconds: 3) == 1)
+        #expect(Log2Histogram.bucket(microseconds: 4) == 2)
+        #expect(Log2Histogram.bucket(microseconds: 1023) == 9)
+        #expect(Log2Histogram.bucket(microseconds: 1024) == 10)
+        #expect(Log2Histogram.bucket(microseconds: .max) == Log2Histogram.bucketCount - 1)
+    }
+
+    @Test func recordsOverallAndPerVcpu() {
+        let h = Log2Histogram(vcpus: 2)
+        h.record(nanoseconds: 500, vcpu: 0)        // < 1 us: bucket 0
+        h.record(nanoseconds: 17_000, vcpu: 1)     // 17 us: [16, 32)
+        h.record(nanoseconds: 16_000, vcpu: 1)
+        h.record(nanoseconds: 3_000_000, vcpu: -1) // 3 ms, no vCPU: the total only
+        #expect(h.buckets(vcpu: 0) == [1])
+        #expect(h.buckets(vcpu: 1) == [0, 0, 0, 0, 2])
+        var total = [UInt64](repeating: 0, count: 12)
+        total[0] = 1; total[4] = 2; total[11] = 1  // 3000 us: [2048, 4096)
+        #expect(h.buckets() == total)
+    }
+}

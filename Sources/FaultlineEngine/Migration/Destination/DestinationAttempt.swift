@@ -255,6 +255,8 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         report.bytesReceived = bytesFromClosedChannels + bulk.bytesReceived + fault.bytesReceived
         report.faultLatencyMicroseconds = book.latencyMicroseconds
         report.vcpuStallMilliseconds = book.stallMilliseconds
+        report.faultLatencyLog2 = book.latencyLog2.buckets()
+        report.faultLatencyLog2PerVcpu = (0..<layout.vcpus).map { book.latencyLog2.buckets(vcpu: $0) }
         report.guestMismatches = machine.counters.mismatches.load(ordering: .relaxed)
         report.firstMismatch = machine.counters.firstMismatch
         report.passesAfterMigration = machine.counters.totalPasses - passesAtComplete

@@ -60,6 +60,10 @@ public struct DestinationReport: Sendable {
     public var bytesReceived: UInt64 = 0
     public var faultLatencyMicroseconds: (p50: Double, p90: Double, p99: Double, max: Double) = (0, 0, 0, 0)
     public var vcpuStallMilliseconds: [Double] = []
+    /// Demand-fault latency in power-of-two microsecond buckets ([2^N, 2^(N+1)) us), all
+    /// faults and per vCPU.
+    public var faultLatencyLog2: [UInt64] = []
+    public var faultLatencyLog2PerVcpu: [[UInt64]] = []
     /// Attempts that failed before the commit (their state was discarded) before this one.
     public var abandonedAttempts: [String] = []
     /// True when the migration finished in post-copy (pages were still owed at the switch-over).
