@@ -52,9 +52,7 @@ public enum InstallBench {
                 uffd = u
             }
             t0 = MonotonicClock.nanoseconds()
-            for first in stride(from: 0, to: pages, by: runPages) {
-                let n = min(runPages, pages - first)
-                let at = HostAddress(rawValue: ram.hostAddress.rawValue + UInt64(first) * 4096)
+            try forEachRun(pages: pages, runPages: runPages, ram: ram) { first, n, at in
                 switch method {
                 case .store: (ram.base + first * 4096).copyMemory(from: staging, byteCount: n * 4096)
                 case .copy: _ = try uffd!.copy(to: at, from: staging, length: UInt64(n) * 4096)
@@ -69,12 +67,10 @@ public enum InstallBench {
             let u = try Userfaultfd(required: [.move], label: "bench-install")
             _ = try u.register(start: ram.hostAddress, length: size, mode: .missing)
             t0 = MonotonicClock.nanoseconds()
-            for first in stride(from: 0, to: pages, by: runPages) {
-                let n = min(runPages, pages - first)
+            try forEachRun(pages: pages, runPages: runPages, ram: ram) { first, n, at in
                 let src = pool.base + first * 4096
                 src.copyMemory(from: staging, byteCount: n * 4096)
-                _ = try u.move(to: HostAddress(rawValue: ram.hostAddress.rawValue + UInt64(first) * 4096),
-                               from: HostAddress(src), length: UInt64(n) * 4096)
+                _ = try u.move(to: at, from: HostAddress(src), length: UInt64(n) * 4096)
             }
         case .memfdContinue, .memfdAllocatedContinue:
             let ram = try GuestMemoryRegion(backing: .memfd, size: size, label: "bench-install")
@@ -86,14 +82,20 @@ public enum InstallBench {
             let u = try Userfaultfd(required: [.minorShmem], label: "bench-install")
             _ = try u.register(start: ram.hostAddress, length: size, mode: .minor)
             t0 = MonotonicClock.nanoseconds()
-            for first in stride(from: 0, to: pages, by: runPages) {
-                let n = min(runPages, pages - first)
+            try forEachRun(pages: pages, runPages: runPages, ram: ram) { first, n, at in
                 try ram.writeFile(at: UInt64(first) * 4096, from: staging, length: n * 4096)
-                _ = try u.continue(at: HostAddress(rawValue: ram.hostAddress.rawValue + UInt64(first) * 4096),
-                                   length: UInt64(n) * 4096)
+                _ = try u.continue(at: at, length: UInt64(n) * 4096)
             }
         }
         let seconds = Double(MonotonicClock.nanoseconds() - t0) / 1e9
         return Result(method: method, pages: pages, prepareSeconds: Double(prepare) / 1e9, installSeconds: seconds)
+    }
+
+    /// Calls `body(first page, page count, host address of the first page)` for each run.
+    static func forEachRun(pages: Int, runPages: Int, ram: GuestMemoryRegion,
+                           _ body: (Int, Int, HostAddress) throws -> Void) throws {
+        for first in stride(from: 0, to: pages, by: runPages) {
+            try body(first, min(runPages, pages - first), HostAddress(rawValue: ram.hostAddress.rawValue + UInt64(first) * 4096))
+        }
     }
 }

@@ -384,6 +384,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     requester.rerequest(all: false)
                 } catch {
                     if stopping.load(ordering: .relaxed) { return }
+                    // Every page is in: the fault connection is not needed any more (the source
+                    // closes it once it has the verdict; the bulk connection carries on, e.g.
+                    // to the baseline copy).
+                    if table.isComplete && FailureClassifier.isConnectionLoss(error) { return }
                     if FailureClassifier.isConnectionLoss(error) {
                         faultConnectionLost.store(true, ordering: .relaxed)
                         bulk.close()  // the main loop reconnects both
