@@ -223,3 +223,18 @@ struct CRCHardwareTests {
         #expect(h.buckets() == total)
     }
 }
+
+@Suite struct PageBitmapWordTests {
+    @Test func clearRangesSpanWholeWordsAndCopiesAreExact() {
+        let b = PageBitmap(count: 300)
+        b.insert(0..<3)
+        b.insert(200..<201)
+        b.insert(299..<300)
+        var ranges: [Range<Int>] = []
+        b.forEachClearRange { ranges.append($0) }
+        #expect(ranges == [3..<200, 201..<299])
+        let c = PageBitmap(count: 300)
+        c.copyBits(from: b)
+        #expect(c.populationCount == 5 && c.contains(200) && !c.contains(201))
+    }
+}

@@ -23,19 +23,43 @@ extension MigrationSource {
 extension MigrationSource {
     /// Before pausing for post-copy (feature `earlyDiscard`): the pages the last round found
     /// dirty are owed anyway; the destination drops its copies now, while the guest runs here,
-    /// and waits with its acknowledgement until it has. The switch-over then drops only the
-    /// pages dirtied after the last dirty log.
+    /// and acknowledges once it has. The guest dirties more meanwhile: the dirty log is read
+    /// again (still running) and those pages are discarded too, until few are left, so the
+    /// switch-over drops only the pages dirtied in the last moments. Every page collected
+    /// here joins `pendingDirty` (the summary owes it).
     func discardBeforePause(_ dirty: [Int]) throws {
         guard accepted.contains(.earlyDiscard), accepted.contains(.roundAcks), !dirty.isEmpty else { return }
         let t0 = MonotonicClock.nanoseconds()
+        let owed = PageBitmap(count: layout.totalPages)
+        for page in dirty { _ = owed.insert(page) }
+        var batch = dirty
+        for _ in 0..<Self.discardPasses {
+            try bulk.send(.discard(Self.ranges(of: batch, from: layout.lowPages)))
+            try awaitRoundStored()
+            let again = PageBitmap(count: layout.totalPages)
+            try machine.collectDirty(into: again)
+            batch = []
+            again.forEachSetPage { if owed.insert($0) { batch.append($0) } }  // already discarded: owed anyway
+            if batch.count <= Self.switchoverDropPages { break }
+        }
+        pendingDirty = []
+        owed.forEachSetPage { pendingDirty.append($0) }
+        report.precopyDiscardSeconds = Double(MonotonicClock.nanoseconds() - t0) / 1e9
+    }
+
+    /// At most this many discard passes before the pause.
+    static let discardPasses = 4
+    /// Few enough pages to drop at the switch-over (about a millisecond).
+    static let switchoverDropPages = 1024
+
+    /// Ascending pages (at or above `first`) as ascending, disjoint ranges.
+    static func ranges(of pages: [Int], from first: Int) -> [Range<UInt64>] {
         var ranges: [Range<UInt64>] = []
-        for page in dirty where page >= layout.lowPages {
+        for page in pages where page >= first {
             let p = UInt64(page)
             if let last = ranges.last, last.upperBound == p { ranges[ranges.count - 1] = last.lowerBound..<(p + 1) }
             else { ranges.append(p..<(p + 1)) }
         }
-        try bulk.send(.discard(ranges))
-        try awaitRoundStored()
-        report.precopyDiscardSeconds = Double(MonotonicClock.nanoseconds() - t0) / 1e9
+        return ranges
     }
 }

@@ -103,6 +103,7 @@ public final class MigrationSource: @unchecked Sendable {
         phase = .postcopy
         let tRunning = commit()
         report.downtimeMilliseconds = Double(tRunning - tPause) / 1e6
+        if dirtyLogging { try? machine.stopDirtyLog(); dirtyLogging = false }  // the guest stays paused
         setPeerTimeouts(0)
         sender.takeResidency()  // the vCPUs stay paused: valid for the rest of the migration
         try postcopy(&encoder)
@@ -200,6 +201,7 @@ public final class MigrationSource: @unchecked Sendable {
         parts.start(at: tPause)
         machine.pause()
         paused = true
+        part("pause")
         sender.invalidateResidency()  // retaken after the commit, while paused
         // The final dirty set: pages written since the last round was collected.
         if dirtyLogging {
@@ -214,8 +216,8 @@ public final class MigrationSource: @unchecked Sendable {
                 }
                 done.remove(page)
             }
-            try machine.stopDirtyLog()
-            dirtyLogging = false
+            // Dirty logging stays on until after the commit: turning it off changes the memslot,
+            // which under shadow paging costs time that grows with the guest's memory.
             part("dirty_log")
         }
         encoder.removeAll()
@@ -247,7 +249,8 @@ public final class MigrationSource: @unchecked Sendable {
             // Pages sent before the pause and not dirtied since: the destination keeps them.
             // Their digest entry is recomputed from the paused memory below, not taken from
             // what was sent, so a write the dirty log missed fails the migration.
-            done.forEachSetPage { if $0 >= layout.lowPages { carried.insert($0) } }
+            carried.copyBits(from: done)
+            for page in 0..<layout.lowPages { carried.remove(page) }
         }
         var owed: [Range<UInt64>] = []
         done.forEachClearRange { owed.append(UInt64($0.lowerBound)..<UInt64($0.upperBound)) }
