@@ -237,11 +237,23 @@ public final class MigratableVM: @unchecked Sendable {
     }
 
     /// Stops every vCPU at an instruction boundary and waits until all are parked.
+    ///
+    /// The vCPU threads run SCHED_FIFO (best effort, where privileged) from the kick until
+    /// they are parked: on a busy machine a kicked thread otherwise waits its turn for a CPU
+    /// before it can leave KVM_RUN and park, and each of those waits counts as downtime.
     public func pause() {
+        setVcpuRealtime(true)
+        defer { setVcpuRealtime(false) }
         state.store(RunState.pausing.rawValue, ordering: .sequentiallyConsistent)
         while !parking.withLock({ allParked() }) {
             for v in vcpus { v.kick() }
             parking.wait(timeoutNanoseconds: 1_000_000) { allParked() }
+        }
+    }
+
+    private func setVcpuRealtime(_ realtime: Bool) {
+        for i in 0..<layout.vcpus where threadIDs[i] != 0 {
+            try? ThreadScheduling.setRealtimeFIFO(realtime, ofThread: threadIDs[i])
         }
     }
 
