@@ -63,3 +63,12 @@ extension MigrationSource {
         return ranges
     }
 }
+
+extension MigrationSource {
+    /// From the pause to the commit the migration thread runs SCHED_FIFO (best effort): it
+    /// only sends, reads the dirty log and waits for the destination, and on a busy machine
+    /// every time slice it waited for would count as downtime.
+    func setPausedWindowPriority(_ realtime: Bool) {
+        try? ThreadScheduling.setRealtimeFIFO(realtime, ofThread: ThreadScheduling.currentThreadID())
+    }
+}

@@ -102,6 +102,7 @@ public final class MigrationSource: @unchecked Sendable {
         // The commit: from here the destination's guest is the live one.
         phase = .postcopy
         let tRunning = commit()
+        setPausedWindowPriority(false)
         report.downtimeMilliseconds = Double(tRunning - tPause) / 1e6
         if dirtyLogging { try? machine.stopDirtyLog(); dirtyLogging = false }  // the guest stays paused
         setPeerTimeouts(0)
@@ -120,6 +121,7 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// Before the commit: stop everything of this attempt; the guest runs on, unchanged.
     func abandonBeforeCommit() {
+        setPausedWindowPriority(false)
         faultServer.stop()
         bulk?.close()
         fault?.close()
@@ -199,6 +201,7 @@ public final class MigrationSource: @unchecked Sendable {
         phase = .switchover
         tPause = MonotonicClock.nanoseconds()
         parts.start(at: tPause)
+        setPausedWindowPriority(true)
         machine.pause()
         paused = true
         part("pause")
