@@ -28,7 +28,10 @@ extension MigrationSource {
     /// switch-over drops only the pages dirtied in the last moments. Every page collected
     /// here joins `pendingDirty` (the summary owes it).
     func discardBeforePause(_ dirty: [Int]) throws {
-        guard accepted.contains(.earlyDiscard), accepted.contains(.roundAcks), !dirty.isEmpty else { return }
+        // The missed-dirty-page injection needs a stale copy left at the destination: it picks
+        // from the whole final dirty set, which an early discard would have emptied.
+        guard accepted.contains(.earlyDiscard), accepted.contains(.roundAcks), !dirty.isEmpty,
+              !options.missOneDirtyPage else { return }
         let t0 = MonotonicClock.nanoseconds()
         let owed = PageBitmap(count: layout.totalPages)
         for page in dirty { _ = owed.insert(page) }
