@@ -87,12 +87,23 @@ public final class PageBitmap: @unchecked Sendable {
         return nil
     }
 
+    /// A copy of the bits of `other` (of the same count), a word at a time.
+    public func copyBits(from other: PageBitmap) {
+        precondition(other.count == count, "bitmaps of \(other.count) and \(count) pages")
+        for w in 0..<wordCount { word(w).store(other.word(w).load(ordering: .relaxed), ordering: .relaxed) }
+    }
+
     /// Calls `body` with each maximal run of clear bits (pages still missing).
     public func forEachClearRange(_ body: (Range<Int>) throws -> Void) rethrows {
         var page = 0
         while let start = scanClear(from: page, to: count) {
             var end = start + 1
-            while end < count && !contains(end) { end += 1 }
+            // Whole clear words at a time, then bit by bit.
+            while end < count && end % 64 == 0 && end + 64 <= count && word(end / 64).load(ordering: .relaxed) == 0 { end += 64 }
+            while end < count && !contains(end) {
+                end += 1
+                while end % 64 == 0 && end + 64 <= count && word(end / 64).load(ordering: .relaxed) == 0 { end += 64 }
+            }
             try body(start..<end)
             page = end
         }

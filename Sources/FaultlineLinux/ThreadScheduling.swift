@@ -34,6 +34,15 @@ public enum ThreadScheduling {
         if rc != 0 { throw SystemError("pthread_setschedparam SCHED_FIFO \(priority)", errno: rc) }
     }
 
+    /// Puts thread `tid` under SCHED_FIFO at `priority` (`realtime`, needs CAP_SYS_NICE) or
+    /// back under SCHED_OTHER (its niceness is kept).
+    public static func setRealtimeFIFO(_ realtime: Bool, ofThread tid: Int32, priority: Int32 = 1) throws(SystemError) {
+        var param = sched_param(sched_priority: realtime ? priority : 0)
+        try systemCall("sched_setscheduler tid \(tid) \(realtime ? "SCHED_FIFO" : "SCHED_OTHER")") {
+            sched_setscheduler(tid, realtime ? SCHED_FIFO : SCHED_OTHER, &param)
+        }
+    }
+
     /// Sets the niceness of thread `tid` (setpriority by tid; negative needs privilege).
     public static func setNiceness(_ value: Int32, ofThread tid: Int32) throws(SystemError) {
         try systemCall("setpriority tid \(tid) to \(value)") {

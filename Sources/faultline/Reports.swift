@@ -44,6 +44,8 @@ extension SourceReport {
             "\"background_pages\":\(backgroundPages)", "\"zero_pages\":\(zeroPages)", "\"bytes_sent\":\(bytesSent)",
             "\"nonzero_bytes\":\(nonZeroBytes)", "\"throughput_mbps\":\(fmt(throughputMBps, 1))",
             "\"postcopy_seconds\":\(fmt(postcopySeconds, 6))", "\"reconnects\":\(reconnects)",
+            "\"precopy_drain_seconds\":\(fmt(precopyDrainSeconds, 6))",
+            "\"precopy_discard_seconds\":\(fmt(precopyDiscardSeconds, 6))",
             "\"source_guest_mismatches\":\(guestMismatchesBeforeMigration)",
         ]
         if let b = baselineSeconds { f.append("\"tcp_baseline_seconds\":\(fmt(b, 6))") }
@@ -53,6 +55,9 @@ extension SourceReport {
     var json: String { "{\"side\":\"source\"," + (jsonFields + ["\"digest_match\":true", "\"guest_check\":\(guestCheck)"]).joined(separator: ",") + "}" }
 }
 
+/// `[1,2,3]`.
+func intList(_ values: [UInt64]) -> String { "[" + values.map(String.init).joined(separator: ",") + "]" }
+
 extension DestinationReport {
     var guestCheck: Bool { guestMismatches == 0 }
 
@@ -61,10 +66,13 @@ extension DestinationReport {
         return [
             "migration complete (destination, fault mode \(faultMode))",
             "  fault mode            \(faultMode): \(faultModeReason)",
-            "  switch-over           \(ms(switchoverMilliseconds)) ms from the first vCPU state to running",
+            "  switch-over           \(ms(switchoverMilliseconds)) ms from the first vCPU state to running: "
+                + switchoverParts.map { "\($0.name) \(ms($0.milliseconds))" }.joined(separator: ", "),
             "  post-copy             \(fmt(postcopySeconds, 3)) s: \(demandPages) pages on demand, \(backgroundPages) in background, \(zeroPages) zero",
             "  pre-copy pages        \(precopyPages)",
             "  faults                \(faults), latency p50 \(fmt(l.p50, 1)) us, p90 \(fmt(l.p90, 1)) us, p99 \(fmt(l.p99, 1)) us, max \(fmt(l.max, 1)) us",
+            "  fault latency (log2)  " + faultLatencyLog2.enumerated().filter { $0.element > 0 }
+                .map { "[\(1 << $0.offset), \(2 << $0.offset)) us: \($0.element)" }.joined(separator: ", "),
             "  vCPU stall            " + vcpuStallMilliseconds.enumerated().map { "vcpu\($0.offset) \(ms($0.element)) ms" }.joined(separator: ", "),
             "  corrupt pages refused \(corruptPagesRejected)",
             "  reconnects            \(reconnects)",
@@ -81,8 +89,11 @@ extension DestinationReport {
         return [
             "\"fault_mode\":\"\(faultMode)\"", "\"fault_mode_reason\":\"\(jsonEscape(faultModeReason))\"",
             "\"switchover_ms\":\(fmt(switchoverMilliseconds, 3))",
+            "\"switchover_parts_ms\":{" + switchoverParts.map { "\"\($0.name)\":\(fmt($0.milliseconds, 3))" }.joined(separator: ",") + "}",
             "\"destination_postcopy_seconds\":\(fmt(postcopySeconds, 6))", "\"faults\":\(faults)",
             "\"fault_latency_us\":{\"p50\":\(fmt(l.p50, 2)),\"p90\":\(fmt(l.p90, 2)),\"p99\":\(fmt(l.p99, 2)),\"max\":\(fmt(l.max, 2))}",
+            "\"fault_latency_log2_us\":{\"buckets\":\(intList(faultLatencyLog2)),\"per_vcpu\":["
+                + faultLatencyLog2PerVcpu.map(intList).joined(separator: ",") + "]}",
             "\"vcpu_stall_ms\":[" + vcpuStallMilliseconds.map { fmt($0, 3) }.joined(separator: ",") + "]",
             "\"installed_demand_pages\":\(demandPages)", "\"installed_background_pages\":\(backgroundPages)",
             "\"corrupt_pages_rejected\":\(corruptPagesRejected)", "\"destination_reconnects\":\(reconnects)",

@@ -197,3 +197,44 @@ struct CRCHardwareTests {
         #expect(Array("123456789".utf8).withUnsafeBytes { CRC32C.checksum($0) } == 0xE306_9283)
     }
 }
+
+@Suite struct Log2HistogramTests {
+    @Test func bucketsArePowersOfTwoInMicroseconds() {
+        #expect(Log2Histogram.bucket(microseconds: 0) == 0)
+        #expect(Log2Histogram.bucket(microseconds: 1) == 0)
+        #expect(Log2Histogram.bucket(microseconds: 2) == 1)
+        #expect(Log2Histogram.bucket(microseconds: 3) == 1)
+        #expect(Log2Histogram.bucket(microseconds: 4) == 2)
+        #expect(Log2Histogram.bucket(microseconds: 1023) == 9)
+        #expect(Log2Histogram.bucket(microseconds: 1024) == 10)
+        #expect(Log2Histogram.bucket(microseconds: .max) == Log2Histogram.bucketCount - 1)
+    }
+
+    @Test func recordsOverallAndPerVcpu() {
+        let h = Log2Histogram(vcpus: 2)
+        h.record(nanoseconds: 500, vcpu: 0)        // < 1 us: bucket 0
+        h.record(nanoseconds: 17_000, vcpu: 1)     // 17 us: [16, 32)
+        h.record(nanoseconds: 16_000, vcpu: 1)
+        h.record(nanoseconds: 3_000_000, vcpu: -1) // 3 ms, no vCPU: the total only
+        #expect(h.buckets(vcpu: 0) == [1])
+        #expect(h.buckets(vcpu: 1) == [0, 0, 0, 0, 2])
+        var total = [UInt64](repeating: 0, count: 12)
+        total[0] = 1; total[4] = 2; total[11] = 1  // 3000 us: [2048, 4096)
+        #expect(h.buckets() == total)
+    }
+}
+
+@Suite struct PageBitmapWordTests {
+    @Test func clearRangesSpanWholeWordsAndCopiesAreExact() {
+        let b = PageBitmap(count: 300)
+        b.insert(0..<3)
+        b.insert(200..<201)
+        b.insert(299..<300)
+        var ranges: [Range<Int>] = []
+        b.forEachClearRange { ranges.append($0) }
+        #expect(ranges == [3..<200, 201..<299])
+        let c = PageBitmap(count: 300)
+        c.copyBits(from: b)
+        #expect(c.populationCount == 5 && c.contains(200) && !c.contains(201))
+    }
+}

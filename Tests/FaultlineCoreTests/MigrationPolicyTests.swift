@@ -59,6 +59,17 @@ struct MigrationPolicyTests {
         #expect(t.state(2) == .installed)
     }
 
+    @Test func anEarlyDiscardLeavesOnlyLaterDirtyPagesForTheSwitchover() {
+        let t = DestinationPageTable(count: 10)
+        for page in 1..<8 { t.recordPrecopy(page, crc: UInt32(page)) }
+        #expect(t.dropPrecopied([2..<5, 9..<10]) == [2..<5])  // page 9 never had a copy
+        #expect(t.state(2) == .stale && t.state(5) == .precopied)
+        // The summary owes the discarded pages again, plus page 6 dirtied after the last round:
+        // only page 6 is left to drop at the switch-over.
+        #expect(t.switchOver(owed: [2..<5, 6..<7, 9..<10]) == [6..<7])
+        #expect(t.state(3) == .stale && t.state(6) == .stale && t.state(5) == .installed && t.state(7) == .installed)
+    }
+
     @Test(arguments: MigrationPhase.allCases)
     func failuresBeforeTheCommitAbandonTheAttempt(phase: MigrationPhase) {
         for kind in FailureKind.allCases {

@@ -72,6 +72,8 @@ private let sampleMessages: [WireMessage] = [
     .error(message: "vCPU 2 state rejected"),
     .resume(sessionID: 0xDEAD_BEEF_0123_4567, installedPages: 5000, missing: [5..<6, 100..<4000]),
     .ack(.max),
+    .discard([0..<10, 20..<21]),
+    .discard([]),
 ]
 
 private func encodeAll(_ messages: [WireMessage]) throws -> [UInt8] {

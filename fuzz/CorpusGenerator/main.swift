@@ -61,6 +61,8 @@ let seeds: [(String, UInt8, [WireMessage])] = [
     ("session-fault", 0x1F, [.pageRequest(requestID: 1, pageIndex: 3, count: 1), .prioritize(pageIndex: 3),
                              .pageReply(requestID: 1, pages: batch([(3, pageBytes(3))]))]),
     ("session-end", 0x10, [.digest(algorithm: .pageCRC32CXor, bytes: [1, 2, 3, 4]), .complete, .ack(1)]),
+    ("discard", 0x9C, [.discard([3..<9, 300..<301])]),
+    ("session-precopy-round", 0x95, [.pages(batch([(8, pageBytes(8)), (9, nil)])), .ack(5), .discard([8..<9]), .ack(5), .ack(6)]),
 ]
 
 guard CommandLine.arguments.count == 2 else {

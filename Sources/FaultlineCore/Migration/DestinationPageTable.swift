@@ -59,8 +59,18 @@ public final class DestinationPageTable: @unchecked Sendable {
     /// of owed pages that had a (now stale) copy here, for the caller to drop. Every other
     /// pre-copied page becomes installed.
     public func switchOver(owed: [Range<Int>]) -> [Range<Int>] {
+        let dropped = dropPrecopied(owed)
+        precopied.forEachSetPage { installed.insert($0) }
+        switchedOver = true
+        return dropped
+    }
+
+    /// Before the switch-over (`discard`): the copies of these pages are out of date. Returns
+    /// the ranges that had a copy here, for the caller to drop; the pages are owed again.
+    public func dropPrecopied(_ ranges: [Range<Int>]) -> [Range<Int>] {
+        precondition(!switchedOver, "discard after the switch-over")
         var dropped: [Range<Int>] = []
-        for r in owed {
+        for r in ranges {
             var runStart = -1
             for page in r {
                 if precopied.remove(page) {
@@ -73,8 +83,6 @@ public final class DestinationPageTable: @unchecked Sendable {
             }
             if runStart >= 0 { dropped.append(runStart..<r.upperBound) }
         }
-        precopied.forEachSetPage { installed.insert($0) }
-        switchedOver = true
         return dropped
     }
 

@@ -16,4 +16,9 @@ public enum SessionAck {
     /// the destination keeps answering a reconnect of the session (a verdict lost in transit
     /// is sent again), for at most its reconnect timeout.
     public static let verdictReceived: UInt64 = 4
+    /// Source -> destination at the end of a pre-copy round (feature `roundAcks`): every page
+    /// of the round has been sent.
+    public static let roundSent: UInt64 = 5
+    /// Destination -> source after `roundSent`: every page sent before it is stored.
+    public static let roundStored: UInt64 = 6
 }

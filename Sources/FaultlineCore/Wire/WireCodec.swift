@@ -231,7 +231,7 @@ public struct WireEncoder: Sendable {
                 append(count)
             case .prioritize(let index), .ack(let index):
                 append(index)
-            case .pageSetSummary(let ranges):
+            case .pageSetSummary(let ranges), .discard(let ranges):
                 try appendRanges(ranges)
             case .digest(let algorithm, let digest):
                 append(algorithm.rawValue)
@@ -570,6 +570,8 @@ public struct WireDecoder: Sendable {
             message = .prioritize(pageIndex: try reader.read(UInt64.self))
         case .pageSetSummary:
             message = .pageSetSummary(try reader.readRanges())
+        case .discard:
+            message = .discard(try reader.readRanges())
         case .digest:
             message = .digest(algorithm: .init(rawValue: try reader.read(UInt32.self)), bytes: Array(reader.rest()))
         case .complete:

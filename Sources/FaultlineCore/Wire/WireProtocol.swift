@@ -40,6 +40,7 @@ public enum WireProtocol {
         case error = 0x0C
         case resume = 0x0D
         case ack = 0x0E
+        case discard = 0x0F
     }
 
     /// True when `size` is a page size the protocol allows.
@@ -72,9 +73,17 @@ public struct FeatureFlags: OptionSet, Hashable, Sendable {
     public static let resume = FeatureFlags(rawValue: 1 << 2)
     /// The destination sends `prioritize` hints that reorder the background stream.
     public static let prioritize = FeatureFlags(rawValue: 1 << 3)
+    /// The source ends each pre-copy round with `ack(roundSent)` and waits for the
+    /// destination's `ack(roundStored)` before it reads the dirty log: it never pauses while
+    /// the destination still has a pre-copy backlog to absorb.
+    public static let roundAcks = FeatureFlags(rawValue: 1 << 4)
+    /// The source may send `discard` before the pause: stale pre-copied pages are dropped
+    /// while the guest still runs, not in the downtime.
+    public static let earlyDiscard = FeatureFlags(rawValue: 1 << 5)
 
     /// Everything this build implements.
-    public static let supported: FeatureFlags = [.zeroPageMarkers, .batchedPages, .resume, .prioritize]
+    public static let supported: FeatureFlags = [.zeroPageMarkers, .batchedPages, .resume, .prioritize, .roundAcks,
+                                                 .earlyDiscard]
 }
 
 /// One guest RAM region of the layout announced in `hello`, in page-index order.
@@ -128,6 +137,10 @@ public enum WireMessage: Equatable, Sendable {
     case resume(sessionID: UInt64, installedPages: UInt64, missing: [Range<UInt64>])
     /// Cumulative acknowledgement: the number of pages the destination has installed.
     case ack(UInt64)
+    /// Before the pause (feature `earlyDiscard`): the destination's copies of these pages are
+    /// out of date (ascending, disjoint, non-empty ranges); it drops them now, while the guest
+    /// still runs on the source, and the switch-over's summary owes them.
+    case discard([Range<UInt64>])
 
     /// The first message of every connection.
     public struct Hello: Hashable, Sendable {
@@ -202,6 +215,7 @@ public enum WireMessage: Equatable, Sendable {
         case .error: return .error
         case .resume: return .resume
         case .ack: return .ack
+        case .discard: return .discard
         }
     }
 }

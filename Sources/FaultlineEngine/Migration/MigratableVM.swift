@@ -237,11 +237,29 @@ public final class MigratableVM: @unchecked Sendable {
     }
 
     /// Stops every vCPU at an instruction boundary and waits until all are parked.
+    ///
+    /// Kicked vCPU threads run SCHED_FIFO until they are parked (best effort, where
+    /// privileged): on a busy machine a kicked thread otherwise waits its turn for a CPU
+    /// before it can leave KVM_RUN and park, and each of those waits counts as downtime.
+    /// The kick comes first: with its signal pending (and immediate_exit set) KVM_RUN
+    /// returns at once, so a real-time vCPU thread never runs guest code (boosted before
+    /// the kick, it did, and starved the thread kicking it for the kernel's 1 s real-time
+    /// throttling period).
     public func pause() {
         state.store(RunState.pausing.rawValue, ordering: .sequentiallyConsistent)
+        for v in vcpus { v.kick() }
+        setVcpuRealtime(true)
+        defer { setVcpuRealtime(false) }
         while !parking.withLock({ allParked() }) {
-            for v in vcpus { v.kick() }
             parking.wait(timeoutNanoseconds: 1_000_000) { allParked() }
+            if parking.withLock({ allParked() }) { break }
+            for v in vcpus { v.kick() }
+        }
+    }
+
+    private func setVcpuRealtime(_ realtime: Bool) {
+        for i in 0..<layout.vcpus where threadIDs[i] != 0 {
+            try? ThreadScheduling.setRealtimeFIFO(realtime, ofThread: threadIDs[i])
         }
     }
 

@@ -40,6 +40,8 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     var report = DestinationReport()
     var bytesFromClosedChannels: UInt64 = 0
     let faultCPU: Int32?
+    /// The switch-over's parts, first vCPU state to running.
+    var switchParts = PartClock()
 
     init(options: DestinationOptions, destination: MigrationDestination, sessions: SessionAcceptor, prepared: GuestMemoryRegion?) {
         self.options = options
@@ -64,9 +66,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                                       dirtyLogging: true, ram: ram)
             if options.faultMode == .uffdMinor && ram == nil { try vm.ram.allocateFile() }
             if options.faultMode == .vcpuExit { vm.hostCompletedWrites = PageBitmap(count: layout.totalPages) }
-            destination.preparePool(ramBytes: layout.ramSize)
+            if options.preallocBytes > 0 { destination.preparePool(ramBytes: layout.ramSize) }
             machine = vm
-            mapper = UffdPageMapper(vm: vm, faultMode: options.faultMode, topology: options.uffd, pool: destination.pool)
+            mapper = try UffdPageMapper.armedForPrecopy(vm: vm, faultMode: options.faultMode, topology: options.uffd,
+                                                        pool: destination.pool)
         }
         table = DestinationPageTable(count: layout.totalPages)
         book = FaultBook(pages: layout.totalPages, vcpus: layout.vcpus, vcpusAccountOwnStall: options.faultMode == .vcpuExit)
@@ -136,7 +139,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     guard phase == .precopy || phase == .switchover, !awaitingCommit else {
                         throw MigrationError.protocolViolation("vCPU state after the switch-over")
                     }
-                    if tSwitch == 0 { tSwitch = MonotonicClock.nanoseconds() }
+                    if tSwitch == 0 { tSwitch = MonotonicClock.nanoseconds(); switchParts.start(at: tSwitch) }
                     phase = .switchover
                     try machine.loadVcpuState(Int(id), blob: blob)
                     vcpuStates += 1
@@ -144,13 +147,21 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     guard phase == .switchover, !awaitingCommit, vcpuStates == layout.vcpus else {
                         throw MigrationError.protocolViolation("switch-over with \(vcpuStates) of \(layout.vcpus) vCPU states")
                     }
+                    switchPart("vcpu_state_and_low_memory")
                     try prepareSwitchover(owed: owed)
                     awaitingCommit = true
                     try bulk.send(.ack(SessionAck.ready))
+                    switchPart("ready_sent")
                 case .ack(SessionAck.commit):
                     guard awaitingCommit else { throw MigrationError.protocolViolation("commit before the switch-over was prepared") }
+                    switchPart("awaiting_commit")
                     try startGuest()
                     tRunning = MonotonicClock.nanoseconds()
+                    switchPart("start_guest")
+                case .ack(SessionAck.roundSent) where phase == .precopy && !awaitingCommit:
+                    try acknowledgeRound()
+                case .discard(let ranges) where phase == .precopy && !awaitingCommit:
+                    try dropStaleEarly(ranges)
                 case .digest(let algorithm, let bytes):
                     guard algorithm == .pageCRC32CXor, let value = MemoryDigest.value(bytes) else {
                         throw MigrationError.protocolViolation("unsupported digest algorithm \(algorithm.rawValue) "
@@ -183,7 +194,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     break receiveLoop
                 case .error(let m):
                     throw MigrationError.peerError(m)
-                case .hello, .helloAck, .reject, .pageRequest, .pageReply, .prioritize, .resume, .ack:
+                case .hello, .helloAck, .reject, .pageRequest, .pageReply, .prioritize, .resume, .ack, .discard:
                     throw MigrationError.protocolViolation("unexpected \(message.type) on the bulk connection")
                 }
             } catch let error as WireError where guestStarted && Self.isDroppedBatch(error) {
@@ -237,6 +248,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
 
         report.totalSeconds = Double(MonotonicClock.nanoseconds() - t0) / 1e9
         report.switchoverMilliseconds = Double(tRunning &- tSwitch) / 1e6
+        report.switchoverParts = switchParts.parts
         report.postcopySeconds = Double(tComplete &- tRunning) / 1e9
         report.precopyPages = installer.precopyCount.load(ordering: .relaxed)
         report.demandPages = installer.demandCount.load(ordering: .relaxed)
@@ -247,6 +259,8 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         report.bytesReceived = bytesFromClosedChannels + bulk.bytesReceived + fault.bytesReceived
         report.faultLatencyMicroseconds = book.latencyMicroseconds
         report.vcpuStallMilliseconds = book.stallMilliseconds
+        report.faultLatencyLog2 = book.latencyLog2.buckets()
+        report.faultLatencyLog2PerVcpu = (0..<layout.vcpus).map { book.latencyLog2.buckets(vcpu: $0) }
         report.guestMismatches = machine.counters.mismatches.load(ordering: .relaxed)
         report.firstMismatch = machine.counters.firstMismatch
         report.passesAfterMigration = machine.counters.totalPasses - passesAtComplete
@@ -264,17 +278,13 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
 
     /// Everything but starting the vCPUs: drop stale copies, arm faults, start the fault path.
     func prepareSwitchover(owed: [Range<UInt64>]) throws {
-        var ranges: [Range<Int>] = []
-        ranges.reserveCapacity(owed.count)
-        for r in owed {
-            guard r.upperBound <= UInt64(layout.totalPages), r.lowerBound >= UInt64(layout.lowPages) else {
-                throw MigrationError.protocolViolation("owed range \(r) is outside guest RAM")
-            }
-            ranges.append(Int(r.lowerBound)..<Int(r.upperBound))
-        }
+        let ranges = try ramRanges(owed, named: "owed")
+        switchPart("owed_set")
         for stale in table.switchOver(owed: ranges) { try mapper.discard(stale) }
+        switchPart("drop_stale")
         // Pages that never arrived (none was sent, or a round was cut short) are owed too.
         report.postcopy = !table.isComplete
+        if !report.postcopy { mapper.disarmFaults() }  // armed early for pre-copy (MISSING modes); nothing is missing
         if report.postcopy {
             try mapper.armFaults()
             if options.faultMode == .vcpuExit {
@@ -286,6 +296,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
             }
         }
         try startFaultReceiver()
+        switchPart("fault_path")
     }
 
     func startGuest() throws {
@@ -380,6 +391,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     requester.rerequest(all: false)
                 } catch {
                     if stopping.load(ordering: .relaxed) { return }
+                    // Every page is in: the fault connection is not needed any more (the source
+                    // closes it once it has the verdict; the bulk connection carries on, e.g.
+                    // to the baseline copy).
+                    if table.isComplete && FailureClassifier.isConnectionLoss(error) { return }
                     if FailureClassifier.isConnectionLoss(error) {
                         faultConnectionLost.store(true, ordering: .relaxed)
                         // The main loop reconnects both - unless everything is in: then the

@@ -15,6 +15,8 @@ final class FaultBook: @unchecked Sendable {
     let faults = ManagedAtomic<Int>(0)
     /// vcpu-exit: a vCPU waits on its own, and accounts its own stall.
     let vcpusAccountOwnStall: Bool
+    /// Power-of-two buckets in microseconds, overall and per vCPU (QEMU 10.1's form).
+    let latencyLog2: Log2Histogram
     private let latency = Locked(Histogram<UInt32>(lowestDiscernibleValue: 1, highestTrackableValue: 120_000_000_000,
                                                   numberOfSignificantValueDigits: .two))
 
@@ -27,6 +29,7 @@ final class FaultBook: @unchecked Sendable {
         stallNanoseconds = .allocate(capacity: max(vcpus, 1))
         stallNanoseconds.initialize(repeating: .init(0), count: max(vcpus, 1))
         self.vcpus = vcpus
+        latencyLog2 = Log2Histogram(vcpus: vcpus)
         self.vcpusAccountOwnStall = vcpusAccountOwnStall
     }
 
@@ -52,6 +55,7 @@ final class FaultBook: @unchecked Sendable {
         let waited = now &- asked
         latency.withLock { _ = $0.record(waited) }
         let v = Int(requestVcpu[page])
+        latencyLog2.record(nanoseconds: waited, vcpu: v)
         if v >= 0 && v < vcpus && !vcpusAccountOwnStall { addStall(vcpu: v, nanoseconds: waited) }
     }
 

@@ -17,7 +17,9 @@ public struct DestinationOptions: Sendable {
     /// Niceness of the vCPU threads while post-copy runs (the stream they wait for goes
     /// first); back to 0 once every page is in.
     public var vcpuNicenessDuringPostcopy: Int32 = OSThread.Niceness.vcpuDuringPostcopy
-    /// Install MISSING-mode pages by UFFDIO_MOVE from a pre-populated pool (when the kernel has MOVE).
+    /// With `preallocBytes`: install MISSING-mode bulk runs by UFFDIO_MOVE from the
+    /// pre-populated pool (when the kernel has MOVE). Without it every page goes in with
+    /// UFFDIO_COPY (the kernel allocates it; nothing is populated up front).
     public var usePool = true
     /// Populate this much memory before the source connects (like QEMU's -mem-prealloc).
     public var preallocBytes: UInt64 = 0
@@ -45,6 +47,8 @@ public struct DestinationReport: Sendable {
     public var faultMode: FaultMode = .vcpuExit
     public var totalSeconds = 0.0
     public var switchoverMilliseconds = 0.0
+    /// Parts of the switch-over (first vCPU state -> running).
+    public var switchoverParts: [(name: String, milliseconds: Double)] = []
     public var postcopySeconds = 0.0
     public var precopyPages = 0
     public var demandPages = 0
@@ -56,6 +60,10 @@ public struct DestinationReport: Sendable {
     public var bytesReceived: UInt64 = 0
     public var faultLatencyMicroseconds: (p50: Double, p90: Double, p99: Double, max: Double) = (0, 0, 0, 0)
     public var vcpuStallMilliseconds: [Double] = []
+    /// Demand-fault latency in power-of-two microsecond buckets ([2^N, 2^(N+1)) us), all
+    /// faults and per vCPU.
+    public var faultLatencyLog2: [UInt64] = []
+    public var faultLatencyLog2PerVcpu: [[UInt64]] = []
     /// Attempts that failed before the commit (their state was discarded) before this one.
     public var abandonedAttempts: [String] = []
     /// True when the migration finished in post-copy (pages were still owed at the switch-over).

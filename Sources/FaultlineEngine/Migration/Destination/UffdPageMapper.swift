@@ -42,6 +42,16 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         let source = bytes ?? UnsafeRawPointer(zeroPage)
         if page >= layout.lowPages && faultMode == .uffdMinor {
             try vm.ram.writeFile(at: ramOffset(page), from: source, length: 4096)
+        } else if page >= layout.lowPages && armed {
+            // MISSING modes, armed before pre-copy: the first copy of a page goes in with
+            // UFFDIO_COPY, which lets the kernel allocate it (no first-touch fault); a later
+            // round's copy overwrites the mapped page in place. Never a plain store to a
+            // missing page: it would block on (or SIGBUS from) the armed range.
+            let uffd = uffds[(page - layout.lowPages) / pagesPerUffd]
+            let destination = HostAddress(rawValue: vm.ram.hostAddress.rawValue + ramOffset(page))
+            if try uffd.copy(to: destination, from: source, length: 4096) == .alreadyPresent {
+                vm.pagePointer(page).copyMemory(from: source, byteCount: 4096)
+            }
         } else {
             vm.pagePointer(page).copyMemory(from: source, byteCount: 4096)
         }
@@ -55,6 +65,7 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
     }
 
     public func armFaults() throws {
+        guard !armed else { return }
         let features: UffdFeatures = faultMode == .uffdMinor ? [.minorShmem, .threadID]
             : (faultMode == .vcpuExit ? [.sigbus] : [.threadID])
         let mode: UffdRegisterMode = faultMode == .uffdMinor ? .minor : .missing
@@ -145,4 +156,16 @@ final class DestinationPool: @unchecked Sendable {
 
     /// Pages handed out so far.
     var used: Int { next.load(ordering: .relaxed) }
+}
+
+extension UffdPageMapper {
+    /// A mapper whose MISSING-mode ranges are registered before pre-copy, so that pre-copy
+    /// pages go in with UFFDIO_COPY (no vCPU runs yet: nothing can fault). MINOR writes the
+    /// file and stays unarmed until the switch-over.
+    static func armedForPrecopy(vm: MigratableVM, faultMode: FaultMode, topology: UffdTopology,
+                                pool: DestinationPool?) throws -> UffdPageMapper {
+        let mapper = UffdPageMapper(vm: vm, faultMode: faultMode, topology: topology, pool: pool)
+        if faultMode != .uffdMinor { try mapper.armFaults() }
+        return mapper
+    }
 }

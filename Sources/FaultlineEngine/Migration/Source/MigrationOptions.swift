@@ -84,6 +84,10 @@ public struct SourceReport: Sendable {
     public var downtimeParts: [(name: String, milliseconds: Double)] = []
     public var precopyRounds: [PrecopyRoundReport] = []
     public var precopyPages = 0
+    /// Time the pre-copy rounds waited for the destination to store what was sent (`roundAcks`).
+    public var precopyDrainSeconds = 0.0
+    /// Time the destination took to drop the last round's dirtied pages before the pause (`discard`).
+    public var precopyDiscardSeconds = 0.0
     /// Why pre-copy stopped, and how the migration finished.
     public var precopyStop = "no pre-copy"
     public var mode = "postcopy"

@@ -26,6 +26,8 @@ public final class MigrationSource: @unchecked Sendable {
     var bulk: WireChannel!
     var fault: WireChannel!
     var bytesFromClosedChannels: UInt64 = 0
+    /// The features the destination accepted on the bulk connection.
+    var accepted: FeatureFlags = []
 
     public init(machine: SourceMachine, options: MigrationOptions) {
         self.machine = machine
@@ -61,7 +63,7 @@ public final class MigrationSource: @unchecked Sendable {
             // The destination answers once its memory is ready (it may take a while for big guests).
             channel.socket.setReceiveTimeout(seconds: ackTimeout ?? max(timeout, options.peerTimeoutSeconds))
             switch try channel.receive() {
-            case .helloAck: break
+            case .helloAck(_, let features): if channel === b { accepted = features }
             case .reject(let reason): throw MigrationError.rejected(reason)
             case .error(let message): throw MigrationError.peerError(message)
             case let other: throw MigrationError.protocolViolation("expected helloAck, got \(other.type)")
@@ -102,7 +104,9 @@ public final class MigrationSource: @unchecked Sendable {
         // The commit: from here the destination's guest is the live one.
         phase = .postcopy
         let tRunning = commit()
+        setPausedWindowPriority(false)
         report.downtimeMilliseconds = Double(tRunning - tPause) / 1e6
+        if dirtyLogging { try? machine.stopDirtyLog(); dirtyLogging = false }  // the guest stays paused
         setPeerTimeouts(0)
         sender.takeResidency()  // the vCPUs stay paused: valid for the rest of the migration
         try postcopy(&encoder)
@@ -119,6 +123,7 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// Before the commit: stop everything of this attempt; the guest runs on, unchanged.
     func abandonBeforeCommit() {
+        setPausedWindowPriority(false)
         faultServer.stop()
         bulk?.close()
         fault?.close()
@@ -160,6 +165,7 @@ public final class MigrationSource: @unchecked Sendable {
                 }
             }
             try sender.finish(&encoder, channel: bulk)
+            try awaitRoundStored()
             if let failure = failures.failure { throw failure }
             let dirty = PageBitmap(count: layout.totalPages)
             try machine.collectDirty(into: dirty)
@@ -175,6 +181,7 @@ public final class MigrationSource: @unchecked Sendable {
             decision = policy.decide(rounds: rounds, elapsed: Double(MonotonicClock.nanoseconds() - t0) / 1e9)
         }
         pendingDirty = toSend
+        if case .postcopy = decision { try discardBeforePause(toSend) }
         return decision
     }
 
@@ -195,9 +202,11 @@ public final class MigrationSource: @unchecked Sendable {
         report.mode = stopAndCopy ? "precopy" : "postcopy"
         phase = .switchover
         tPause = MonotonicClock.nanoseconds()
-        partMark = tPause
+        parts.start(at: tPause)
+        setPausedWindowPriority(true)
         machine.pause()
         paused = true
+        part("pause")
         sender.invalidateResidency()  // retaken after the commit, while paused
         // The final dirty set: pages written since the last round was collected.
         if dirtyLogging {
@@ -212,8 +221,8 @@ public final class MigrationSource: @unchecked Sendable {
                 }
                 done.remove(page)
             }
-            try machine.stopDirtyLog()
-            dirtyLogging = false
+            // Dirty logging stays on until after the commit: turning it off changes the memslot,
+            // which under shadow paging costs time that grows with the guest's memory.
             part("dirty_log")
         }
         encoder.removeAll()
@@ -245,11 +254,13 @@ public final class MigrationSource: @unchecked Sendable {
             // Pages sent before the pause and not dirtied since: the destination keeps them.
             // Their digest entry is recomputed from the paused memory below, not taken from
             // what was sent, so a write the dirty log missed fails the migration.
-            done.forEachSetPage { if $0 >= layout.lowPages { carried.insert($0) } }
+            carried.copyBits(from: done)
+            for page in 0..<layout.lowPages { carried.remove(page) }
         }
         var owed: [Range<UInt64>] = []
         done.forEachClearRange { owed.append(UInt64($0.lowerBound)..<UInt64($0.upperBound)) }
         try bulk.send(.pageSetSummary(owed))
+        part("page_set_summary")
         switch try bulk.receive() {
         case .ack(SessionAck.ready): break
         case .error(let m): throw MigrationError.peerError(m)
@@ -259,13 +270,12 @@ public final class MigrationSource: @unchecked Sendable {
     }
 
     var carried = PageBitmap(count: 0)
-    var partMark: UInt64 = 0
+    var parts = PartClock()
 
     /// Closes one part of the downtime breakdown.
     func part(_ name: String) {
-        let now = MonotonicClock.nanoseconds()
-        report.downtimeParts.append((name, Double(now - partMark) / 1e6))
-        partMark = now
+        parts.close(name, at: MonotonicClock.nanoseconds())
+        report.downtimeParts = parts.parts
     }
 
     /// Sends the commit. A failure to send it is a lost connection after the commit: the
@@ -277,7 +287,7 @@ public final class MigrationSource: @unchecked Sendable {
         }
         do { try bulk.send(.ack(SessionAck.commit)) } catch { failedCommitSend = error }
         part("commit")
-        return partMark
+        return parts.mark
     }
 
     var failedCommitSend: Error?

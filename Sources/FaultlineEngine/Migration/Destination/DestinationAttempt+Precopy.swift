@@ -1,0 +1,36 @@
+import FaultlineCore
+import FaultlineLinux
+
+extension DestinationAttempt {
+    /// `roundAcks`: every page the source sent before `roundSent` has been stored (the bulk
+    /// connection is read in order, so they all are by now).
+    func acknowledgeRound() throws {
+        try bulk.send(.ack(SessionAck.roundStored))
+    }
+
+    /// Closes one part of the switch-over breakdown (`switchover_parts_ms`).
+    func switchPart(_ name: String) {
+        switchParts.close(name, at: MonotonicClock.nanoseconds())
+    }
+}
+
+extension DestinationAttempt {
+    /// `earlyDiscard`: drop out-of-date pre-copied pages now, while the source's guest still
+    /// runs, so that the switch-over drops only what was dirtied after the last round.
+    func dropStaleEarly(_ discarded: [Range<UInt64>]) throws {
+        for stale in table.dropPrecopied(try ramRanges(discarded, named: "discarded")) { try mapper.discard(stale) }
+    }
+
+    /// Page ranges from the wire, checked to lie in guest RAM (low memory is never owed).
+    func ramRanges(_ wire: [Range<UInt64>], named what: String) throws -> [Range<Int>] {
+        var ranges: [Range<Int>] = []
+        ranges.reserveCapacity(wire.count)
+        for r in wire {
+            guard r.upperBound <= UInt64(layout.totalPages), r.lowerBound >= UInt64(layout.lowPages) else {
+                throw MigrationError.protocolViolation("\(what) range \(r) is outside guest RAM")
+            }
+            ranges.append(Int(r.lowerBound)..<Int(r.upperBound))
+        }
+        return ranges
+    }
+}
