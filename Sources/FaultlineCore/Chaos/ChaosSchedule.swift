@@ -102,6 +102,7 @@ public struct ChaosSchedule: Equatable, Sendable, CustomStringConvertible {
     static func lanes(vcpus: Int) -> [(MigrationPhase, ConnectionRole, ChaosDirection, Int)] {
         [
             (.precopy, .bulk, .toDestination, 16),
+            (.precopy, .bulk, .toSource, 1),  // the first round's `roundStored` ack
             (.switchover, .bulk, .toDestination, vcpus + 2),  // vCPU states, low memory, summary
             (.switchover, .bulk, .toSource, 1),  // ready
             (.postcopy, .bulk, .toDestination, 24),  // the commit, then the background stream

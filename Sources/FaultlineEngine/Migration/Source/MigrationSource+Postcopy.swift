@@ -114,12 +114,15 @@ extension MigrationSource {
         fault.close()
         let deadline = MonotonicClock.deadline(after: options.reconnectSeconds)
         var lastError: Error = cause
+        var handshaking = false
         while MonotonicClock.nanoseconds() < deadline {
             do {
                 // A destination waiting for our reconnect answers at once: a hello that goes
                 // unanswered for seconds hit a half-dead pairing, so try again.
                 let left = max(1, MonotonicClock.secondsLeft(until: deadline))
+                handshaking = true
                 try connect(timeout: left, ackTimeout: min(left, 3))
+                handshaking = false
                 bulk.socket.setReceiveTimeout(seconds: options.peerTimeoutSeconds)
                 let message = try bulk.receive()
                 guard case .resume(let session, _, let missing) = message, session == sessionID else {
@@ -141,7 +144,12 @@ extension MigrationSource {
             } catch {
                 lastError = error
                 let kind = FailureClassifier.classify(error)
-                if kind == .protocolViolation || kind == .peerReported { throw error }
+                // A destination that could not read our hello (damaged on the way) turns it away
+                // with `error` and keeps listening: that is the transport, try again. A `reject`
+                // (unknown session) or an error after the handshake is the destination's answer.
+                let helloTurnedAway: Bool
+                if handshaking, case MigrationError.peerError = error { helloTurnedAway = true } else { helloTurnedAway = false }
+                if !helloTurnedAway && (kind == .protocolViolation || kind == .peerReported) { throw error }
                 bulk?.close()
                 fault?.close()
                 MonotonicClock.sleep(microseconds: 100_000)
