@@ -436,8 +436,12 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     func finishPostcopy() {
         guard report.postcopy else { return }
         if options.vcpuNicenessDuringPostcopy != 0 { machine.setVcpuNiceness(0) }
-        mapper.disarmFaults()
+        // Readers first: a reader still resolving a fault (for a page the stream installed
+        // meanwhile) would otherwise find its range unregistered under it - UFFDIO_CONTINUE
+        // answers ENOENT there - and fail the migration (chaos seed 33, uffd-minor, 256 MiB).
+        // Unregistering then wakes any vCPU still queued on a fault; every page is present.
         requester.stop()
+        mapper.disarmFaults()
     }
 
     // MARK: verification
