@@ -93,7 +93,13 @@ func migrateSource(_ vm: MigratableVM, options: MigrationOptions, baseline: Bool
         return (source, report)
     } catch let failed as MigrationFailedBeforeSwitchover {
         let passesAtFailure = vm.counters.totalPasses
+        // Keep it running at least `runAfterFailure`, and until it completes a pass (a pass of a
+        // big guest on a busy machine can take longer than that), at most 60 s.
         Thread.sleep(forTimeInterval: runAfterFailure)
+        let patience = Date().addingTimeInterval(60)
+        while vm.counters.totalPasses <= passesAtFailure && vm.error == nil && Date() < patience {
+            Thread.sleep(forTimeInterval: 0.05)
+        }
         let passesAfter = vm.counters.totalPasses
         let running = vm.error == nil && passesAfter > passesAtFailure
         let err = vm.stop()
