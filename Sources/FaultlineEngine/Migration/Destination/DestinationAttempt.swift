@@ -26,11 +26,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     var awaitingCommit = false
     var guestStarted = false
     /// Every page is in and the digest read back from memory matched (the verdict is sent).
-    var verified: Bool {
-        get { verifiedFlag.load(ordering: .acquiring) }
-        set { verifiedFlag.store(newValue, ordering: .releasing) }
-    }
-    let verifiedFlag = ManagedAtomic<Bool>(false)
+    var verified = false
     /// The fault receiver lost its connection (the main loop reconnects both).
     let faultConnectionLost = ManagedAtomic<Bool>(false)
     var sessionID: UInt64 = 0
@@ -392,15 +388,12 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                 } catch {
                     if stopping.load(ordering: .relaxed) { return }
                     // Every page is in: the fault connection is not needed any more (the source
-                    // closes it once it has the verdict; the bulk connection carries on, e.g.
-                    // to the baseline copy).
+                    // closes it once it has the verdict; the bulk connection carries on, with
+                    // `verdictReceived` and the baseline copy).
                     if table.isComplete && FailureClassifier.isConnectionLoss(error) { return }
                     if FailureClassifier.isConnectionLoss(error) {
                         faultConnectionLost.store(true, ordering: .relaxed)
-                        // The main loop reconnects both - unless everything is in: then the
-                        // source closing its fault connection is the normal end, and the bulk
-                        // connection still carries its `verdictReceived`.
-                        if !verified { bulk.close() }
+                        bulk.close()  // the main loop reconnects both
                     } else {
                         failures.record("fault receiver", error)
                     }
