@@ -49,6 +49,8 @@ struct ChaosCLITests {
         // tries again (a damaged hello is the transport, not the destination's refusal).
         ("postcopy:bulk:to_destination:3:cut,postcopy:bulk:to_destination:4:flip_header_bit", 0, 0),
         ("postcopy:bulk:to_destination:3:cut,postcopy:bulk:to_destination:4:flip_payload_bit", 0, 0),
+        // ... and the reconnect's helloAck with a flipped magic (chaos seed 606).
+        ("postcopy:bulk:to_destination:3:cut,postcopy:bulk:to_source:0:flip_header_bit:5", 0, 0),
         ("precopy:bulk:to_source:0:flip_header_bit", 0, 3),  // the first round's `roundStored` damaged
     ])
     func aForcedEventEndsAsTheTableSays(events: String, retries: Int, expected: Int32) throws {

@@ -147,8 +147,15 @@ extension MigrationSource {
                 // A destination that could not read our hello (damaged on the way) turns it away
                 // with `error` and keeps listening: that is the transport, try again. A `reject`
                 // (unknown session) or an error after the handshake is the destination's answer.
-                let helloTurnedAway: Bool
-                if handshaking, case MigrationError.peerError = error { helloTurnedAway = true } else { helloTurnedAway = false }
+                // Likewise an answer to our hello that arrives damaged (a WireError before the
+                // first intact frame: the decoder calls a flipped magic "not a Faultline peer").
+                var helloTurnedAway = false
+                if handshaking {
+                    if case MigrationError.peerError = error { helloTurnedAway = true }
+                    if let wire = error as? WireError {
+                        if case .unsupportedVersion = wire {} else { helloTurnedAway = true }
+                    }
+                }
                 if !helloTurnedAway && (kind == .protocolViolation || kind == .peerReported) { throw error }
                 bulk?.close()
                 fault?.close()
