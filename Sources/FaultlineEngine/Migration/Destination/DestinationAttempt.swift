@@ -239,6 +239,14 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         let runUntil = MonotonicClock.deadline(after: options.runAfterSeconds)
         let passesAtComplete = machine.counters.totalPasses
         while MonotonicClock.nanoseconds() < runUntil && machine.vcpuError == nil { MonotonicClock.sleep(microseconds: 10_000) }
+        // ... and until the guest has completed a pass on this side (on a busy machine one pass
+        // can take longer than `runAfterSeconds`), at most 60 s more: the report's
+        // `passes_after_migration` then says the guest ran, not that the window was short.
+        let patience = MonotonicClock.deadline(after: 60)
+        while options.runAfterSeconds > 0 && machine.counters.totalPasses <= passesAtComplete && machine.vcpuError == nil
+            && MonotonicClock.nanoseconds() < patience {
+            MonotonicClock.sleep(microseconds: 10_000)
+        }
         let vcpuError = tearDown()
         if let vcpuError { throw MigrationError.peerError("destination \(vcpuError)") }
 
