@@ -7,13 +7,26 @@ import Testing
 enum Rig {
     static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent()
-    static let folder = ProcessInfo.processInfo.environment["FAULTLINE_RIG"].map { URL(fileURLWithPath: $0) }
-        ?? root.deletingLastPathComponent().appendingPathComponent("shared/rig")
+    /// Where rig/run looks: $FAULTLINE_RIG, ../shared/rig next to the repository, /work/shared/rig.
+    static let folder: URL = {
+        if let env = ProcessInfo.processInfo.environment["FAULTLINE_RIG"] { return URL(fileURLWithPath: env) }
+        let sibling = root.deletingLastPathComponent().appendingPathComponent("shared/rig")
+        if FileManager.default.fileExists(atPath: sibling.path) { return sibling }
+        return URL(fileURLWithPath: "/work/shared/rig")
+    }()
     static let kernel = folder.appendingPathComponent("bzImage")
+    static let userfaultKernel = folder.appendingPathComponent("bzImage-6.12-userfault")
     static let releaseBinary = root.appendingPathComponent(".build/release/faultline")
 
     static let hasKernel = FileManager.default.fileExists(atPath: kernel.path)
     static let hasReleaseBinary = FileManager.default.isExecutableFile(atPath: releaseBinary.path)
+    /// The rig boots QEMU with software emulation, which takes both cores of a small machine:
+    /// the rig suites run when asked (`FAULTLINE_RIG_TESTS=1`, as .ci/run does after the main
+    /// test run), not in the middle of the timing-sensitive migration tests.
+    static let requested = ProcessInfo.processInfo.environment["FAULTLINE_RIG_TESTS"] == "1"
+    static let notRequested = "the rig suites run with FAULTLINE_RIG_TESTS=1 (.ci/run does: FAULTLINE_RIG_TESTS=1 swift test --filter RigTests)"
+    /// Inside the rig the host-side suites must not start a rig of their own.
+    static let insideRig = ProcessInfo.processInfo.environment["FAULTLINE_INSIDE_RIG"] == "1"
 
     /// False when a source file is newer than the release binary (rig/test would test old code).
     static let releaseBinaryIsCurrent: Bool = {
@@ -26,31 +39,58 @@ enum Rig {
         }
         return true
     }()
-}
 
-@Suite("Kernel rig", .serialized,
-       .enabled(if: Rig.hasKernel, "no rig kernel at ../shared/rig/bzImage (or $FAULTLINE_RIG/bzImage)"),
-       .enabled(if: Rig.hasReleaseBinary, "no release binary: run swift build -c release"),
-       .enabled(if: Rig.releaseBinaryIsCurrent, "the release binary is older than Sources/: run swift build -c release"),
-       .enabled(if: getuid() == 0, "the rig runs QEMU as root"))
-struct RigTests {
-    @Test("rig/test: probe, default demo in fault mode auto, vcpu-exit refused up front", .timeLimit(.minutes(20)))
-    func rigChecksPass() throws {
+    /// Runs a script of the repository (rig/test, rig/tests) and returns its status and output.
+    static func script(_ name: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
         let p = Process()
-        p.executableURL = Rig.root.appendingPathComponent("rig/test")
-        p.currentDirectoryURL = Rig.root
+        p.executableURL = root.appendingPathComponent(name)
+        p.arguments = arguments
+        p.currentDirectoryURL = root
+        var env = ProcessInfo.processInfo.environment
+        env["FAULTLINE_RIG"] = folder.path
+        p.environment = env
         let out = Pipe()
         p.standardOutput = out
         p.standardError = out
         try p.run()
         let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         p.waitUntilExit()
-        #expect(p.terminationStatus == 0, "rig/test exited \(p.terminationStatus):\n\(text)")
+        return (p.terminationStatus, text)
+    }
+}
+
+@Suite("Kernel rig", .serialized,
+       .enabled(if: Rig.requested && !Rig.insideRig, Comment(rawValue: Rig.notRequested)),
+       .enabled(if: Rig.hasKernel, "no rig kernel (looked for $FAULTLINE_RIG, ../shared/rig, /work/shared/rig)"),
+       .enabled(if: Rig.hasReleaseBinary, "no release binary: run swift build -c release"),
+       .enabled(if: Rig.releaseBinaryIsCurrent, "the release binary is older than Sources/: run swift build -c release"),
+       .enabled(if: getuid() == 0, "the rig runs QEMU as root"))
+struct RigTests {
+    @Test("rig/test: probe, default demo in fault mode auto, vcpu-exit refused up front", .timeLimit(.minutes(20)))
+    func rigChecksPass() throws {
+        let (status, text) = try Rig.script("rig/test", [])
+        #expect(status == 0, "rig/test exited \(status):\n\(text)")
         let lines = text.split(whereSeparator: \.isNewline)
         for check in ["a", "b", "c", "d", "e"] {
             let line = lines.first { $0.hasPrefix("rig check \(check) (") }
             #expect(line?.contains("): ok") == true, "check \(check): \(line ?? "missing")\n\(text)")
         }
         #expect(text.contains("auto picks uffd-missing"), "\(text)")
+    }
+
+    /// The suites that need a rig kernel (SW-protected VMs, memory attributes, private
+    /// guest_memfd, KVM_PRE_FAULT_MEMORY, KVM Userfault): on this machine they skip with a
+    /// reason; here they run inside the rig, once per rig kernel.
+    static let rigSuiteFilters = ["PrivateMemory", "GuestMemfdMigration", "KVMUserfault", "PreFault"]
+
+    @Test("rig/tests: the rig-only suites pass inside the rig", .timeLimit(.minutes(20)),
+          arguments: ["bzImage", "bzImage-6.12-userfault"])
+    func rigSuitesPass(kernel: String) throws {
+        let path = Rig.folder.appendingPathComponent(kernel)
+        try #require(FileManager.default.fileExists(atPath: path.path), "no rig kernel at \(path.path)")
+        let (status, text) = try Rig.script("rig/tests", ["--kernel", path.path] + Self.rigSuiteFilters)
+        #expect(status == 0, "rig/tests on \(kernel) exited \(status):\n\(text)")
+        #expect(text.contains("Test run with"), "no test summary from inside the rig:\n\(text)")
+        #expect(text.contains("rig: kernel 6.12"), "the rig did not boot:\n\(text)")
     }
 }
