@@ -81,7 +81,7 @@ struct RigTests {
     /// The suites that need a rig kernel (SW-protected VMs, memory attributes, private
     /// guest_memfd, KVM_PRE_FAULT_MEMORY, KVM Userfault): on this machine they skip with a
     /// reason; here they run inside the rig, once per rig kernel.
-    static let rigSuiteFilters = ["PrivateMemory", "GuestMemfdMigration", "KVMUserfault", "PreFault"]
+    static let rigSuiteFilters = ["RigKernel", "PrivateMemory", "GuestMemfdMigration", "KVMUserfault", "PreFault"]
 
     @Test("rig/tests: the rig-only suites pass inside the rig", .timeLimit(.minutes(20)),
           arguments: ["bzImage", "bzImage-6.12-userfault"])
