@@ -15,7 +15,11 @@ struct Demo: ParsableCommand {
     @Option(name: .customLong("working-set"), help: "dirtier: pages per vCPU rewritten each pass (default: all)") var workingSet: Int?
     @Option(name: .customLong("fault-mode"), help: faultModeHelp) var faultMode: FaultModeChoice = .auto
     @Option(help: "single | per-vcpu (uffd modes)") var uffd: UffdTopology = .single
-    @Option(name: .customLong("precopy-rounds"), help: "The most pre-copy rounds before the switch-over") var precopyRounds = 1
+    @Option(name: .customLong("precopy-rounds"), help: "The most pre-copy rounds before the switch-over (default 1; 0 with --vm-type sw-protected)")
+    var precopyRounds: Int?
+    @Option(name: .customLong("vm-type"), help: vmTypeHelp) var vmType: VMTypeChoice = .default
+    @Option(name: .customLong("private-pages"), help: "sw-protected: make the first N RAM pages private (KVM_SET_MEMORY_ATTRIBUTES) before migrating")
+    var privatePages = 0
     @Option(name: .customLong("precopy-seconds"), help: "Time bound for pre-copy") var precopySeconds = 10.0
     @Option(help: "never | auto | always (see `run --help`)") var postcopy: PostcopyPolicy = .auto
     @Option(name: .customLong("max-downtime-ms"), help: "Downtime target for stopping pre-copy") var maxDowntimeMs = 300.0
@@ -41,11 +45,22 @@ struct Demo: ParsableCommand {
             guard let size = parseSize(memory) else { throw CLIError(description: "cannot read --memory '\(memory)'") }
             let layout = try MachineLayout(vcpus: vcpus, ramSize: size)
             let wl = try RunningWorkload(kind: workload, pagesPerVcpu: layout.pagesPerVcpu, workingSetPages: workingSet)
+            let gmem = vmType == .swProtected
+            let precopyRounds = self.precopyRounds ?? (gmem ? 0 : 1)
+            guard privatePages == 0 || gmem else { throw CLIError(description: "--private-pages needs --vm-type sw-protected") }
+
+            // The source's VM first: a guest_memfd VM's migration is planned (or refused) from
+            // its memory before anything else starts.
+            let vm = try MigratableVM(layout: layout, backing: .anonymous, guestMemfdRAM: gmem)
+            if privatePages > 0 { try vm.setPrivate(ramPages: 0..<privatePages) }
+            let plan = gmem ? planGuestMemfdMigration(vm, precopyRounds: precopyRounds, postcopy: postcopy, faultMode: mode,
+                                                      json: json) : nil
 
             // The destination: a second process.
             let child = Process()
             child.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-            var arguments = ["receive", "--listen", "127.0.0.1:0", "--json", "--fault-mode", faultMode.argument,
+            var arguments = ["receive", "--listen", "127.0.0.1:0", "--json", "--fault-mode", gmem ? mode.rawValue : faultMode.argument,
+                             "--vm-type", vmType.rawValue,
                              "--uffd", uffd.rawValue, "--run-after", String(runAfter), "--accept-seconds", "60",
                              "--fault-cpu", faultCPU.argument]
             if prealloc { arguments += ["--prealloc", String(size)] }
@@ -70,6 +85,7 @@ struct Demo: ParsableCommand {
                 print("backend: kvm; demo: \(vcpus) vCPU(s), \(size >> 20) MiB, workload \(workload), fault mode \(mode) "
                       + "(\(modeReason)), "
                       + "\(precopyRounds) pre-copy round(s); destination pid \(child.processIdentifier) on \(endpoint)")
+                if let plan { print(plan.human) }
             }
 
             // Chaos (`bench chaos`): a proxy between the two sides carries out a seeded schedule.
@@ -98,7 +114,6 @@ struct Demo: ParsableCommand {
             }
 
             // The source: this process.
-            let vm = try MigratableVM(layout: layout, backing: .anonymous)
             try vm.boot(workload: wl)
             try vm.start()
             Thread.sleep(forTimeInterval: migrateAfter)
@@ -108,8 +123,9 @@ struct Demo: ParsableCommand {
             migration.postcopy = postcopy
             migration.maxDowntimeMs = maxDowntimeMs
             migration.retries = retries
-            let options = MigrationOptions(destination: target, migration: migration, progress: !json,
+            var options = MigrationOptions(destination: target, migration: migration, progress: !json,
                                            faultPathCPU: faultCPU, injection: injection)
+            if let plan, plan.path == .stopAndCopy { options.immediateStopAndCopy = plan.reason }
             let terminateChild = {
                 printChaos()
                 if child.isRunning { child.terminate() }
@@ -129,9 +145,10 @@ struct Demo: ParsableCommand {
             if json {
                 let dest = destinationJSON.dropFirst().dropLast().replacingOccurrences(of: "\"side\":\"destination\",", with: "")
                     .replacingOccurrences(of: "\"guest_check\":\(object["guest_check"] as? Bool ?? false)", with: "\"guest_check\":\(guestCheck)")
-                print("{" + report.jsonFields.joined(separator: ",") + "," + dest + "}")
+                print("{" + (report.jsonFields + (plan?.jsonFields ?? [])).joined(separator: ",") + "," + dest + "}")
             } else {
                 print(report.human)
+                if let plan { print(plan.human) }
                 let l = object["fault_latency_us"] as? [String: Double] ?? [:]
                 print("destination (fault mode \(mode): \(modeReason))")
                 print("  faults                \(object["faults"] ?? 0), latency p50 \(l["p50"] ?? 0) us, p90 \(l["p90"] ?? 0) us, "

@@ -200,6 +200,7 @@ struct Receive: ParsableCommand {
 
     @Option(help: "HOST:PORT to listen on (port 0 picks one; it is printed)") var listen = "0.0.0.0:7077"
     @Option(name: .customLong("fault-mode"), help: faultModeHelp) var faultMode: FaultModeChoice = .auto
+    @Option(name: .customLong("vm-type"), help: vmTypeHelp) var vmType: VMTypeChoice = .default
     @Option(help: "single | per-vcpu (uffd modes)") var uffd: UffdTopology = .single
     @Option(help: "Reader threads per userfaultfd (uffd modes)") var readers = 1
     @Option(name: .customLong("run-after"), help: "Seconds the guest keeps running after the migration") var runAfter = 1.0
@@ -218,6 +219,7 @@ struct Receive: ParsableCommand {
             let (mode, modeReason) = try FaultModeSelection.resolve(requested: faultMode)
             var options = DestinationOptions(listen: endpoint)
             options.faultMode = mode
+            options.guestMemfdVM = vmType == .swProtected
             options.uffd = uffd
             options.readers = readers
             options.faultPathCPU = faultCPU

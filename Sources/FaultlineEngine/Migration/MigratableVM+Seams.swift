@@ -11,6 +11,15 @@ extension MigratableVM: SourceMachine, DestinationMachine {
     }
 
     public func collectDirty(into dirty: PageBitmap) throws {
+        if privateMemory != nil {
+            // A guest_memfd RAM slot cannot log dirty pages (KVM refuses the flag on it).
+            guard let log = guestWriteLog else {
+                throw MachineLayout.Invalid(description: "no dirty log on a guest_memfd memslot (the kernel refuses "
+                                            + "KVM_MEM_LOG_DIRTY_PAGES there) and no other write tracking is set up")
+            }
+            log.forEachSetPage { dirty.insert($0) }
+            return
+        }
         let log = DirtyLogBuffer(pages: layout.ramPages)
         try vm.getDirtyLog(slot: 1, into: log)
         dirty.merge(kernelBitmap: log.bits, pages: layout.ramPages, firstPage: layout.lowPages)

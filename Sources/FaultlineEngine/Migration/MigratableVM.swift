@@ -109,22 +109,36 @@ public final class MigratableVM: @unchecked Sendable {
     /// RAM pages the vcpu-exit path wrote on the guest's behalf (KVM's dirty log does not see
     /// those stores); nil unless asked for.
     public var hostCompletedWrites: PageBitmap?
+    /// Guest writes seen another way than KVM's dirty log (a guest_memfd RAM slot has none):
+    /// userfaultfd write-protect faults on the destination (see UffdPageMapper.tracksWrites).
+    public var guestWriteLog: PageBitmap?
     /// Niceness each vCPU thread gives itself when it starts.
     public var startNiceness: Int32 = 0
 
+    /// The guest_memfd behind the RAM memslot of a guest_memfd VM (`guestMemfdRAM`); `ram`
+    /// is then the slot's shared (userspace_addr) view. See MigratableVM+GuestMemfd.swift.
+    public let privateMemory: GuestMemfd?
+    /// Ranges of RAM (page offsets into RAM) whose attributes are private.
+    public internal(set) var privateRanges = RangeMap<Bool>()
+
     /// Creates the VM, its memory (RAM with `backing`) and its memslots; no vCPU yet.
     /// `ram`: guest RAM prepared in advance (it must be `layout.ramSize` bytes).
-    public init(layout: MachineLayout, backing: MemoryBacking, dirtyLogging: Bool = false, ram prepared: GuestMemoryRegion? = nil) throws {
+    /// `guestMemfdRAM`: a KVM_X86_SW_PROTECTED_VM whose RAM memslot is a KVM_MEM_GUEST_MEMFD
+    /// slot (RAM starts shared; `backing` is its shared view). Its RAM slot never logs dirty
+    /// pages (the kernel refuses that on a guest_memfd slot).
+    public init(layout: MachineLayout, backing: MemoryBacking, dirtyLogging: Bool = false, ram prepared: GuestMemoryRegion? = nil,
+                guestMemfdRAM: Bool = false) throws {
         self.layout = layout
-        vm = try KVM().createVM()
+        vm = try KVM().createVM(type: guestMemfdRAM ? .swProtected : .default)
         low = try GuestMemoryRegion(backing: .anonymous, size: MachineLayout.lowSize, label: "guest-low")
         ram = try prepared ?? GuestMemoryRegion(backing: backing, size: layout.ramSize, vm: vm, label: "guest-ram")
+        privateMemory = guestMemfdRAM ? try vm.createGuestMemfd(size: layout.ramSize, flags: []) : nil
         counters = GuestCounters(vcpus: layout.vcpus)
         threadIDs = .allocate(capacity: layout.vcpus)
         threadIDs.initialize(repeating: 0, count: layout.vcpus)
         try vm.setMemoryRegion(slot: 0, flags: dirtyLogging ? .logDirtyPages : [], guestPhysicalAddress: GuestPhysicalAddress(0),
                                memory: low)
-        try setRAMSlot(dirtyLogging: dirtyLogging)
+        try setRAMSlot(dirtyLogging: dirtyLogging && !guestMemfdRAM)
         for id in 0..<layout.vcpus { vcpus.append(try vm.createVcpu(id: id)) }
     }
 
@@ -132,9 +146,11 @@ public final class MigratableVM: @unchecked Sendable {
 
     /// (Re)declares the RAM memslot, turning dirty logging on or off.
     public func setRAMSlot(dirtyLogging: Bool) throws {
-        try vm.setMemoryRegion(slot: 1, flags: dirtyLogging ? .logDirtyPages : [],
+        var flags: MemslotFlags = dirtyLogging ? .logDirtyPages : []
+        if privateMemory != nil { flags.insert(.guestMemfd) }
+        try vm.setMemoryRegion(slot: 1, flags: flags,
                                guestPhysicalAddress: GuestPhysicalAddress(MachineLayout.ramBase), memory: ram,
-                               guestMemfd: ram.guestMemfd)
+                               guestMemfd: privateMemory ?? ram.guestMemfd)
     }
 
     /// Host pointer of a page index of the machine layout.

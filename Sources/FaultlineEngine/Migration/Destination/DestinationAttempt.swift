@@ -55,17 +55,20 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         if let factory = options.machineFactory {
             (machine, mapper) = try factory(layout)
         } else {
-            let ram = prepared?.size == layout.ramSize ? prepared : nil
+            let gmem = options.guestMemfdVM
+            let ram = prepared?.size == layout.ramSize && !gmem ? prepared : nil
             // Dirty logging on the destination: the digest is read back from guest memory,
-            // except for pages the guest itself rewrote after they were installed.
+            // except for pages the guest itself rewrote after they were installed. A guest_memfd
+            // RAM slot cannot log: its RAM goes in write-protected and the readers log the writes.
             let vm = try MigratableVM(layout: layout, backing: options.faultMode == .uffdMinor ? .memfd : .anonymous,
-                                      dirtyLogging: true, ram: ram)
+                                      dirtyLogging: true, ram: ram, guestMemfdRAM: gmem)
+            if gmem { vm.guestWriteLog = PageBitmap(count: layout.totalPages) }
             if options.faultMode == .uffdMinor && ram == nil { try vm.ram.allocateFile() }
             if options.faultMode == .vcpuExit { vm.hostCompletedWrites = PageBitmap(count: layout.totalPages) }
-            if options.preallocBytes > 0 { destination.preparePool(ramBytes: layout.ramSize) }
+            if options.preallocBytes > 0 && !gmem { destination.preparePool(ramBytes: layout.ramSize) }
             machine = vm
             mapper = try UffdPageMapper.armedForPrecopy(vm: vm, faultMode: options.faultMode, topology: options.uffd,
-                                                        pool: destination.pool)
+                                                        pool: gmem ? nil : destination.pool, writeLog: vm.guestWriteLog)
         }
         table = DestinationPageTable(count: layout.totalPages)
         book = FaultBook(pages: layout.totalPages, vcpus: layout.vcpus, vcpusAccountOwnStall: options.faultMode == .vcpuExit)
@@ -288,14 +291,17 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         switchPart("drop_stale")
         // Pages that never arrived (none was sent, or a round was cut short) are owed too.
         report.postcopy = !table.isComplete
-        if !report.postcopy { mapper.disarmFaults() }  // armed early for pre-copy (MISSING modes); nothing is missing
-        if report.postcopy {
+        // Write-tracked RAM (a guest_memfd VM) keeps its readers even when nothing is missing:
+        // they serve the guest's write-protect faults until the digest is taken.
+        let tracking = tracksWritesWithUserfaultfd
+        if !report.postcopy && !tracking { mapper.disarmFaults() }  // armed early for pre-copy (MISSING modes); nothing is missing
+        if report.postcopy || tracking {
             try mapper.armFaults()
             if options.faultMode == .vcpuExit {
                 try requester.startVcpuExitRequester()
             } else if let uffdMapper = mapper as? UffdPageMapper, let vm = machine as? MigratableVM {
                 try requester.startReaders(uffdMapper.uffds, perUffd: options.readers, ramBase: vm.ram.hostAddress.rawValue,
-                                           lowPages: layout.lowPages, mapper: mapper,
+                                           lowPages: layout.lowPages, mapper: mapper, writeLog: uffdMapper.writeLog,
                                            vcpuForThread: { [weak vm] in vm?.vcpu(forThread: $0) ?? -1 })
             }
         }
@@ -434,9 +440,16 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         }
     }
 
+    /// RAM went in write-protected and userfaultfd readers log the guest's writes (a
+    /// guest_memfd VM: no dirty log on its RAM slot).
+    var tracksWritesWithUserfaultfd: Bool { (mapper as? UffdPageMapper)?.writeLog != nil }
+
     func finishPostcopy() {
         guard report.postcopy else { return }
         if options.vcpuNicenessDuringPostcopy != 0 { machine.setVcpuNiceness(0) }
+        // Write tracking needs the readers and the registration until the digest is taken
+        // (tearDown ends both).
+        if tracksWritesWithUserfaultfd { return }
         // Readers first: a reader still resolving a fault (for a page the stream installed
         // meanwhile) would otherwise find its range unregistered under it - UFFDIO_CONTINUE
         // answers ENOENT there - and fail the migration (chaos seed 33, uffd-minor, 256 MiB).
@@ -519,6 +532,9 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         fault?.close()
         faultReceiver?.join()
         faultReceiver = nil
+        // Write-tracked RAM: unregistering lifts the protection and wakes a vCPU waiting on a
+        // write-protect fault, before the readers that would answer it stop.
+        if mapper != nil && tracksWritesWithUserfaultfd { mapper.disarmFaults() }
         requester?.stop()
         let vcpuError = guestStarted ? machine?.stopGuest() : nil
         guestStarted = false

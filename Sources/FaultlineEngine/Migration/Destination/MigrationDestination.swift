@@ -31,6 +31,9 @@ public struct DestinationOptions: Sendable {
     public var exitDuringPrecopyAfterPages: Int?
     /// Test hook: fail the fault-path thread that installs the first demand reply.
     public var failFaultPathThread = false
+    /// Build a guest_memfd VM (KVM_X86_SW_PROTECTED_VM, RAM in a KVM_MEM_GUEST_MEMFD memslot);
+    /// the source must be one too (`--vm-type sw-protected` on both sides).
+    public var guestMemfdVM = false
     /// Builds the guest and its page mapper (nil: a KVM guest under userfaultfd).
     public var machineFactory: DestinationMachineFactory?
 
@@ -39,6 +42,13 @@ public struct DestinationOptions: Sendable {
     public func validate() throws {
         guard [.vcpuExit, .uffdMissing, .uffdMinor].contains(faultMode) else {
             throw DemandPagingConfig.Invalid("--fault-mode must be vcpu-exit, uffd-missing or uffd-minor")
+        }
+        if guestMemfdVM && faultMode != .uffdMissing {
+            // No dirty log on a guest_memfd slot: guest writes are tracked by write-protecting
+            // the anonymous shared view, which Faultline does for MISSING installs only.
+            throw DemandPagingConfig.Invalid("a guest_memfd VM's destination needs --fault-mode uffd-missing here "
+                + "(got \(faultMode)): its guest writes are tracked with userfaultfd write-protect on the anonymous shared "
+                + "mapping, since the kernel refuses KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_GUEST_MEMFD memslot")
         }
     }
 }
