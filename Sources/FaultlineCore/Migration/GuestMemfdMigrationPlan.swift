@@ -20,15 +20,7 @@ public struct GuestMemfdKernelFeatures: Sendable, Equatable {
     /// UFFDIO_REGISTER accepts a guest_memfd mapping (seed 004; no kernel here has it).
     public var userfaultfdOnGuestMemfd = false
 
-    public init(swProtectedVM: Bool = false, privateAttribute: Bool = false, dirtyLogOnGuestMemfdSlot: Bool = false,
-                kvmUserfault: Bool = false, guestMemfdMmap: Bool = false, userfaultfdOnGuestMemfd: Bool = false) {
-        self.swProtectedVM = swProtectedVM
-        self.privateAttribute = privateAttribute
-        self.dirtyLogOnGuestMemfdSlot = dirtyLogOnGuestMemfdSlot
-        self.kvmUserfault = kvmUserfault
-        self.guestMemfdMmap = guestMemfdMmap
-        self.userfaultfdOnGuestMemfd = userfaultfdOnGuestMemfd
-    }
+    public init() {}
 }
 
 /// The ways a guest_memfd VM's memory can move.
