@@ -153,7 +153,8 @@ extension DemandPagingResult {
         Overall demand paging rate:\t\(fmt(pagesPerSecond, 6)) pgs/sec
         Fault latency (us): p50 \(fmt(l.p50, 1)) p90 \(fmt(l.p90, 1)) p99 \(fmt(l.p99, 1)) max \(fmt(l.max, 1)) over \(faultsMeasured) faults
         Verification: \(verified ? "OK" : "FAILED") - \(pages) pages checked, \(badPages) bad\
-        \(checksumFailures > 0 ? ", \(checksumFailures) vCPU read checksums wrong" : ""); \(resolved) resolved, \(raced) raced
+        \(checksumFailures > 0 ? ", \(checksumFailures) vCPU read checksums wrong" : ""); \(resolved) resolved, \(raced) raced\
+        \(vcpuExitMechanism.map { "\nvCPU faults via: \($0.rawValue)" + ($0 == .kvmUserfault ? " (\(uffdFallbackFaults) through the userfaultfd behind it)" : "") } ?? "")
         """
     }
 
@@ -166,6 +167,7 @@ extension DemandPagingResult {
             + "\"seconds\":\(fmt(seconds, 6)),\"pages_per_sec_per_vcpu\":\(fmt(pagesPerSecondPerVcpu, 0)),"
             + "\"pages_per_sec\":\(fmt(pagesPerSecond, 0)),\"resolved\":\(resolved),\"raced\":\(raced),\"bad_pages\":\(badPages),"
             + "\"checksum_failures\":\(checksumFailures),"
+            + (vcpuExitMechanism.map { "\"vcpu_exit_via\":\"\($0.rawValue)\",\"uffd_fallback_faults\":\(uffdFallbackFaults)," } ?? "")
             + "\"latency_us\":{\"p50\":\(fmt(l.p50, 2)),\"p90\":\(fmt(l.p90, 2)),\"p99\":\(fmt(l.p99, 2)),\"max\":\(fmt(l.max, 2))}}"
     }
 }
