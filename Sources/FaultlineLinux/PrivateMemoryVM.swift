@@ -50,6 +50,7 @@ public final class PrivateMemoryVM: @unchecked Sendable {
     /// The refusal thrown when ``obstacle(_:)`` is not nil.
     public struct Unavailable: Error, CustomStringConvertible {
         public let description: String
+        public init(description: String) { self.description = description }
     }
 
     /// Creates the VM and the region: `size` bytes at `gpa`, in memslot `slot`, all pages
