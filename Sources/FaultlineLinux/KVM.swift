@@ -18,6 +18,7 @@ public enum KVMCapability: Int32, CaseIterable, Sendable, CustomStringConvertibl
     case vmTypes = 235
     case preFaultMemory = 236
     case guestMemfdFlags = 244
+    case exitHypercall = 201
     case nrVcpus = 9
 
     public var description: String {
@@ -34,6 +35,7 @@ public enum KVMCapability: Int32, CaseIterable, Sendable, CustomStringConvertibl
         case .vmTypes: return "KVM_CAP_VM_TYPES"
         case .preFaultMemory: return "KVM_CAP_PRE_FAULT_MEMORY"
         case .guestMemfdFlags: return "KVM_CAP_GUEST_MEMFD_FLAGS"
+        case .exitHypercall: return "KVM_CAP_EXIT_HYPERCALL"
         case .nrVcpus: return "KVM_CAP_NR_VCPUS"
         }
     }

@@ -11,7 +11,7 @@ struct Faultline: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "faultline",
         abstract: "Post-copy live migration and lazy restore of KVM guest memory.",
-        subcommands: [Demo.self, Run.self, Receive.self, Probe.self, Bench.self]
+        subcommands: [Demo.self, Run.self, Receive.self, Probe.self, Bench.self, PrivateCommand.self]
     )
 }
 
@@ -70,7 +70,7 @@ func jsonEscape(_ s: String) -> String {
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Benchmarks (JSON with --json).",
-                                                    subcommands: [DemandPaging.self, BenchChaos.self, BenchInstall.self])
+                                                    subcommands: [DemandPaging.self, BenchChaos.self, BenchInstall.self, BenchConversions.self])
 }
 
 extension FaultMode: ExpressibleByArgument {}
