@@ -15,8 +15,7 @@ struct Demo: ParsableCommand {
     @Option(name: .customLong("working-set"), help: "dirtier: pages per vCPU rewritten each pass (default: all)") var workingSet: Int?
     @Option(name: .customLong("fault-mode"), help: faultModeHelp) var faultMode: FaultModeChoice = .auto
     @Option(help: "single | per-vcpu (uffd modes)") var uffd: UffdTopology = .single
-    @Option(name: .customLong("precopy-rounds"), help: "The most pre-copy rounds before the switch-over (default 1; 0 with --vm-type sw-protected)")
-    var precopyRounds: Int?
+    @Option(name: .customLong("precopy-rounds"), help: "The most pre-copy rounds before the switch-over") var precopyRounds = 1
     @Option(name: .customLong("vm-type"), help: vmTypeHelp) var vmType: VMTypeChoice = .default
     @Option(name: .customLong("private-pages"), help: "sw-protected: make the first N RAM pages private (KVM_SET_MEMORY_ATTRIBUTES) before migrating")
     var privatePages = 0
@@ -46,7 +45,6 @@ struct Demo: ParsableCommand {
             let layout = try MachineLayout(vcpus: vcpus, ramSize: size)
             let wl = try RunningWorkload(kind: workload, pagesPerVcpu: layout.pagesPerVcpu, workingSetPages: workingSet)
             let gmem = vmType == .swProtected
-            let precopyRounds = self.precopyRounds ?? (gmem ? 0 : 1)
             guard privatePages == 0 || gmem else { throw CLIError(description: "--private-pages needs --vm-type sw-protected") }
 
             // The source's VM first: a guest_memfd VM's migration is planned (or refused) from

@@ -36,6 +36,7 @@ struct Probe: ParsableCommand {
             var fields = p.rows.map { "\"\(jsonEscape($0.name))\":\"\(jsonEscape($0.value))\"" }
             fields.append("\"modes\":{" + p.modes.map { "\"\(jsonEscape($0.0))\":\($0.1 == nil ? "true" : "false")" }.joined(separator: ",") + "}")
             fields.append("\"fault_mode_auto\":\"\(p.autoFaultMode.mode)\",\"fault_mode_auto_reason\":\"\(jsonEscape(p.autoFaultMode.reason))\"")
+            fields.append(guestMemfdProbeJSON(GuestMemfdProbe.collect()))
             print("{" + fields.joined(separator: ",") + "}")
             return
         }
@@ -52,6 +53,7 @@ struct Probe: ParsableCommand {
             print("  \(mode)\(pad)  \(why == nil ? "yes" : "no: \(why!)")")
         }
         print("Migration --fault-mode auto: \(p.autoFaultMode.mode) (\(p.autoFaultMode.reason))")
+        print(guestMemfdProbeText(GuestMemfdProbe.collect()))
     }
 }
 

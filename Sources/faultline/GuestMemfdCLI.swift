@@ -50,3 +50,32 @@ extension GuestMemfdMigrationPlan {
                 + ($0.missing.map { "not on this kernel: needs \($0)" } ?? "allowed") }.joined(separator: "\n")
     }
 }
+
+/// `faultline probe`: what the kernel allows a guest_memfd VM's memory, and the migration
+/// paths that follow (docs/design.md, "Migrating a guest_memfd VM").
+func guestMemfdProbeText(_ r: GuestMemfdProbe.Result) -> String {
+    var lines = ["guest_memfd VM migration (tried on a throwaway KVM_X86_SW_PROTECTED_VM)"]
+    let width = r.notes.map(\.name.count).max() ?? 10
+    for n in r.notes { lines.append("  \(n.name.padding(toLength: width, withPad: " ", startingAt: 0))  \(n.answer)") }
+    guard r.features.swProtectedVM else {
+        lines.append("  no migration path: needs \(GuestMemfdMigrationPlanner.swProtectedVM)")
+        return lines.joined(separator: "\n")
+    }
+    for path in GuestMemfdMigrationPath.allCases {
+        let missing = GuestMemfdMigrationPlanner.missing(path, kernel: r.features)
+        lines.append("  path \(path.rawValue.padding(toLength: width - 5, withPad: " ", startingAt: 0))  "
+                     + (missing.map { "no: needs \($0)" } ?? "yes (shared memory only)"))
+    }
+    lines.append("  private pages: refused (needs \(GuestMemfdMigrationPlanner.guestMemfdMmap) to read them"
+                 + (r.features.kvmUserfault ? ")" : ", and \(GuestMemfdMigrationPlanner.userfaultfdOnGuestMemfd) or "
+                    + "\(GuestMemfdMigrationPlanner.kvmUserfault) to post-copy them)"))
+    return lines.joined(separator: "\n")
+}
+
+func guestMemfdProbeJSON(_ r: GuestMemfdProbe.Result) -> String {
+    let paths = GuestMemfdMigrationPath.allCases.map { path in
+        "\"\(path)\":" + (r.features.swProtectedVM && GuestMemfdMigrationPlanner.missing(path, kernel: r.features) == nil ? "true" : "false")
+    }
+    let notes = r.notes.map { "\"\(jsonEscape($0.name))\":\"\(jsonEscape($0.answer))\"" }
+    return "\"guest_memfd_migration\":{\"paths\":{\(paths.joined(separator: ","))},\"kernel\":{\(notes.joined(separator: ","))}}"
+}

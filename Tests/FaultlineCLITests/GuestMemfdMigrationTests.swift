@@ -24,7 +24,8 @@ struct GuestMemfdMigrationTests {
     static let small = ["demo", "--vm-type", "sw-protected", "--memory", "16M", "--json", "--migrate-after", "0.5",
                         "--run-after", "0.5"]
 
-    func expectMigrated(_ args: [String], path: String, postcopy: Bool) throws {
+    @discardableResult
+    func expectMigrated(_ args: [String], path: String, postcopy: Bool) throws -> [String: Any]? {
         let r = try run(Self.small + args, timeout: 400)
         #expect(r.status == 0, "\(args): \(r.stderr)")
         let j = lastJSON(r.stdout)
@@ -39,16 +40,33 @@ struct GuestMemfdMigrationTests {
         let paths = j?["guest_memfd_paths"] as? [String: String]
         #expect(paths?["precopy"]?.contains("KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_GUEST_MEMFD memslot") == true, "\(paths ?? [:])")
         #expect(paths?["stop-and-copy"] == "allowed")
+        #expect(paths?["precopy-userfaultfd-wp"] == "allowed")
+        return j
     }
 
     @Test("stop-and-copy (--postcopy never, no pre-copy)", .timeLimit(.minutes(8)))
     func stopAndCopy() throws {
-        try expectMigrated(["--vcpus", "1", "--postcopy", "never"], path: "stop-and-copy", postcopy: false)
+        try expectMigrated(["--vcpus", "1", "--precopy-rounds", "0", "--postcopy", "never"], path: "stop-and-copy", postcopy: false)
+    }
+
+    @Test("pre-copy with userfaultfd write-protect as the dirty log, then stop-and-copy", .timeLimit(.minutes(8)))
+    func precopyWriteProtect() throws {
+        let j = try expectMigrated(["--vcpus", "1", "--precopy-rounds", "3", "--postcopy", "never", "--max-downtime-ms", "100000"],
+                                   path: "precopy-userfaultfd-wp", postcopy: false)
+        #expect((j?["precopy_pages"] as? Int ?? 0) >= 4096, "every RAM page went over in pre-copy")
     }
 
     @Test("post-copy of the shared ranges through userfaultfd", .timeLimit(.minutes(8)))
     func postcopyUserfaultfd() throws {
-        try expectMigrated(["--vcpus", "2", "--fault-mode", "uffd-missing"], path: "postcopy-userfaultfd", postcopy: true)
+        try expectMigrated(["--vcpus", "2", "--precopy-rounds", "0", "--fault-mode", "uffd-missing"], path: "postcopy-userfaultfd",
+                           postcopy: true)
+    }
+
+    @Test("pre-copy (write-protect dirty log), then post-copy through userfaultfd", .timeLimit(.minutes(8)))
+    func precopyThenPostcopy() throws {
+        let j = try expectMigrated(["--vcpus", "2", "--precopy-rounds", "1", "--postcopy", "always", "--fault-mode", "uffd-missing"],
+                                   path: "postcopy-userfaultfd", postcopy: true)
+        #expect((j?["precopy_pages"] as? Int ?? 0) >= 4096)
     }
 
     @Test("a page damaged on the destination after its install fails the digest (it is read from memory)",
@@ -74,13 +92,11 @@ struct GuestMemfdMigrationTests {
         #expect(j?["bytes_sent"] == nil)
     }
 
-    @Test("pre-copy: refused before it starts (no dirty log on a guest_memfd memslot)", .timeLimit(.minutes(4)))
-    func precopyRefused() throws {
-        let r = try run(Self.small + ["--vcpus", "1", "--precopy-rounds", "2"], timeout: 200)
-        #expect(r.status == 5, "\(r.stdout)\n\(r.stderr)")
-        let j = lastJSON(r.stdout)
-        #expect(j?["missing"] as? String == "KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_GUEST_MEMFD memslot")
-        let error = j?["error"] as? String ?? ""
-        #expect(error.contains("check_memory_region_flags"), "\(error)")
+    @Test("vcpu-exit without KVM Userfault: refused before it starts", .timeLimit(.minutes(4)))
+    func vcpuExitRefusedWithoutKVMUserfault() throws {
+        let r = try run(Self.small + ["--vcpus", "1", "--fault-mode", "vcpu-exit"], timeout: 200)
+        #expect(r.status != 0, "\(r.stdout)\n\(r.stderr)")
+        #expect(r.stderr.contains("KVM Userfault") || r.stderr.contains("KVM_CAP_USERFAULT"), "\(r.stderr)")
+        #expect(!r.stdout.contains("destination pid"), "nothing started")
     }
 }

@@ -8,6 +8,7 @@ struct GuestMemfdMigrationPlanTests {
         var k = GuestMemfdKernelFeatures()
         k.swProtectedVM = true
         k.privateAttribute = true
+        k.userfaultfdWriteProtect = true
         return k
     }
 
@@ -37,24 +38,41 @@ struct GuestMemfdMigrationPlanTests {
     @Test func sharedMemoryOn612StopAndCopyOrUserfaultfdPostcopy() throws {
         let stop = try plan(Self.linux612, postcopy: .never)
         #expect(stop.path == .stopAndCopy)
-        #expect(stop.reason.contains("KVM_MEM_LOG_DIRTY_PAGES"))
         let post = try plan(Self.linux612)
         #expect(post.path == .postcopyUserfaultfd)
         #expect(post.paths.first { $0.path == .precopy }?.missing == GuestMemfdMigrationPlanner.dirtyLog)
+        #expect(post.paths.first { $0.path == .precopyWriteProtect }?.missing == nil)
         #expect(post.paths.first { $0.path == .postcopyKVMUserfault }?.missing == GuestMemfdMigrationPlanner.kvmUserfault)
         #expect(post.paths.first { $0.path == .postcopyUserfaultfd }?.missing == nil)
     }
 
-    @Test func precopyOn612IsRefusedNamingTheDirtyLog() {
-        let r = refusal { () throws(GuestMemfdMigrationRefusal) in try plan(Self.linux612, rounds: 2) }
-        #expect(r?.missing == GuestMemfdMigrationPlanner.dirtyLog)
+    @Test func precopyOn612UsesWriteProtectAsTheDirtyLog() throws {
+        let never = try plan(Self.linux612, rounds: 2, postcopy: .never)
+        #expect(never.path == .precopyWriteProtect)
+        #expect(never.reason.contains("then stop-and-copy"))
+        let auto = try plan(Self.linux612, rounds: 2)
+        #expect(auto.path == .postcopyUserfaultfd)
+        #expect(auto.reason.contains("pre-copy round(s) with userfaultfd write-protect"))
+    }
+
+    @Test func precopyWithoutAnyDirtyLogIsRefusedNamingBoth() throws {
+        var k = Self.linux612
+        k.userfaultfdWriteProtect = false
+        let r = refusal { () throws(GuestMemfdMigrationRefusal) in try plan(k, rounds: 2) }
+        #expect(r?.missing == "\(GuestMemfdMigrationPlanner.dirtyLog) or \(GuestMemfdMigrationPlanner.writeProtect)")
         #expect(r?.description.contains("check_memory_region_flags") == true)
+        #expect(try plan(k, postcopy: .never).path == .stopAndCopy)
     }
 
     @Test func precopyWhereTheKernelLogsGuestMemfdSlots() throws {
         var k = Self.linux612
         k.dirtyLogOnGuestMemfdSlot = true
-        #expect(try plan(k, rounds: 3, postcopy: .never).path == .precopy)
+        let p = try plan(k, rounds: 3, postcopy: .never)
+        #expect(p.path == .precopyWriteProtect)
+        #expect(p.paths.first { $0.path == .precopy }?.missing == nil)
+        k.userfaultfdWriteProtect = false
+        let r = refusal { () throws(GuestMemfdMigrationRefusal) in try plan(k, rounds: 3) }
+        #expect(r?.missing == GuestMemfdMigrationPlanner.writeProtect)
     }
 
     @Test func vcpuExitNeedsKVMUserfault() throws {

@@ -19,6 +19,9 @@ public struct GuestMemfdKernelFeatures: Sendable, Equatable {
     public var guestMemfdMmap = false
     /// UFFDIO_REGISTER accepts a guest_memfd mapping (seed 004; no kernel here has it).
     public var userfaultfdOnGuestMemfd = false
+    /// userfaultfd write-protect on anonymous memory including pages not yet touched
+    /// (UFFD_FEATURE_WP_UNPOPULATED): a dirty log for the shared view without KVM's.
+    public var userfaultfdWriteProtect = false
 
     public init() {}
 }
@@ -27,6 +30,8 @@ public struct GuestMemfdKernelFeatures: Sendable, Equatable {
 public enum GuestMemfdMigrationPath: String, Sendable, CaseIterable, CustomStringConvertible {
     /// Pre-copy rounds with KVM's dirty log on the guest_memfd memslot.
     case precopy
+    /// Pre-copy rounds with userfaultfd write-protect on the shared view as the dirty log.
+    case precopyWriteProtect = "precopy-userfaultfd-wp"
     /// Pause, send every page, resume on the destination (no dirty log, no fault path).
     case stopAndCopy = "stop-and-copy"
     /// Post-copy of the shared ranges through userfaultfd on the shared (userspace_addr) mapping.
@@ -95,11 +100,13 @@ public enum GuestMemfdMigrationPlanner {
     public static let kvmUserfault = "KVM_CAP_USERFAULT (KVM_MEM_USERFAULT)"
     public static let guestMemfdMmap = "guest_memfd mmap (GUEST_MEMFD_FLAG_MMAP)"
     public static let userfaultfdOnGuestMemfd = "userfaultfd on guest_memfd"
+    public static let writeProtect = "userfaultfd write-protect (UFFD_FEATURE_WP_UNPOPULATED)"
 
     /// What each path needs from `kernel`, nil when it has it.
     public static func missing(_ path: GuestMemfdMigrationPath, kernel: GuestMemfdKernelFeatures) -> String? {
         switch path {
         case .precopy: kernel.dirtyLogOnGuestMemfdSlot ? nil : dirtyLog
+        case .precopyWriteProtect: kernel.userfaultfdWriteProtect ? nil : writeProtect
         case .stopAndCopy, .postcopyUserfaultfd: nil
         case .postcopyKVMUserfault: kernel.kvmUserfault ? nil : kvmUserfault
         }
@@ -136,27 +143,37 @@ public enum GuestMemfdMigrationPlanner {
                     + "\(guestMemfdMmap) (migration refused before it started)")
         }
         let paths = GuestMemfdMigrationPath.allCases.map { ($0, missing($0, kernel: kernel)) }
+        // Pre-copy: Faultline tracks writes to the shared view with userfaultfd write-protect
+        // (the same would serve where KVM could log a guest_memfd slot).
+        var precopy: String?
         if request.precopyRounds > 0 {
-            guard kernel.dirtyLogOnGuestMemfdSlot else {
+            if !kernel.userfaultfdWriteProtect && kernel.dirtyLogOnGuestMemfdSlot {
                 throw GuestMemfdMigrationRefusal(
-                    missing: dirtyLog,
-                    description: "pre-copy (--precopy-rounds \(request.precopyRounds)) needs KVM's dirty log on the guest_memfd "
-                        + "memslot, and this kernel refuses \(dirtyLog) (KVM_SET_USER_MEMORY_REGION2: EINVAL, "
-                        + "check_memory_region_flags: dirty logging private memory is not supported); "
+                    missing: writeProtect,
+                    description: "pre-copy of a guest_memfd VM: this kernel would log the guest_memfd memslot, but Faultline "
+                        + "tracks this VM type's writes with \(writeProtect), which it lacks")
+            }
+            guard kernel.userfaultfdWriteProtect else {
+                throw GuestMemfdMigrationRefusal(
+                    missing: "\(dirtyLog) or \(writeProtect)",
+                    description: "pre-copy (--precopy-rounds \(request.precopyRounds)) needs a dirty log of the guest_memfd VM's "
+                        + "shared memory: this kernel refuses \(dirtyLog) (KVM_SET_USER_MEMORY_REGION2: EINVAL, "
+                        + "check_memory_region_flags: dirty logging private memory is not supported) and lacks \(writeProtect); "
                         + "use --precopy-rounds 0 with --postcopy never (stop-and-copy) or post-copy")
             }
-            if request.postcopy == .never {
-                return GuestMemfdMigrationPlan(path: .precopy, reason: "pre-copy with the dirty log on the guest_memfd memslot, "
-                                               + "then stop-and-copy (--postcopy never)", paths: paths)
-            }
+            precopy = "up to \(request.precopyRounds) pre-copy round(s) with userfaultfd write-protect on the shared "
+                + "userspace_addr mapping as the dirty log (KVM refuses \(dirtyLog))"
         }
-        if request.precopyRounds == 0 && request.postcopy == .never {
+        if request.postcopy == .never {
+            if let precopy {
+                return GuestMemfdMigrationPlan(path: .precopyWriteProtect, reason: precopy + ", then stop-and-copy (--postcopy never)",
+                                               paths: paths)
+            }
             return GuestMemfdMigrationPlan(
                 path: .stopAndCopy,
-                reason: "--postcopy never without pre-copy: every page is sent while the guest is paused"
-                    + (kernel.dirtyLogOnGuestMemfdSlot ? "" : " (pre-copy is not possible: no \(dirtyLog))"),
-                paths: paths)
+                reason: "--postcopy never without pre-copy: every page is sent while the guest is paused", paths: paths)
         }
+        let then = precopy.map { $0 + "; then " } ?? ""
         switch request.faultMode {
         case .vcpuExit:
             guard kernel.kvmUserfault else {
@@ -168,7 +185,7 @@ public enum GuestMemfdMigrationPlanner {
             }
             return GuestMemfdMigrationPlan(
                 path: .postcopyKVMUserfault,
-                reason: "post-copy of the shared ranges: vCPU faults exit with KVM_MEMORY_EXIT_FLAG_USERFAULT (KVM_MEM_USERFAULT "
+                reason: then + "post-copy of the shared ranges: vCPU faults exit with KVM_MEMORY_EXIT_FLAG_USERFAULT (KVM_MEM_USERFAULT "
                     + "set when the guest_memfd memslot is created)", paths: paths)
         case .uffdMinor:
             throw GuestMemfdMigrationRefusal(
@@ -179,7 +196,7 @@ public enum GuestMemfdMigrationPlanner {
         case .uffdMissing:
             return GuestMemfdMigrationPlan(
                 path: .postcopyUserfaultfd,
-                reason: "post-copy of the shared ranges: userfaultfd (\(request.faultMode)) on the shared userspace_addr mapping, "
+                reason: then + "post-copy of the shared ranges: userfaultfd (\(request.faultMode)) on the shared userspace_addr mapping, "
                     + "which KVM reads for every shared gfn", paths: paths)
         case .none, .prefilled:
             throw GuestMemfdMigrationRefusal(missing: "a fault mode",

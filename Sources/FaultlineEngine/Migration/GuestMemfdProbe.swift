@@ -64,6 +64,9 @@ public enum GuestMemfdProbe {
         for slot: UInt32 in 0...2 { try? vm.deleteMemoryRegion(slot: slot) }
         bitmap.deallocate()
         withExtendedLifetime(shared) {}
+        let uffdFeatures = try? Userfaultfd.availableFeatures()
+        r.features.userfaultfdWriteProtect = uffdFeatures?.contains(.wpUnpopulated) ?? false
+        r.notes.append(("userfaultfd UFFD_FEATURE_WP_UNPOPULATED", uffdFeatures.map { $0.contains(.wpUnpopulated) ? "yes" : "no" } ?? "no userfaultfd"))
         // userfaultfd can only register a mapping, and 6.12 cannot map a guest_memfd at all;
         // no kernel here accepts UFFDIO_REGISTER on a guest_memfd mapping (seed 004).
         r.features.userfaultfdOnGuestMemfd = false

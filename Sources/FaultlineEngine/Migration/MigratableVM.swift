@@ -112,12 +112,14 @@ public final class MigratableVM: @unchecked Sendable {
     /// Guest writes seen another way than KVM's dirty log (a guest_memfd RAM slot has none):
     /// userfaultfd write-protect faults on the destination (see UffdPageMapper.tracksWrites).
     public var guestWriteLog: PageBitmap?
+    /// The source's dirty log for a guest_memfd VM's RAM (userfaultfd write-protect).
+    var writeProtectLog: WriteProtectDirtyLog?
     /// Niceness each vCPU thread gives itself when it starts.
     public var startNiceness: Int32 = 0
 
-    /// The guest_memfd behind the RAM memslot of a guest_memfd VM (`guestMemfdRAM`); `ram`
-    /// is then the slot's shared (userspace_addr) view. See MigratableVM+GuestMemfd.swift.
-    public let privateMemory: GuestMemfd?
+    /// The RAM of a guest_memfd VM (`guestMemfdRAM`): its guest_memfd, and `ram` is the
+    /// slot's shared (userspace_addr) view. See MigratableVM+GuestMemfd.swift.
+    public let privateRAM: PrivateMemoryVM?
     /// Ranges of RAM (page offsets into RAM) whose attributes are private.
     public internal(set) var privateRanges = RangeMap<Bool>()
 
@@ -129,16 +131,26 @@ public final class MigratableVM: @unchecked Sendable {
     public init(layout: MachineLayout, backing: MemoryBacking, dirtyLogging: Bool = false, ram prepared: GuestMemoryRegion? = nil,
                 guestMemfdRAM: Bool = false) throws {
         self.layout = layout
-        vm = try KVM().createVM(type: guestMemfdRAM ? .swProtected : .default)
+        if guestMemfdRAM {
+            // Memslot 1 is created here, with KVM_MEM_GUEST_MEMFD, and never changed (6.12
+            // refuses any change to a guest_memfd memslot but its deletion).
+            let privateRAM = try PrivateMemoryVM(kvm: KVM(), gpa: GuestPhysicalAddress(MachineLayout.ramBase), size: layout.ramSize,
+                                                 slot: 1, sharedBacking: backing)
+            vm = privateRAM.vm
+            ram = privateRAM.shared
+            self.privateRAM = privateRAM
+        } else {
+            vm = try KVM().createVM()
+            ram = try prepared ?? GuestMemoryRegion(backing: backing, size: layout.ramSize, vm: vm, label: "guest-ram")
+            privateRAM = nil
+        }
         low = try GuestMemoryRegion(backing: .anonymous, size: MachineLayout.lowSize, label: "guest-low")
-        ram = try prepared ?? GuestMemoryRegion(backing: backing, size: layout.ramSize, vm: vm, label: "guest-ram")
-        privateMemory = guestMemfdRAM ? try vm.createGuestMemfd(size: layout.ramSize, flags: []) : nil
         counters = GuestCounters(vcpus: layout.vcpus)
         threadIDs = .allocate(capacity: layout.vcpus)
         threadIDs.initialize(repeating: 0, count: layout.vcpus)
         try vm.setMemoryRegion(slot: 0, flags: dirtyLogging ? .logDirtyPages : [], guestPhysicalAddress: GuestPhysicalAddress(0),
                                memory: low)
-        try setRAMSlot(dirtyLogging: dirtyLogging && !guestMemfdRAM)
+        if !guestMemfdRAM { try setRAMSlot(dirtyLogging: dirtyLogging) }
         for id in 0..<layout.vcpus { vcpus.append(try vm.createVcpu(id: id)) }
     }
 
@@ -147,10 +159,10 @@ public final class MigratableVM: @unchecked Sendable {
     /// (Re)declares the RAM memslot, turning dirty logging on or off.
     public func setRAMSlot(dirtyLogging: Bool) throws {
         var flags: MemslotFlags = dirtyLogging ? .logDirtyPages : []
-        if privateMemory != nil { flags.insert(.guestMemfd) }
+        if privateRAM != nil { flags.insert(.guestMemfd) }  // a change the kernel refuses: kept honest, not hidden
         try vm.setMemoryRegion(slot: 1, flags: flags,
                                guestPhysicalAddress: GuestPhysicalAddress(MachineLayout.ramBase), memory: ram,
-                               guestMemfd: privateMemory ?? ram.guestMemfd)
+                               guestMemfd: privateRAM?.guestMemfd ?? ram.guestMemfd)
     }
 
     /// Host pointer of a page index of the machine layout.

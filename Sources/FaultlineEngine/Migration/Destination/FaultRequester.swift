@@ -110,7 +110,9 @@ final class FaultRequester: @unchecked Sendable {
                     let page = lowPages + Int(((address.rawValue &- ramBase) & ~4095) / 4096)
                     guard page >= lowPages, page < table.count else { continue }
                     if flags.contains(.writeProtect), let writeLog {
-                        writeLog.insert(page)  // before the write can happen
+                        // Only a vCPU thread's write is the guest's (KVM writes for the guest
+                        // on its vCPU threads); any other writer must show in the digest.
+                        if vcpuForThread(tid) >= 0 { writeLog.insert(page) }  // before the write can happen
                         try uffd.writeProtect(start: HostAddress(rawValue: address.rawValue & ~4095), length: 4096, protect: false)
                         continue
                     }

@@ -21,7 +21,8 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
     let pool: DestinationPool?
     /// Guest writes, for a guest_memfd VM (its RAM slot has no dirty log): every RAM page goes
     /// in write-protected (UFFDIO_COPY_MODE_WP), so the guest's first write to it is a
-    /// write-protect fault the readers note here before they lift the protection.
+    /// write-protect fault the readers note here (when a vCPU thread took it) before they
+    /// lift the protection.
     let writeLog: PageBitmap?
 
     init(vm: MigratableVM, faultMode: FaultMode, topology: UffdTopology, pool: DestinationPool?, writeLog: PageBitmap? = nil) {
