@@ -111,11 +111,21 @@ public final class MigratableVM: @unchecked Sendable {
     public var hostCompletedWrites: PageBitmap?
     /// Niceness each vCPU thread gives itself when it starts.
     public var startNiceness: Int32 = 0
+    /// KVM Userfault: the RAM memslot's userfault bitmap (one bit per RAM page, stored with a
+    /// set bit = missing). The memslot has KVM_MEM_USERFAULT from its creation and keeps it
+    /// (re-declarations for dirty logging carry it over); nil without KVM Userfault.
+    public let userfaultBitmap: PageBitmap?
 
     /// Creates the VM, its memory (RAM with `backing`) and its memslots; no vCPU yet.
-    /// `ram`: guest RAM prepared in advance (it must be `layout.ramSize` bytes).
-    public init(layout: MachineLayout, backing: MemoryBacking, dirtyLogging: Bool = false, ram prepared: GuestMemoryRegion? = nil) throws {
+    /// `ram`: guest RAM prepared in advance (it must be `layout.ramSize` bytes). `userfaultBitmap`:
+    /// a `.setMeansMissing` bitmap of `layout.ramPages` pages, to create the RAM memslot with
+    /// KVM_MEM_USERFAULT (see ``userfaultBitmap``).
+    public init(layout: MachineLayout, backing: MemoryBacking, dirtyLogging: Bool = false, ram prepared: GuestMemoryRegion? = nil,
+                userfaultBitmap: PageBitmap? = nil) throws {
+        precondition(userfaultBitmap.map { $0.count == layout.ramPages && $0.polarity == .setMeansMissing } ?? true,
+                     "a userfault bitmap stores one missing bit per RAM page")
         self.layout = layout
+        self.userfaultBitmap = userfaultBitmap
         vm = try KVM().createVM()
         low = try GuestMemoryRegion(backing: .anonymous, size: MachineLayout.lowSize, label: "guest-low")
         ram = try prepared ?? GuestMemoryRegion(backing: backing, size: layout.ramSize, vm: vm, label: "guest-ram")
@@ -130,11 +140,14 @@ public final class MigratableVM: @unchecked Sendable {
 
     deinit { threadIDs.deallocate() }
 
-    /// (Re)declares the RAM memslot, turning dirty logging on or off.
+    /// (Re)declares the RAM memslot, turning dirty logging on or off (KVM_MEM_USERFAULT and its
+    /// bitmap stay as they were at creation).
     public func setRAMSlot(dirtyLogging: Bool) throws {
-        try vm.setMemoryRegion(slot: 1, flags: dirtyLogging ? .logDirtyPages : [],
+        var flags: MemslotFlags = dirtyLogging ? .logDirtyPages : []
+        if userfaultBitmap != nil { flags.insert(.userfault) }
+        try vm.setMemoryRegion(slot: 1, flags: flags,
                                guestPhysicalAddress: GuestPhysicalAddress(MachineLayout.ramBase), memory: ram,
-                               guestMemfd: ram.guestMemfd)
+                               guestMemfd: ram.guestMemfd, userfaultBitmap: userfaultBitmap.map { UnsafeRawPointer($0.words) })
     }
 
     /// Host pointer of a page index of the machine layout.

@@ -45,6 +45,11 @@ public struct DestinationOptions: Sendable {
 
 public struct DestinationReport: Sendable {
     public var faultMode: FaultMode = .vcpuExit
+    /// vcpu-exit: how faults reached the vCPU threads (uffd-sigbus or kvm-userfault).
+    public var vcpuExitMechanism: VcpuExitMechanism?
+    /// vcpu-exit: faults that came back from KVM_RUN as exits (the rest of `faults`, if any,
+    /// came through userfaultfd: on KVM Userfault, accesses that were not a vCPU's).
+    public var vcpuExitFaults = 0
     public var totalSeconds = 0.0
     public var switchoverMilliseconds = 0.0
     /// Parts of the switch-over (first vCPU state -> running).

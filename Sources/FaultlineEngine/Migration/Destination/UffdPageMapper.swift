@@ -19,6 +19,11 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
     /// RAM with UFFDIO_MOVE (no page allocation, no second copy). Owned by the destination
     /// (it may outlive one attempt), lent here.
     let pool: DestinationPool?
+    /// vcpu-exit on KVM Userfault: the RAM memslot's userfault bitmap (RAM page indices). A page
+    /// is marked present there (its kernel bit cleared, a store-release) only once it is in
+    /// guest memory; a discarded page is marked missing again. The userfaultfd behind it
+    /// (MISSING, no SIGBUS) catches accesses that do not come from a vCPU.
+    let userfault: PageBitmap?
 
     init(vm: MigratableVM, faultMode: FaultMode, topology: UffdTopology, pool: DestinationPool?) {
         self.vm = vm
@@ -26,6 +31,7 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         self.faultMode = faultMode
         self.topology = topology
         self.pool = faultMode == .uffdMinor ? nil : pool
+        self.userfault = faultMode == .vcpuExit ? vm.userfaultBitmap : nil
         pagesPerUffd = vm.layout.ramPages
         zeroPage = .allocate(byteCount: 4096, alignment: 4096)
         zeroPage.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
@@ -37,6 +43,12 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
     }
 
     @inline(__always) func ramOffset(_ page: Int) -> UInt64 { UInt64(page - layout.lowPages) * 4096 }
+
+    /// KVM Userfault: pages `first..<first+count` (layout indices) are in guest memory now.
+    @inline(__always) func markPresent(first page: Int, count: Int) {
+        guard let userfault, page >= layout.lowPages else { return }
+        for i in 0..<count { userfault.insert(page - layout.lowPages + i) }
+    }
 
     public func store(_ page: Int, bytes: UnsafeRawPointer?) throws {
         let source = bytes ?? UnsafeRawPointer(zeroPage)
@@ -55,6 +67,7 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         } else {
             vm.pagePointer(page).copyMemory(from: source, byteCount: 4096)
         }
+        markPresent(first: page, count: 1)
     }
 
     public func discard(_ pages: Range<Int>) throws {
@@ -62,12 +75,13 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         let ram = pages.clamped(to: layout.lowPages..<layout.totalPages)
         guard !ram.isEmpty else { return }
         try vm.ram.discard(offset: ramOffset(ram.lowerBound), length: UInt64(ram.count) * 4096)
+        if let userfault { for page in ram { userfault.remove(page - layout.lowPages) } }  // vCPUs exit there again
     }
 
     public func armFaults() throws {
         guard !armed else { return }
         let features: UffdFeatures = faultMode == .uffdMinor ? [.minorShmem, .threadID]
-            : (faultMode == .vcpuExit ? [.sigbus] : [.threadID])
+            : (faultMode == .vcpuExit && userfault == nil ? [.sigbus] : [.threadID])
         let mode: UffdRegisterMode = faultMode == .uffdMinor ? .minor : .missing
         let count = topology == .perVcpu && faultMode != .vcpuExit ? layout.vcpus : 1
         pagesPerUffd = layout.ramPages / count
@@ -93,8 +107,9 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         let offset = ramOffset(page)
         let uffd = uffds[(page - layout.lowPages) / pagesPerUffd]
         let destination = HostAddress(rawValue: vm.ram.hostAddress.rawValue + offset)
-        // vcpu-exit: the waiting vCPU thread is woken by the installer, not by the kernel.
-        let dontWake = faultMode == .vcpuExit
+        // vcpu-exit: the waiting vCPU thread is woken by the installer, not by the kernel. (On
+        // KVM Userfault a non-vCPU access may sleep in the userfaultfd behind it: wake it.)
+        let dontWake = faultMode == .vcpuExit && userfault == nil
         let outcome: UffdInstallOutcome
         switch faultMode {
         case .uffdMinor:
@@ -113,6 +128,7 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
                 outcome = try uffd.zeroPage(at: destination, length: length, dontWake: dontWake, skippingPresent: 4096)
             }
         }
+        markPresent(first: page, count: count)  // every page of the run is in (skipped ones were mapped by another installer)
         return outcome == .installed
     }
 
