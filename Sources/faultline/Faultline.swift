@@ -70,7 +70,7 @@ func jsonEscape(_ s: String) -> String {
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Benchmarks (JSON with --json).",
-                                                    subcommands: [DemandPaging.self, BenchChaos.self, BenchInstall.self])
+                                                    subcommands: [DemandPaging.self, BenchChaos.self, BenchInstall.self, BenchPreFault.self])
 }
 
 extension FaultMode: ExpressibleByArgument {}
