@@ -56,8 +56,11 @@ public final class PrivateMemoryVM: @unchecked Sendable {
     /// Creates the VM and the region: `size` bytes at `gpa`, in memslot `slot`, all pages
     /// `initiallyPrivate` or shared. `sharedBacking` is `.anonymous` (discarded with
     /// MADV_DONTNEED) or `.memfd` (MADV_REMOVE, which frees the shmem pages).
+    /// `userfaultBitmap` (KVM Userfault kernels): the memslot is created with KVM_MEM_USERFAULT
+    /// and this bitmap (never toggled later: on a guest_memfd memslot that is unsafe).
     public init(kvm: KVM, gpa: GuestPhysicalAddress, size: UInt64, slot: UInt32 = 1,
-                sharedBacking: MemoryBacking = .anonymous, initiallyPrivate: Bool = false) throws {
+                sharedBacking: MemoryBacking = .anonymous, initiallyPrivate: Bool = false,
+                userfaultBitmap: UnsafeRawPointer? = nil) throws {
         if let why = Self.obstacle(kvm) { throw Unavailable(description: why) }
         guard sharedBacking == .anonymous || sharedBacking == .memfd else {
             throw Unavailable(description: "private memory: shared backing \(sharedBacking) is not supported (anonymous or memfd)")
@@ -75,7 +78,8 @@ public final class PrivateMemoryVM: @unchecked Sendable {
         }
         guestMemfd = try vm.createGuestMemfd(size: size, flags: [])
         shared = try GuestMemoryRegion(backing: sharedBacking, size: size, label: "private-region-shared")
-        try vm.setMemoryRegion(slot: slot, flags: .guestMemfd, guestPhysicalAddress: gpa, memory: shared, guestMemfd: guestMemfd)
+        try vm.setMemoryRegion(slot: slot, flags: userfaultBitmap == nil ? .guestMemfd : [.guestMemfd, .userfault],
+                               guestPhysicalAddress: gpa, memory: shared, guestMemfd: guestMemfd, userfaultBitmap: userfaultBitmap)
         if initiallyPrivate { try setAttributes(region, private: true) }
     }
 

@@ -165,35 +165,7 @@ public final class Vcpu: @unchecked Sendable {
         try setSpecialRegisters(s)
     }
 
-    // MARK: pre-fault
-
-    /// The result of KVM_PRE_FAULT_MEMORY over a range: how far it got, and the error that
-    /// stopped it (if any). Partial progress is normal; the error is reported, not hidden.
-    public struct PreFaultOutcome: Sendable {
-        public var bytesMapped: UInt64
-        public var error: SystemError?
-    }
-
-    /// KVM_PRE_FAULT_MEMORY, re-issued until the whole range is mapped or the kernel
-    /// reports an error on what is left (EOPNOTSUPP without TDP - the case here).
-    public func preFault(_ range: GuestMemoryRange) -> PreFaultOutcome {
-        var arg = fl_kvm_pre_fault_memory()
-        arg.gpa = range.start.rawValue
-        arg.size = range.size
-        var mapped: UInt64 = 0
-        while arg.size > 0 {
-            let before = arg.size
-            let rc = fd.ioctl(FL_KVM_PRE_FAULT_MEMORY, &arg)
-            mapped += before - arg.size
-            if rc < 0 {
-                let code = fl_errno()
-                if code == EINTR || code == EAGAIN { continue }
-                let op = "KVM_PRE_FAULT_MEMORY vcpu \(id) gpa 0x\(String(arg.gpa, radix: 16)) size \(arg.size)"
-                return PreFaultOutcome(bytesMapped: mapped, error: SystemError(op, errno: code))
-            }
-        }
-        return PreFaultOutcome(bytesMapped: mapped, error: nil)
-    }
+    // MARK: pre-fault: PreFault.swift
 
     // MARK: kicking
 

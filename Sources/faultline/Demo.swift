@@ -149,7 +149,8 @@ struct Demo: ParsableCommand {
                 if let plan { print(plan.human) }
                 let l = object["fault_latency_us"] as? [String: Double] ?? [:]
                 print("destination (fault mode \(mode): \(modeReason))")
-                print("  faults                \(object["faults"] ?? 0), latency p50 \(l["p50"] ?? 0) us, p90 \(l["p90"] ?? 0) us, "
+                let via = (object["vcpu_exit_via"] as? String).map { " (\(object["vcpu_exit_faults"] ?? 0) as vCPU exits via \($0))" } ?? ""
+                print("  faults                \(object["faults"] ?? 0)\(via), latency p50 \(l["p50"] ?? 0) us, p90 \(l["p90"] ?? 0) us, "
                       + "p99 \(l["p99"] ?? 0) us, max \(l["max"] ?? 0) us")
                 print("  vCPU stall (ms)       \(object["vcpu_stall_ms"] ?? [])")
                 print("  digest_match          \(digestMatch)")

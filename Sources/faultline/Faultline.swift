@@ -72,7 +72,7 @@ func jsonEscape(_ s: String) -> String {
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Benchmarks (JSON with --json).",
-                                                    subcommands: [DemandPaging.self, BenchChaos.self, BenchInstall.self, BenchConversions.self])
+                                                    subcommands: [DemandPaging.self, BenchChaos.self, BenchInstall.self, BenchConversions.self, BenchPreFault.self])
 }
 
 extension FaultMode: ExpressibleByArgument {}

@@ -72,7 +72,8 @@ struct GuestMemfdMigrationTests {
     @Test("a page damaged on the destination after its install fails the digest (it is read from memory)",
           .timeLimit(.minutes(8)))
     func damagedPageFailsDigest() throws {
-        let r = try run(Self.small + ["--vcpus", "1", "--fault-mode", "uffd-missing", "--inject-damage-installed-page", "40"],
+        let r = try run(Self.small + ["--vcpus", "1", "--precopy-rounds", "0", "--fault-mode", "uffd-missing",
+                                      "--inject-damage-installed-page", "40"],
                         timeout: 400)
         #expect(r.status != 0)
         #expect(r.stderr.contains("digest") || r.stdout.contains("\"digest_match\":false"), "\(r.stdout)\n\(r.stderr)")
@@ -92,11 +93,23 @@ struct GuestMemfdMigrationTests {
         #expect(j?["bytes_sent"] == nil)
     }
 
-    @Test("vcpu-exit without KVM Userfault: refused before it starts", .timeLimit(.minutes(4)))
-    func vcpuExitRefusedWithoutKVMUserfault() throws {
-        let r = try run(Self.small + ["--vcpus", "1", "--fault-mode", "vcpu-exit"], timeout: 200)
-        #expect(r.status != 0, "\(r.stdout)\n\(r.stderr)")
-        #expect(r.stderr.contains("KVM Userfault") || r.stderr.contains("KVM_CAP_USERFAULT"), "\(r.stderr)")
-        #expect(!r.stdout.contains("destination pid"), "nothing started")
+    @Test("vcpu-exit: post-copy through KVM Userfault where the kernel has it, else refused before it starts",
+          .timeLimit(.minutes(8)))
+    func vcpuExit() throws {
+        let probe = try run(["probe"], timeout: 120)
+        let kvmUserfault = probe.stdout.split(separator: "\n").contains {
+            $0.contains("KVM_MEM_GUEST_MEMFD | KVM_MEM_USERFAULT memslot") && $0.hasSuffix("accepted")
+        }
+        guard kvmUserfault else {
+            let r = try run(Self.small + ["--vcpus", "1", "--fault-mode", "vcpu-exit"], timeout: 200)
+            #expect(r.status != 0, "\(r.stdout)\n\(r.stderr)")
+            #expect(r.stderr.contains("KVM Userfault") || r.stderr.contains("KVM_CAP_USERFAULT"), "\(r.stderr)")
+            #expect(!r.stdout.contains("destination pid"), "nothing started")
+            return
+        }
+        let j = try expectMigrated(["--vcpus", "2", "--precopy-rounds", "0", "--postcopy", "always", "--fault-mode", "vcpu-exit",
+                                    "--workload", "dirtier"], path: "postcopy-kvm-userfault", postcopy: true)
+        #expect(j?["vcpu_exit_via"] as? String == "kvm-userfault")
+        #expect((j?["vcpu_exit_faults"] as? Int ?? 0) > 0, "vCPUs took KVM Userfault exits")
     }
 }

@@ -116,6 +116,10 @@ public final class MigratableVM: @unchecked Sendable {
     var writeProtectLog: WriteProtectDirtyLog?
     /// Niceness each vCPU thread gives itself when it starts.
     public var startNiceness: Int32 = 0
+    /// KVM Userfault: the RAM memslot's userfault bitmap (one bit per RAM page, stored with a
+    /// set bit = missing). The memslot has KVM_MEM_USERFAULT from its creation and keeps it
+    /// (re-declarations for dirty logging carry it over); nil without KVM Userfault.
+    public let userfaultBitmap: PageBitmap?
 
     /// The RAM of a guest_memfd VM (`guestMemfdRAM`): its guest_memfd, and `ram` is the
     /// slot's shared (userspace_addr) view. See MigratableVM+GuestMemfd.swift.
@@ -124,18 +128,25 @@ public final class MigratableVM: @unchecked Sendable {
     public internal(set) var privateRanges = RangeMap<Bool>()
 
     /// Creates the VM, its memory (RAM with `backing`) and its memslots; no vCPU yet.
-    /// `ram`: guest RAM prepared in advance (it must be `layout.ramSize` bytes).
+    /// `ram`: guest RAM prepared in advance (it must be `layout.ramSize` bytes). `userfaultBitmap`:
+    /// a `.setMeansMissing` bitmap of `layout.ramPages` pages, to create the RAM memslot with
+    /// KVM_MEM_USERFAULT (see ``userfaultBitmap``).
     /// `guestMemfdRAM`: a KVM_X86_SW_PROTECTED_VM whose RAM memslot is a KVM_MEM_GUEST_MEMFD
     /// slot (RAM starts shared; `backing` is its shared view). Its RAM slot never logs dirty
     /// pages (the kernel refuses that on a guest_memfd slot).
     public init(layout: MachineLayout, backing: MemoryBacking, dirtyLogging: Bool = false, ram prepared: GuestMemoryRegion? = nil,
-                guestMemfdRAM: Bool = false) throws {
+                userfaultBitmap: PageBitmap? = nil, guestMemfdRAM: Bool = false) throws {
+        precondition(userfaultBitmap.map { $0.count == layout.ramPages && $0.polarity == .setMeansMissing } ?? true,
+                     "a userfault bitmap stores one missing bit per RAM page")
         self.layout = layout
+        self.userfaultBitmap = userfaultBitmap
         if guestMemfdRAM {
-            // Memslot 1 is created here, with KVM_MEM_GUEST_MEMFD, and never changed (6.12
-            // refuses any change to a guest_memfd memslot but its deletion).
+            // Memslot 1 is created here, with KVM_MEM_GUEST_MEMFD (and KVM_MEM_USERFAULT when
+            // asked), and never changed (6.12 refuses any change to a guest_memfd memslot but
+            // its deletion; toggling KVM_MEM_USERFAULT there is the series' hazard).
             let privateRAM = try PrivateMemoryVM(kvm: KVM(), gpa: GuestPhysicalAddress(MachineLayout.ramBase), size: layout.ramSize,
-                                                 slot: 1, sharedBacking: backing)
+                                                 slot: 1, sharedBacking: backing,
+                                                 userfaultBitmap: userfaultBitmap.map { UnsafeRawPointer($0.words) })
             vm = privateRAM.vm
             ram = privateRAM.shared
             self.privateRAM = privateRAM
@@ -156,13 +167,16 @@ public final class MigratableVM: @unchecked Sendable {
 
     deinit { threadIDs.deallocate() }
 
-    /// (Re)declares the RAM memslot, turning dirty logging on or off.
+    /// (Re)declares the RAM memslot, turning dirty logging on or off (KVM_MEM_USERFAULT and its
+    /// bitmap stay as they were at creation).
     public func setRAMSlot(dirtyLogging: Bool) throws {
         var flags: MemslotFlags = dirtyLogging ? .logDirtyPages : []
         if privateRAM != nil { flags.insert(.guestMemfd) }  // a change the kernel refuses: kept honest, not hidden
+        if userfaultBitmap != nil { flags.insert(.userfault) }
         try vm.setMemoryRegion(slot: 1, flags: flags,
                                guestPhysicalAddress: GuestPhysicalAddress(MachineLayout.ramBase), memory: ram,
-                               guestMemfd: privateRAM?.guestMemfd ?? ram.guestMemfd)
+                               guestMemfd: privateRAM?.guestMemfd ?? ram.guestMemfd,
+                               userfaultBitmap: userfaultBitmap.map { UnsafeRawPointer($0.words) })
     }
 
     /// Host pointer of a page index of the machine layout.

@@ -38,6 +38,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     let faultCPU: Int32?
     /// The switch-over's parts, first vCPU state to running.
     var switchParts = PartClock()
+    /// vcpu-exit: how faults reach the vCPU threads on this kernel (nil in uffd modes).
+    let vcpuExitMechanism: VcpuExitMechanism?
+    /// vcpu-exit: exits for pages that were still missing.
+    let vcpuExitFaults = ManagedAtomic<Int>(0)
 
     init(options: DestinationOptions, destination: MigrationDestination, sessions: SessionAcceptor, prepared: GuestMemoryRegion?) {
         self.options = options
@@ -46,6 +50,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         self.prepared = prepared
         faultCPU = options.faultPathCPU.resolved
         report.faultMode = options.faultMode
+        vcpuExitMechanism = options.faultMode == .vcpuExit
+            ? (options.machineFactory == nil ? FaultModeSelection.vcpuExitMechanism(probe: .current) ?? .sigbusExit : .sigbusExit)
+            : nil
+        report.vcpuExitMechanism = vcpuExitMechanism
     }
 
     // MARK: set-up
@@ -60,11 +68,18 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
             // Dirty logging on the destination: the digest is read back from guest memory,
             // except for pages the guest itself rewrote after they were installed. A guest_memfd
             // RAM slot cannot log: its RAM goes in write-protected and the readers log the writes.
+            // vcpu-exit on KVM Userfault: the RAM memslot is created with KVM_MEM_USERFAULT and a
+            // bitmap that starts with every page missing (docs/design.md, "Fault mode on TDP hosts").
+            if gmem && options.faultMode == .vcpuExit && vcpuExitMechanism != .kvmUserfault {
+                throw DemandPagingConfig.Invalid("vcpu-exit on a guest_memfd VM needs KVM_CAP_USERFAULT (KVM_MEM_USERFAULT), "
+                                                 + "which this kernel does not have")
+            }
+            let userfault = vcpuExitMechanism == .kvmUserfault ? PageBitmap(count: layout.ramPages, polarity: .setMeansMissing) : nil
             let vm = try MigratableVM(layout: layout, backing: options.faultMode == .uffdMinor ? .memfd : .anonymous,
-                                      dirtyLogging: true, ram: ram, guestMemfdRAM: gmem)
+                                      dirtyLogging: true, ram: ram, userfaultBitmap: userfault, guestMemfdRAM: gmem)
             if gmem { vm.guestWriteLog = PageBitmap(count: layout.totalPages) }
             if options.faultMode == .uffdMinor && ram == nil { try vm.ram.allocateFile() }
-            if options.faultMode == .vcpuExit { vm.hostCompletedWrites = PageBitmap(count: layout.totalPages) }
+            if vcpuExitMechanism == .sigbusExit { vm.hostCompletedWrites = PageBitmap(count: layout.totalPages) }
             if options.preallocBytes > 0 && !gmem { destination.preparePool(ramBytes: layout.ramSize) }
             machine = vm
             mapper = try UffdPageMapper.armedForPrecopy(vm: vm, faultMode: options.faultMode, topology: options.uffd,
@@ -262,6 +277,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         report.backgroundPages = installer.backgroundCount.load(ordering: .relaxed)
         report.zeroPages = installer.zeroCount.load(ordering: .relaxed)
         report.faults = book.faults.load(ordering: .relaxed)
+        report.vcpuExitFaults = vcpuExitFaults.load(ordering: .relaxed)
         report.corruptPagesRejected = installer.corruptCount.load(ordering: .relaxed)
         report.bytesReceived = bytesFromClosedChannels + bulk.bytesReceived + fault.bytesReceived
         report.faultLatencyMicroseconds = book.latencyMicroseconds
@@ -299,7 +315,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
             try mapper.armFaults()
             if options.faultMode == .vcpuExit {
                 try requester.startVcpuExitRequester()
-            } else if let uffdMapper = mapper as? UffdPageMapper, let vm = machine as? MigratableVM {
+            }
+            // uffd modes, and the userfaultfd behind KVM Userfault (non-vCPU accesses).
+            if options.faultMode != .vcpuExit || vcpuExitMechanism == .kvmUserfault,
+               let uffdMapper = mapper as? UffdPageMapper, let vm = machine as? MigratableVM {
                 try requester.startReaders(uffdMapper.uffds, perUffd: options.readers, ramBase: vm.ram.hostAddress.rawValue,
                                            lowPages: layout.lowPages, mapper: mapper, writeLog: uffdMapper.writeLog,
                                            vcpuForThread: { [weak vm] in vm?.vcpu(forThread: $0) ?? -1 })
@@ -509,6 +528,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     public func resolveOnVcpu(_ vcpu: Int, ramOffset: UInt64) throws {
         let page = layout.lowPages + Int(ramOffset / 4096)
         if table.installed.contains(page) { return }
+        vcpuExitFaults.wrappingIncrement(ordering: .relaxed)
         let t0 = MonotonicClock.nanoseconds()
         requester.enqueue(page, vcpu: vcpu, time: t0)
         while !table.installed.contains(page) && !stopping.load(ordering: .relaxed) && failures.failure == nil {

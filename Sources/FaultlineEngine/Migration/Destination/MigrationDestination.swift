@@ -43,10 +43,10 @@ public struct DestinationOptions: Sendable {
         guard [.vcpuExit, .uffdMissing, .uffdMinor].contains(faultMode) else {
             throw DemandPagingConfig.Invalid("--fault-mode must be vcpu-exit, uffd-missing or uffd-minor")
         }
-        if guestMemfdVM && faultMode != .uffdMissing {
+        if guestMemfdVM && faultMode == .uffdMinor {
             // No dirty log on a guest_memfd slot: guest writes are tracked by write-protecting
             // the anonymous shared view, which Faultline does for MISSING installs only.
-            throw DemandPagingConfig.Invalid("a guest_memfd VM's destination needs --fault-mode uffd-missing here "
+            throw DemandPagingConfig.Invalid("a guest_memfd VM's destination needs --fault-mode uffd-missing or vcpu-exit (KVM Userfault) "
                 + "(got \(faultMode)): its guest writes are tracked with userfaultfd write-protect on the anonymous shared "
                 + "mapping, since the kernel refuses KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_GUEST_MEMFD memslot")
         }
@@ -55,6 +55,11 @@ public struct DestinationOptions: Sendable {
 
 public struct DestinationReport: Sendable {
     public var faultMode: FaultMode = .vcpuExit
+    /// vcpu-exit: how faults reached the vCPU threads (uffd-sigbus or kvm-userfault).
+    public var vcpuExitMechanism: VcpuExitMechanism?
+    /// vcpu-exit: faults that came back from KVM_RUN as exits (the rest of `faults`, if any,
+    /// came through userfaultfd: on KVM Userfault, accesses that were not a vCPU's).
+    public var vcpuExitFaults = 0
     public var totalSeconds = 0.0
     public var switchoverMilliseconds = 0.0
     /// Parts of the switch-over (first vCPU state -> running).

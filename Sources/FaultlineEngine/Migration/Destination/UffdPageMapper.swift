@@ -24,6 +24,11 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
     /// write-protect fault the readers note here (when a vCPU thread took it) before they
     /// lift the protection.
     let writeLog: PageBitmap?
+    /// vcpu-exit on KVM Userfault: the RAM memslot's userfault bitmap (RAM page indices). A page
+    /// is marked present there (its kernel bit cleared, a store-release) only once it is in
+    /// guest memory; a discarded page is marked missing again. The userfaultfd behind it
+    /// (MISSING, no SIGBUS) catches accesses that do not come from a vCPU.
+    let userfault: PageBitmap?
 
     init(vm: MigratableVM, faultMode: FaultMode, topology: UffdTopology, pool: DestinationPool?, writeLog: PageBitmap? = nil) {
         self.vm = vm
@@ -32,6 +37,7 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         self.faultMode = faultMode
         self.topology = topology
         self.pool = faultMode == .uffdMinor || writeLog != nil ? nil : pool
+        self.userfault = faultMode == .vcpuExit ? vm.userfaultBitmap : nil
         pagesPerUffd = vm.layout.ramPages
         zeroPage = .allocate(byteCount: 4096, alignment: 4096)
         zeroPage.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
@@ -43,6 +49,12 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
     }
 
     @inline(__always) func ramOffset(_ page: Int) -> UInt64 { UInt64(page - layout.lowPages) * 4096 }
+
+    /// KVM Userfault: pages `first..<first+count` (layout indices) are in guest memory now.
+    @inline(__always) func markPresent(first page: Int, count: Int) {
+        guard let userfault, page >= layout.lowPages else { return }
+        for i in 0..<count { userfault.insert(page - layout.lowPages + i) }
+    }
 
     public func store(_ page: Int, bytes: UnsafeRawPointer?) throws {
         let source = bytes ?? UnsafeRawPointer(zeroPage)
@@ -65,6 +77,7 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         } else {
             vm.pagePointer(page).copyMemory(from: source, byteCount: 4096)
         }
+        markPresent(first: page, count: 1)
     }
 
     public func discard(_ pages: Range<Int>) throws {
@@ -72,12 +85,13 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         let ram = pages.clamped(to: layout.lowPages..<layout.totalPages)
         guard !ram.isEmpty else { return }
         try vm.ram.discard(offset: ramOffset(ram.lowerBound), length: UInt64(ram.count) * 4096)
+        if let userfault { for page in ram { userfault.remove(page - layout.lowPages) } }  // vCPUs exit there again
     }
 
     public func armFaults() throws {
         guard !armed else { return }
         let features: UffdFeatures = faultMode == .uffdMinor ? [.minorShmem, .threadID]
-            : (faultMode == .vcpuExit ? [.sigbus] : [.threadID])
+            : (faultMode == .vcpuExit && userfault == nil ? [.sigbus] : [.threadID])
         var mode: UffdRegisterMode = faultMode == .uffdMinor ? .minor : .missing
         if writeLog != nil { mode.insert(.writeProtect) }
         let count = topology == .perVcpu && faultMode != .vcpuExit ? layout.vcpus : 1
@@ -104,8 +118,9 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         let offset = ramOffset(page)
         let uffd = uffds[(page - layout.lowPages) / pagesPerUffd]
         let destination = HostAddress(rawValue: vm.ram.hostAddress.rawValue + offset)
-        // vcpu-exit: the waiting vCPU thread is woken by the installer, not by the kernel.
-        let dontWake = faultMode == .vcpuExit
+        // vcpu-exit: the waiting vCPU thread is woken by the installer, not by the kernel. (On
+        // KVM Userfault a non-vCPU access may sleep in the userfaultfd behind it: wake it.)
+        let dontWake = faultMode == .vcpuExit && userfault == nil
         let outcome: UffdInstallOutcome
         switch faultMode {
         case .uffdMinor:
@@ -131,11 +146,12 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
                         installed = true
                     }
                 }
-                return installed
+                outcome = installed ? .installed : .alreadyPresent
             } else {
                 outcome = try uffd.zeroPage(at: destination, length: length, dontWake: dontWake, skippingPresent: 4096)
             }
         }
+        markPresent(first: page, count: count)  // every page of the run is in (skipped ones were mapped by another installer)
         return outcome == .installed
     }
 
