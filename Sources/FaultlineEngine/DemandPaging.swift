@@ -89,6 +89,16 @@ public final class DemandPagingBenchmark {
 
     static let codeRegionSize: UInt64 = 0x10000
 
+    /// A VM whose slot 0 holds the workload's program (RAM is the caller's slot 1).
+    static func workloadVM(_ workload: GuestWorkload) throws -> VirtualMachine {
+        let machine = try KVM().createVM()
+        let low = try GuestMemoryRegion(backing: .anonymous, size: codeRegionSize, label: "guest-code")
+        let code = try workload.program()
+        code.withUnsafeBytes { low.base.advanced(by: Int(GuestWorkload.codeAddress)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        try machine.setMemoryRegion(slot: 0, guestPhysicalAddress: GuestPhysicalAddress(0), memory: low)
+        return machine
+    }
+
     public func run() throws -> DemandPagingResult {
         let cfg = config
         let total = cfg.totalBytes
@@ -98,15 +108,7 @@ public final class DemandPagingBenchmark {
 
         // KVM objects (kvm backend only). The VM keeps the memory of its memslots alive.
         var vm: VirtualMachine?
-        if backend == .kvm {
-            let kvm = try KVM()
-            let machine = try kvm.createVM()
-            let low = try GuestMemoryRegion(backing: .anonymous, size: Self.codeRegionSize, label: "guest-code")
-            let code = try workload.program()
-            code.withUnsafeBytes { low.base.advanced(by: Int(GuestWorkload.codeAddress)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-            try machine.setMemoryRegion(slot: 0, guestPhysicalAddress: GuestPhysicalAddress(0), memory: low)
-            vm = machine
-        }
+        if backend == .kvm { vm = try Self.workloadVM(workload) }
         let region = try GuestMemoryRegion(backing: backing, size: total, vm: vm)
         switch cfg.mode {
         case .prefilled: region.base.copyMemory(from: source.base, byteCount: Int(total))

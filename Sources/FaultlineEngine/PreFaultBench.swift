@@ -39,17 +39,14 @@ public enum PreFaultBenchmark {
         }
     }
 
-    /// Runs one VM of `bytes` of RAM (one vCPU), pre-faulted or not.
-    public static func run(bytes: UInt64, preFault: Bool) throws -> PreFaultRun {
+    /// Runs one VM of `bytes` of RAM (one vCPU), pre-faulted or not. The RAM is in 4 KiB pages
+    /// (as after a post-copy, which installs page by page) unless `transparentHugePages`.
+    public static func run(bytes: UInt64, preFault: Bool, transparentHugePages: Bool = false) throws -> PreFaultRun {
         let pages = Int(bytes / 4096)
         let workload = try GuestWorkload(pattern: .sequential, pagesPerVcpu: pages)
-        let kvm = try KVM()
-        let vm = try kvm.createVM()
-        let low = try GuestMemoryRegion(backing: .anonymous, size: DemandPagingBenchmark.codeRegionSize, label: "guest-code")
-        let code = try workload.program()
-        code.withUnsafeBytes { low.base.advanced(by: Int(GuestWorkload.codeAddress)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-        try vm.setMemoryRegion(slot: 0, guestPhysicalAddress: GuestPhysicalAddress(0), memory: low)
+        let vm = try DemandPagingBenchmark.workloadVM(workload)
         let ram = try GuestMemoryRegion(backing: .anonymous, size: bytes, label: "guest-ram")
+        if !transparentHugePages { try ram.disableTransparentHugePages() }
         for page in 0..<pages { (ram.base + page * 4096).storeBytes(of: 0xFFFF_FFFF, as: UInt32.self) }  // host pages present
         try vm.setMemoryRegion(slot: 1, guestPhysicalAddress: GuestPhysicalAddress(DemandPagingConfig.ramBase), memory: ram)
         let vcpu = try vm.createVcpu(id: 0)
@@ -90,7 +87,7 @@ public enum PreFaultBenchmark {
         run.touchSeconds = Double(MonotonicClock.nanoseconds() - t0) / 1e9
         let value = GuestWorkload.storeValue(forVcpu: 0)
         run.verified = (0..<pages).allSatisfy { (ram.base + $0 * 4096).load(as: UInt32.self) == value }
-        withExtendedLifetime((vm, low, ram)) {}
+        withExtendedLifetime((vm, ram)) {}
         return run
     }
 }

@@ -11,6 +11,8 @@ struct BenchPreFault: ParsableCommand {
 
     @Option(name: .customLong("mib"), help: "MiB of guest memory per run") var mib = 16
     @Option(help: "Alternating runs of each variant") var runs = 3
+    @Flag(name: .customLong("thp"), help: "Let transparent huge pages back the region (default: 4 KiB pages, as after a post-copy)")
+    var transparentHugePages = false
     @Flag(help: "One JSON line per run and variant") var json = false
 
     func run() {
@@ -20,11 +22,12 @@ struct BenchPreFault: ParsableCommand {
         for r in 0..<max(runs, 1) {
             for preFault in r % 2 == 0 ? [false, true] : [true, false] {
                 let result: PreFaultRun
-                do { result = try PreFaultBenchmark.run(bytes: UInt64(mib) << 20, preFault: preFault) } catch { fail(error) }
+                do { result = try PreFaultBenchmark.run(bytes: UInt64(mib) << 20, preFault: preFault,
+                                                         transparentHugePages: transparentHugePages) } catch { fail(error) }
                 if !result.verified { failed = true }
                 let total = result.preFaultSeconds + result.touchSeconds
                 if json {
-                    print("{\"run\":\(r),\"pre_fault\":\(preFault),\"pages\":\(result.pages),"
+                    print("{\"run\":\(r),\"pre_fault\":\(preFault),\"thp\":\(transparentHugePages),\"pages\":\(result.pages),"
                           + "\"pre_fault_seconds\":\(fmt(result.preFaultSeconds, 6)),\"pre_fault_calls\":\(result.preFaultCalls),"
                           + "\"pre_fault_retries\":\(result.preFaultRetries),\"touch_seconds\":\(fmt(result.touchSeconds, 6)),"
                           + "\"touch_ns_per_page\":\(fmt(result.touchNanosecondsPerPage, 0)),\"total_seconds\":\(fmt(total, 6)),"

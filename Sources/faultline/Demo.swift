@@ -29,6 +29,7 @@ struct Demo: ParsableCommand {
     @Option(name: .customLong("run-after"), help: "Seconds the guest runs on the destination afterwards") var runAfter = 1.0
     @Flag(help: "Also time a plain TCP copy of the same non-zero bytes") var baseline = false
     @Flag(help: "Let the destination populate its memory before the migration starts (QEMU's -mem-prealloc)") var prealloc = false
+    @Flag(name: .customLong("pre-fault"), help: preFaultHelp) var preFault = false
     @Flag(help: "One JSON line with both sides' figures") var json = false
     @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
     @OptionGroup var injection: SourceFaultInjection
@@ -62,6 +63,7 @@ struct Demo: ParsableCommand {
                              "--uffd", uffd.rawValue, "--run-after", String(runAfter), "--accept-seconds", "60",
                              "--fault-cpu", faultCPU.argument]
             if prealloc { arguments += ["--prealloc", String(size)] }
+            if preFault { arguments.append("--pre-fault") }
             if let damagePage { arguments += ["--inject-damage-installed-page", String(damagePage)] }
             if failFaultThread { arguments.append("--inject-fault-thread-failure") }
             child.arguments = arguments
@@ -153,6 +155,14 @@ struct Demo: ParsableCommand {
                 print("  faults                \(object["faults"] ?? 0)\(via), latency p50 \(l["p50"] ?? 0) us, p90 \(l["p90"] ?? 0) us, "
                       + "p99 \(l["p99"] ?? 0) us, max \(l["max"] ?? 0) us")
                 print("  vCPU stall (ms)       \(object["vcpu_stall_ms"] ?? [])")
+                if let pf = object["pre_fault"] as? [String: Any] {
+                    for (key, label) in [("switchover", "at switch-over"), ("after_postcopy", "after post-copy")] {
+                        guard let p = pf[key] as? [String: Any] else { continue }
+                        let error = (p["error"] as? String).map { " - stopped: \($0)" } ?? ""
+                        print("  pre-fault \(label)\(key == "switchover" ? " " : "") \(p["bytes"] ?? 0) bytes in \(p["ms"] ?? 0) ms "
+                              + "(\(p["calls"] ?? 0) calls, \(p["retries"] ?? 0) retried)\(error)")
+                    }
+                }
                 print("  digest_match          \(digestMatch)")
                 print("  guest_check           \(guestCheck ? "green" : "RED") (\(object["guest_mismatches"] ?? 0) mismatches on the destination, "
                       + "\(object["passes_after_migration"] ?? 0) passes after the migration)")

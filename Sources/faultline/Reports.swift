@@ -89,6 +89,7 @@ extension DestinationReport {
         return [
             "\"fault_mode\":\"\(faultMode)\"", "\"fault_mode_reason\":\"\(jsonEscape(faultModeReason))\"",
             "\"vcpu_exit_via\":" + (vcpuExitMechanism.map { "\"\($0.rawValue)\"" } ?? "null"), "\"vcpu_exit_faults\":\(vcpuExitFaults)",
+            "\"pre_fault\":{\"switchover\":\(preFaultJSON(preFaultAtSwitchover)),\"after_postcopy\":\(preFaultJSON(preFaultAfterPostcopy))}",
             "\"switchover_ms\":\(fmt(switchoverMilliseconds, 3))",
             "\"switchover_parts_ms\":{" + switchoverParts.map { "\"\($0.name)\":\(fmt($0.milliseconds, 3))" }.joined(separator: ",") + "}",
             "\"destination_postcopy_seconds\":\(fmt(postcopySeconds, 6))", "\"faults\":\(faults)",
@@ -104,6 +105,12 @@ extension DestinationReport {
             "\"abandoned_attempts\":[" + abandonedAttempts.map { "\"\(jsonEscape($0))\"" }.joined(separator: ",") + "]",
             "\"guest_mismatches\":\(guestMismatches)", "\"passes_after_migration\":\(passesAfterMigration)",
         ]
+    }
+
+    func preFaultJSON(_ s: PreFaultSummary?) -> String {
+        guard let s else { return "null" }
+        return "{\"bytes\":\(s.bytesMapped),\"calls\":\(s.calls),\"retries\":\(s.retries),\"ms\":\(fmt(s.milliseconds, 3)),"
+            + "\"error\":" + (s.error.map { "\"\(jsonEscape($0))\"" } ?? "null") + "}"
     }
 
     func json(faultModeReason: String) -> String {

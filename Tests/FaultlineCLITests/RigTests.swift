@@ -10,6 +10,8 @@ enum Rig {
     static let folder = ProcessInfo.processInfo.environment["FAULTLINE_RIG"].map { URL(fileURLWithPath: $0) }
         ?? root.deletingLastPathComponent().appendingPathComponent("shared/rig")
     static let kernel = folder.appendingPathComponent("bzImage")
+    /// The same kernel with the KVM Userfault series (docs/design.md, "vcpu-exit on KVM Userfault").
+    static let userfaultKernel = folder.appendingPathComponent("bzImage-6.12-userfault")
     static let releaseBinary = root.appendingPathComponent(".build/release/faultline")
 
     static let hasKernel = FileManager.default.fileExists(atPath: kernel.path)
@@ -34,10 +36,11 @@ enum Rig {
        .enabled(if: Rig.releaseBinaryIsCurrent, "the release binary is older than Sources/: run swift build -c release"),
        .enabled(if: getuid() == 0, "the rig runs QEMU as root"))
 struct RigTests {
-    @Test("rig/test: probe, default demo in fault mode auto, vcpu-exit refused up front", .timeLimit(.minutes(20)))
-    func rigChecksPass() throws {
+    /// Runs rig/test (with `arguments`) and returns its exit status and output.
+    static func rigTest(_ arguments: [String] = []) throws -> (Int32, String) {
         let p = Process()
         p.executableURL = Rig.root.appendingPathComponent("rig/test")
+        p.arguments = arguments
         p.currentDirectoryURL = Rig.root
         let out = Pipe()
         p.standardOutput = out
@@ -45,12 +48,30 @@ struct RigTests {
         try p.run()
         let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         p.waitUntilExit()
-        #expect(p.terminationStatus == 0, "rig/test exited \(p.terminationStatus):\n\(text)")
+        return (p.terminationStatus, text)
+    }
+
+    /// Runs rig/test with `arguments`; every check in `checks` passed and auto picked `auto`.
+    static func expectRigChecks(_ arguments: [String], checks: [String], auto: String) throws {
+        let (status, text) = try rigTest(arguments)
+        #expect(status == 0, "rig/test exited \(status):\n\(text)")
         let lines = text.split(whereSeparator: \.isNewline)
-        for check in ["a", "b", "c", "d", "e"] {
+        for check in checks {
             let line = lines.first { $0.hasPrefix("rig check \(check) (") }
             #expect(line?.contains("): ok") == true, "check \(check): \(line ?? "missing")\n\(text)")
         }
-        #expect(text.contains("auto picks uffd-missing"), "\(text)")
+        #expect(text.contains("auto picks \(auto)"), "\(text)")
+    }
+
+    @Test("rig/test on the KVM Userfault kernel: vcpu-exit works through KVM Userfault (bench, post-copy demo), auto picks it",
+          .enabled(if: FileManager.default.fileExists(atPath: Rig.userfaultKernel.path), "no ../shared/rig/bzImage-6.12-userfault"),
+          .timeLimit(.minutes(20)))
+    func rigChecksPassOnKVMUserfault() throws {
+        try Self.expectRigChecks(["--kernel", Rig.userfaultKernel.path], checks: ["a", "b", "f", "g", "h"], auto: "vcpu-exit")
+    }
+
+    @Test("rig/test: probe, default demo in fault mode auto, vcpu-exit refused up front", .timeLimit(.minutes(20)))
+    func rigChecksPass() throws {
+        try Self.expectRigChecks([], checks: ["a", "b", "c", "d", "e"], auto: "uffd-missing")
     }
 }

@@ -326,6 +326,21 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         }
         try startFaultReceiver()
         switchPart("fault_path")
+        if options.preFault, let vm = machine as? MigratableVM {
+            // The installed RAM pages, into KVM's page tables before the guest touches them.
+            var installed: [Range<Int>] = []
+            var runStart = -1
+            for page in layout.lowPages...layout.totalPages {
+                let present = page < layout.totalPages && table.installed.contains(page)
+                if present && runStart < 0 { runStart = page }
+                if !present && runStart >= 0 {
+                    installed.append((runStart - layout.lowPages)..<(page - layout.lowPages))
+                    runStart = -1
+                }
+            }
+            report.preFaultAtSwitchover = vm.preFaultRAM(installed, through: vm.vcpus[0])
+            switchPart("pre_fault")
+        }
     }
 
     func startGuest() throws {
@@ -475,6 +490,17 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         // Unregistering then wakes any vCPU still queued on a fault; every page is present.
         requester.stop()
         mapper.disarmFaults()
+        if options.preFault, let vm = machine as? MigratableVM {
+            // Every page is in: all of RAM into KVM's page tables, through a vCPU of its own
+            // (the guest's vCPUs are in KVM_RUN).
+            do {
+                report.preFaultAfterPostcopy = vm.preFaultRAM([0..<layout.ramPages], through: try vm.makePreFaultVcpu())
+            } catch {
+                var failed = PreFaultSummary()
+                failed.error = "\(error)"
+                report.preFaultAfterPostcopy = failed
+            }
+        }
     }
 
     // MARK: verification

@@ -21,6 +21,10 @@ public struct DestinationOptions: Sendable {
     /// pre-populated pool (when the kernel has MOVE). Without it every page goes in with
     /// UFFDIO_COPY (the kernel allocates it; nothing is populated up front).
     public var usePool = true
+    /// KVM_PRE_FAULT_MEMORY (TDP hosts): map the installed pages into KVM's page tables at the
+    /// switch-over (before the vCPUs start) and all of RAM at the end of post-copy, ahead of
+    /// the guest's first touches. Reported, never fatal (EOPNOTSUPP without TDP).
+    public var preFault = false
     /// Populate this much memory before the source connects (like QEMU's -mem-prealloc).
     public var preallocBytes: UInt64 = 0
     /// The CPU the fault-path threads share (requests out, replies in, uffd readers).
@@ -60,6 +64,9 @@ public struct DestinationReport: Sendable {
     /// vcpu-exit: faults that came back from KVM_RUN as exits (the rest of `faults`, if any,
     /// came through userfaultfd: on KVM Userfault, accesses that were not a vCPU's).
     public var vcpuExitFaults = 0
+    /// With `preFault`: KVM_PRE_FAULT_MEMORY at the switch-over and at the end of post-copy.
+    public var preFaultAtSwitchover: PreFaultSummary?
+    public var preFaultAfterPostcopy: PreFaultSummary?
     public var totalSeconds = 0.0
     public var switchoverMilliseconds = 0.0
     /// Parts of the switch-over (first vCPU state -> running).
