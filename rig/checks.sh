@@ -20,6 +20,9 @@ elif ! grep -q "^Migration --fault-mode auto: " "$out"; then flunk "a (probe)" "
 else pass "a (probe)" "$(took "$t") s; vCPU fault on missing RAM: $(sed -n 's/^  vCPU fault on missing RAM *\(.*[^ ]\) *(userfaultfd.*/\1/p' "$out"); auto picks $(sed -n 's/^Migration --fault-mode auto: \([a-z-]*\).*/\1/p' "$out")"
 fi
 auto=$(sed -n 's/^Migration --fault-mode auto: \([a-z-]*\).*/\1/p' "$out")
+# KVM Userfault: the memslot flag is accepted (the probe tries it; the capability number is not used).
+userfault=no; grep -q "^  KVM_MEM_USERFAULT *yes" "$out" && userfault=yes
+mechanism=$(sed -n 's/^  vcpu-exit mechanism *\([a-z-]*\).*/\1/p' "$out")
 
 # (b) the default demo (fault mode auto) migrates with matching digests and a green guest.
 t=$(clock)
@@ -28,7 +31,7 @@ elif ! grep -q "fault mode $auto (auto: " "$out"; then flunk "b (demo, default f
 else pass "b (demo --memory 32M, default fault mode)" "$(took "$t") s in fault mode $auto"
 fi
 
-# (c)-(e) vcpu-exit cannot work with TDP: refused with the reason before anything starts.
+# (c)-(e) vcpu-exit cannot work with TDP (without KVM Userfault): refused with the reason before anything starts.
 refused() {  # label, expected stderr text, command...
   label=$1 text=$2; shift 2
   if [ "$auto" = vcpu-exit ]; then echo "rig check $label: skipped - vcpu-exit works on this kernel"; return; fi
@@ -46,6 +49,53 @@ refused "d (receive --fault-mode vcpu-exit refused before listening)" "--fault-m
   "$bin" receive --listen 127.0.0.1:0 --fault-mode vcpu-exit --accept-seconds 5
 refused "e (bench demand-paging --mode vcpu-exit refused)" "--mode vcpu-exit cannot work on this kernel" \
   "$bin" bench demand-paging --mode vcpu-exit --vcpus 2 --mem-per-vcpu 8
+
+# (f)-(h) on a kernel with KVM Userfault, vcpu-exit works through it instead of being refused.
+if [ "$userfault" = yes ]; then
+  t=$(clock)
+  if [ "$mechanism" != kvm-userfault ] || [ "$auto" != vcpu-exit ]; then
+    flunk "f (KVM Userfault kernel: vcpu-exit via kvm-userfault)" "KVM_MEM_USERFAULT is accepted, but the probe says mechanism '$mechanism', auto '$auto'"
+  else pass "f (KVM Userfault kernel: vcpu-exit via kvm-userfault, auto picks it)"
+  fi
+  t=$(clock)
+  if ! "$bin" bench demand-paging --mode vcpu-exit --vcpus 2 --mem-per-vcpu 4 --json >"$out" 2>"$err"; then
+    flunk "g (bench demand-paging --mode vcpu-exit on KVM Userfault)" "exit status $?"
+  elif ! grep -q '"vcpu_exit_via":"kvm-userfault","uffd_fallback_faults":0' "$out" || ! grep -q '"bad_pages":0,"checksum_failures":0' "$out"; then
+    flunk "g (bench demand-paging --mode vcpu-exit on KVM Userfault)" "not every page verified through KVM Userfault exits"
+  else pass "g (bench demand-paging --mode vcpu-exit, 2 vCPUs x 4 MiB)" "$(took "$t") s; every page verified; $(sed -n 's/.*"pages_per_sec":\([0-9]*\).*/\1/p' "$out") pages/s; all faults KVM Userfault exits"
+  fi
+  t=$(clock)
+  if ! "$bin" demo --memory 32M --fault-mode vcpu-exit --precopy-rounds 0 --postcopy always --workload dirtier --json >"$out" 2>"$err"; then
+    flunk "h (demo --fault-mode vcpu-exit, post-copy on KVM Userfault)" "exit status $?"
+  elif ! grep -q '"vcpu_exit_via":"kvm-userfault"' "$out" || ! grep -q '"digest_match":true' "$out" || ! grep -q '"guest_check":true' "$out"; then
+    flunk "h (demo --fault-mode vcpu-exit, post-copy on KVM Userfault)" "no digest match / green guest through kvm-userfault"
+  elif grep -q '"vcpu_exit_faults":0[,}]' "$out"; then
+    flunk "h (demo --fault-mode vcpu-exit, post-copy on KVM Userfault)" "no vCPU took a KVM Userfault exit"
+  else pass "h (demo --fault-mode vcpu-exit --postcopy always, 32 MiB)" "$(took "$t") s; digest match, guest green; $(sed -n 's/.*"vcpu_exit_faults":\([0-9]*\).*/\1/p' "$out") faults as KVM Userfault exits"
+  fi
+fi
+
+# (i)-(j) a guest_memfd VM (KVM_X86_SW_PROTECTED_VM): pre-copy with userfaultfd write-protect
+#     as the dirty log, then post-copy in the auto fault mode (userfaultfd; KVM Userfault on
+#     its kernel); private pages refused before anything starts, naming guest_memfd mmap.
+if "$bin" probe 2>/dev/null | grep -q "^  path stop-and-copy .*yes"; then
+  t=$(clock)
+  if ! "$bin" demo --vm-type sw-protected --memory 16M --vcpus 1 --json >"$out" 2>"$err"; then
+    flunk "i (demo --vm-type sw-protected)" "exit status $?"
+  elif ! grep -q '"digest_match":true' "$out" || ! grep -q '"guest_check":true' "$out" || ! grep -q '"precopy_pages":[1-9]' "$out"; then
+    flunk "i (demo --vm-type sw-protected)" "no digest match / green guest / pre-copy"
+  else pass "i (demo --vm-type sw-protected, 16 MiB)" "$(took "$t") s; path $(sed -n 's/.*"migration_path":"\([a-z-]*\)".*/\1/p' "$out"), digest match, guest green"
+  fi
+  t=$(clock)
+  "$bin" demo --vm-type sw-protected --memory 16M --vcpus 1 --private-pages 8 --json >"$out" 2>"$err"; rc=$?
+  if [ $rc -ne 5 ]; then flunk "j (private pages refused)" "exit status $rc, expected 5"
+  elif ! grep -qF "guest_memfd mmap (GUEST_MEMFD_FLAG_MMAP)" "$err"; then flunk "j (private pages refused)" "stderr does not name guest_memfd mmap"
+  elif grep -q "destination pid" "$out"; then flunk "j (private pages refused)" "it started before refusing"
+  else pass "j (demo --private-pages 8 refused)" "$(took "$t") s; exit 5 before starting"
+  fi
+else
+  echo "rig check i: skipped - no KVM_X86_SW_PROTECTED_VM"
+fi
 
 rm -f "$out" "$err"
 echo "rig checks: $failed failed, $(took "$begin") s inside the rig"

@@ -101,7 +101,8 @@ public struct DemandPagingConfig: Sendable, Equatable {
             throw Invalid("userfaultfd cannot register a guest_memfd mapping on this kernel (UFFDIO_REGISTER: EINVAL); "
                           + "guest-memfd post-copy needs KVM Userfault, which is not upstream")
         case (.vcpuExit, .guestMemfd):
-            throw Invalid("vcpu-exit on guest-memfd needs KVM Userfault (KVM_MEM_USERFAULT), which this kernel does not have")
+            throw Invalid("vcpu-exit installs pages through the userspace mapping, and guest_memfd has none here "
+                          + "(no guest_memfd mmap in 6.12): use --backing anonymous")
         case (.vcpuExit, .memfd), (.vcpuExit, .hugetlb):
             throw Invalid("vcpu-exit installs pages with UFFDIO_COPY and needs --backing anonymous")
         default: break

@@ -3,21 +3,52 @@ import Atomics
 /// One bit per guest page, safe to read and update from any thread (vCPU threads,
 /// uffd readers, the background receiver) without locks.
 ///
-/// This is the "userfault bitmap" of the KVM Userfault proposal, inverted: a set bit
-/// means the page is present. Words are 64-bit, bit `i % 64` of word `i / 64` is page
-/// `i` - the layout of every kernel bitmap (dirty log, the proposed userfault_bitmap), so
-/// `words` can be handed to the kernel as is.
+/// Words are 64-bit, bit `i % 64` of word `i / 64` is page `i` - the layout of every kernel
+/// bitmap (dirty log, KVM Userfault's userfault_bitmap), so `words` can be handed to the
+/// kernel as is. The API is always "set = page present"; how the bits are *stored* is
+/// ``Polarity``: `.setMeansPresent` (plain), or `.setMeansMissing`, the polarity of KVM
+/// Userfault's `userfault_bitmap` (a set bit makes a vCPU touching the page exit). A
+/// `.setMeansMissing` bitmap is the userfault bitmap itself: `insert` (page present) clears
+/// the kernel's bit with a store-release, after the page was installed.
 public final class PageBitmap: @unchecked Sendable {
+    /// How a page's state is stored in `words`.
+    public enum Polarity: Sendable {
+        /// A stored 1 means present (starts all missing = all 0).
+        case setMeansPresent
+        /// A stored 1 means missing (KVM Userfault's userfault_bitmap; starts all 1 for the
+        /// `count` pages, 0 past them).
+        case setMeansMissing
+    }
+
     public let count: Int
     public let wordCount: Int
+    public let polarity: Polarity
     @usableFromInline let storage: UnsafeMutablePointer<UInt64.AtomicRepresentation>
+    /// XORed into a stored word to get the logical (set = present) word.
+    @usableFromInline let flip: UInt64
 
-    public init(count: Int) {
+    public init(count: Int, polarity: Polarity = .setMeansPresent) {
         precondition(count >= 0, "bitmap size must not be negative")
         self.count = count
         self.wordCount = (count + 63) / 64
+        self.polarity = polarity
+        flip = polarity == .setMeansMissing ? ~0 : 0
         storage = .allocate(capacity: max(wordCount, 1))
         storage.initialize(repeating: UInt64.AtomicRepresentation(0), count: max(wordCount, 1))
+        if polarity == .setMeansMissing {
+            for w in 0..<wordCount { word(w).store(Self.validMask(word: w, count: count), ordering: .relaxed) }
+        }
+    }
+
+    /// The bits of word `w` that are pages (all but the tail of the last word).
+    @inlinable static func validMask(word w: Int, count: Int) -> UInt64 {
+        let bits = count - w * 64
+        return bits >= 64 ? ~0 : (bits <= 0 ? 0 : (1 << UInt64(bits)) - 1)
+    }
+
+    /// Word `w` as "set = present", bits past `count` clear.
+    @inlinable func logicalWord(_ w: Int) -> UInt64 {
+        (word(w).load(ordering: .relaxed) ^ flip) & Self.validMask(word: w, count: count)
     }
 
     deinit { storage.deallocate() }
@@ -31,14 +62,19 @@ public final class PageBitmap: @unchecked Sendable {
 
     @inlinable public func contains(_ page: Int) -> Bool {
         precondition(page >= 0 && page < count, "page \(page) outside bitmap of \(count)")
-        return word(page >> 6).load(ordering: .acquiring) & (1 << UInt64(page & 63)) != 0
+        return (word(page >> 6).load(ordering: .acquiring) ^ flip) & (1 << UInt64(page & 63)) != 0
     }
 
     /// Sets the bit; returns true if this call set it (false if it was already set).
+    /// With `.setMeansMissing` this clears the stored bit (a release: everything written to
+    /// the page before is visible to whoever sees the bit clear, the kernel included).
     @discardableResult
     @inlinable public func insert(_ page: Int) -> Bool {
         precondition(page >= 0 && page < count, "page \(page) outside bitmap of \(count)")
         let mask: UInt64 = 1 << UInt64(page & 63)
+        if flip != 0 {
+            return word(page >> 6).loadThenBitwiseAnd(with: ~mask, ordering: .acquiringAndReleasing) & mask != 0
+        }
         let old = word(page >> 6).loadThenBitwiseOr(with: mask, ordering: .acquiringAndReleasing)
         return old & mask == 0
     }
@@ -48,6 +84,9 @@ public final class PageBitmap: @unchecked Sendable {
     public func remove(_ page: Int) -> Bool {
         precondition(page >= 0 && page < count, "page \(page) outside bitmap of \(count)")
         let mask: UInt64 = 1 << UInt64(page & 63)
+        if flip != 0 {
+            return word(page >> 6).loadThenBitwiseOr(with: mask, ordering: .acquiringAndReleasing) & mask == 0
+        }
         let old = word(page >> 6).loadThenBitwiseAnd(with: ~mask, ordering: .acquiringAndReleasing)
         return old & mask != 0
     }
@@ -61,7 +100,7 @@ public final class PageBitmap: @unchecked Sendable {
     /// bounce one cache line between every vCPU).
     public var populationCount: Int {
         var n = 0
-        for w in 0..<wordCount { n += word(w).load(ordering: .relaxed).nonzeroBitCount }
+        for w in 0..<wordCount { n += logicalWord(w).nonzeroBitCount }
         return n
     }
     public var isFull: Bool { populationCount == count }
@@ -77,7 +116,7 @@ public final class PageBitmap: @unchecked Sendable {
     private func scanClear(from: Int, to: Int) -> Int? {
         var page = from
         while page < to {
-            let w = ~word(page >> 6).load(ordering: .relaxed) >> UInt64(page & 63)
+            let w = ~logicalWord(page >> 6) >> UInt64(page & 63)
             if w != 0 {
                 let hit = page + w.trailingZeroBitCount
                 return hit < to ? hit : nil
@@ -90,7 +129,9 @@ public final class PageBitmap: @unchecked Sendable {
     /// A copy of the bits of `other` (of the same count), a word at a time.
     public func copyBits(from other: PageBitmap) {
         precondition(other.count == count, "bitmaps of \(other.count) and \(count) pages")
-        for w in 0..<wordCount { word(w).store(other.word(w).load(ordering: .relaxed), ordering: .relaxed) }
+        for w in 0..<wordCount {
+            word(w).store((other.logicalWord(w) ^ flip) & Self.validMask(word: w, count: count), ordering: .relaxed)
+        }
     }
 
     /// Calls `body` with each maximal run of clear bits (pages still missing).
@@ -99,10 +140,10 @@ public final class PageBitmap: @unchecked Sendable {
         while let start = scanClear(from: page, to: count) {
             var end = start + 1
             // Whole clear words at a time, then bit by bit.
-            while end < count && end % 64 == 0 && end + 64 <= count && word(end / 64).load(ordering: .relaxed) == 0 { end += 64 }
+            while end < count && end % 64 == 0 && end + 64 <= count && logicalWord(end / 64) == 0 { end += 64 }
             while end < count && !contains(end) {
                 end += 1
-                while end % 64 == 0 && end + 64 <= count && word(end / 64).load(ordering: .relaxed) == 0 { end += 64 }
+                while end % 64 == 0 && end + 64 <= count && logicalWord(end / 64) == 0 { end += 64 }
             }
             try body(start..<end)
             page = end
@@ -112,7 +153,7 @@ public final class PageBitmap: @unchecked Sendable {
     /// Calls `body` with every set bit, in ascending order.
     public func forEachSetPage(_ body: (Int) throws -> Void) rethrows {
         for w in 0..<wordCount {
-            var v = word(w).load(ordering: .relaxed)
+            var v = logicalWord(w)
             while v != 0 {
                 let page = w * 64 + v.trailingZeroBitCount
                 v &= v - 1

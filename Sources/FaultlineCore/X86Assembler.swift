@@ -96,6 +96,16 @@ public struct X86Assembler: Sendable {
     /// `mov dst, [base]` (`8B /r`): loads the 32-bit word at the address held in `base`.
     public mutating func load(_ dst: Register32, from base: Register32) { emitIndirect(0x8B, reg: dst, base: base) }
 
+    /// `mov [base + displacement], src` (`89 /r` with disp8 or disp32).
+    public mutating func store(_ src: Register32, to base: Register32, displacement: Int32) {
+        emitIndirect(0x89, reg: src, base: base, displacement: displacement)
+    }
+
+    /// `mov dst, [base + displacement]` (`8B /r` with disp8 or disp32).
+    public mutating func load(_ dst: Register32, from base: Register32, displacement: Int32) {
+        emitIndirect(0x8B, reg: dst, base: base, displacement: displacement)
+    }
+
     // MARK: Arithmetic and logic
 
     /// `add dst, imm32` (`81 /0 id`, or `83 /0 ib` with ``prefersShortImmediates``).
@@ -154,6 +164,10 @@ public struct X86Assembler: Sendable {
     public mutating func outDX() { emit([0xEF]) }
     /// `hlt` (`F4`).
     public mutating func hlt() { emit([0xF4]) }
+    /// `vmcall` (`0F 01 C1`): the hypercall instruction on Intel (VMX).
+    public mutating func vmcall() { emit([0x0F, 0x01, 0xC1]) }
+    /// `vmmcall` (`0F 01 D9`): the hypercall instruction on AMD (SVM).
+    public mutating func vmmcall() { emit([0x0F, 0x01, 0xD9]) }
 
     // MARK: Assembly
 
@@ -255,6 +269,17 @@ public struct X86Assembler: Sendable {
         case .ebp: emit([opcode, Self.modRM(1, reg.rawValue, 5), 0x00])
         default: emit([opcode, Self.modRM(0, reg.rawValue, base.rawValue)])
         }
+    }
+
+    /// `opcode` with a `[base + disp]` operand: mod 01 (disp8) when it fits, else mod 10
+    /// (disp32); `esp` as a base needs the SIB byte `24`.
+    private mutating func emitIndirect(_ opcode: UInt8, reg: Register32, base: Register32, displacement: Int32) {
+        let short = Int8(exactly: displacement)
+        let mod: UInt8 = short != nil ? 1 : 2
+        var bytes = [opcode, Self.modRM(mod, reg.rawValue, base == .esp ? 4 : base.rawValue)]
+        if base == .esp { bytes.append(0x24) }
+        if let short { bytes.append(UInt8(bitPattern: short)) } else { bytes += Self.littleEndian(UInt32(bitPattern: displacement)) }
+        emit(bytes)
     }
 
     private mutating func emitGroup1(extension ext: UInt8, _ dst: Register32, _ imm: UInt32) {

@@ -17,6 +17,11 @@ public struct DemandPagingResult: Sendable {
     /// Fault service latency in microseconds (fault seen -> page installed): p50, p90, p99, max.
     public var latencyMicroseconds: (p50: Double, p90: Double, p99: Double, max: Double)
     public var faultsMeasured: UInt64
+    /// vcpu-exit: how faults reached the vCPU threads (nil in other modes).
+    public var vcpuExitMechanism: VcpuExitMechanism?
+    /// vcpu-exit on KVM Userfault: faults that came through the userfaultfd behind it (accesses
+    /// the userfault bitmap did not catch; 0 when every fault was a KVM Userfault exit).
+    public var uffdFallbackFaults = 0
 
     public var pagesPerSecondPerVcpu: Double { Double(pages) / Double(config.vcpus) / seconds }
     public var pagesPerSecond: Double { Double(pages) / seconds }
@@ -60,18 +65,39 @@ final class RunControl: @unchecked Sendable {
 public final class DemandPagingBenchmark {
     public let config: DemandPagingConfig
     public let backend: ExecutionBackend
+    /// vcpu-exit: how faults reach the vCPU threads here (nil in other modes).
+    public let vcpuExitMechanism: VcpuExitMechanism?
 
-    public init(config: DemandPagingConfig) throws {
+    /// `probe`: what this kernel does with a vCPU fault (this process's probe by default).
+    public init(config: DemandPagingConfig, probe: @autoclosure () -> VcpuFaultProbe = .current) throws {
         try config.validate()
-        // Refused up front where KVM_RUN cannot say which page a vCPU fault wants (TDP).
-        if config.backend == .kvm && config.mode == .vcpuExit {
-            _ = try FaultModeSelection.resolve(requested: .explicit(.vcpuExit), option: "--mode", offerAuto: false)
+        var mechanism: VcpuExitMechanism?
+        if config.mode == .vcpuExit {
+            mechanism = .sigbusExit  // software vCPUs: SIGBUS on the faulting thread
+            if config.backend == .kvm {
+                // Refused up front where KVM_RUN cannot say which page a vCPU fault wants (TDP
+                // without KVM Userfault).
+                let p = probe()
+                _ = try FaultModeSelection.resolve(requested: .explicit(.vcpuExit), option: "--mode", offerAuto: false, probe: p)
+                mechanism = FaultModeSelection.vcpuExitMechanism(probe: p)
+            }
         }
         self.config = config
         self.backend = config.backend
+        self.vcpuExitMechanism = mechanism
     }
 
     static let codeRegionSize: UInt64 = 0x10000
+
+    /// A VM whose slot 0 holds the workload's program (RAM is the caller's slot 1).
+    static func workloadVM(_ workload: GuestWorkload) throws -> VirtualMachine {
+        let machine = try KVM().createVM()
+        let low = try GuestMemoryRegion(backing: .anonymous, size: codeRegionSize, label: "guest-code")
+        let code = try workload.program()
+        code.withUnsafeBytes { low.base.advanced(by: Int(GuestWorkload.codeAddress)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        try machine.setMemoryRegion(slot: 0, guestPhysicalAddress: GuestPhysicalAddress(0), memory: low)
+        return machine
+    }
 
     public func run() throws -> DemandPagingResult {
         let cfg = config
@@ -82,28 +108,25 @@ public final class DemandPagingBenchmark {
 
         // KVM objects (kvm backend only). The VM keeps the memory of its memslots alive.
         var vm: VirtualMachine?
-        if backend == .kvm {
-            let kvm = try KVM()
-            let machine = try kvm.createVM()
-            let low = try GuestMemoryRegion(backing: .anonymous, size: Self.codeRegionSize, label: "guest-code")
-            let code = try workload.program()
-            code.withUnsafeBytes { low.base.advanced(by: Int(GuestWorkload.codeAddress)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-            try machine.setMemoryRegion(slot: 0, guestPhysicalAddress: GuestPhysicalAddress(0), memory: low)
-            vm = machine
-        }
+        if backend == .kvm { vm = try Self.workloadVM(workload) }
         let region = try GuestMemoryRegion(backing: backing, size: total, vm: vm)
         switch cfg.mode {
         case .prefilled: region.base.copyMemory(from: source.base, byteCount: Int(total))
         case .uffdMinor: try region.allocateFile()
         default: break
         }
+        // KVM Userfault: the resolver's page bitmap is the memslot's userfault bitmap (stored
+        // with a set bit = missing; installing a page clears its bit with a store-release).
+        let kvmUserfault = vm != nil && vcpuExitMechanism == .kvmUserfault
+        let present = PageBitmap(count: Int(total / backing.pageSize), polarity: kvmUserfault ? .setMeansMissing : .setMeansPresent)
         if let vm {
-            try vm.setMemoryRegion(slot: 1, flags: backing == .guestMemfd ? .guestMemfd : [],
+            var flags: MemslotFlags = backing == .guestMemfd ? .guestMemfd : []
+            if kvmUserfault { flags.insert(.userfault) }  // set at creation, never toggled
+            try vm.setMemoryRegion(slot: 1, flags: flags,
                                    guestPhysicalAddress: GuestPhysicalAddress(DemandPagingConfig.ramBase), memory: region,
-                                   guestMemfd: region.guestMemfd)
+                                   guestMemfd: region.guestMemfd, userfaultBitmap: kvmUserfault ? UnsafeRawPointer(present.words) : nil)
         }
 
-        let present = PageBitmap(count: Int(total / backing.pageSize))
         let resolver = FaultResolver(region: region, source: source, present: present,
                                      method: cfg.mode == .uffdMinor ? .writeThenContinue : .copy)
         let control = RunControl()
@@ -116,6 +139,7 @@ public final class DemandPagingBenchmark {
             switch (cfg.mode, backing) {
             case (.uffdMinor, .hugetlb): features = .minorHugetlbfs; mode = .minor
             case (.uffdMinor, _): features = .minorShmem; mode = .minor
+            case (.vcpuExit, _) where kvmUserfault: break
             case (.vcpuExit, _): features = .sigbus
             case (_, .hugetlb): features = .missingHugetlbfs
             case (_, .memfd): features = .missingShmem
@@ -143,6 +167,16 @@ public final class DemandPagingBenchmark {
         let stop = try EventFD()  // each reader holds it: it is closed after the last one ends
         var readerStates: [FaultThreadState] = []
         var readers: [OSThread] = []
+        // KVM Userfault: one reader on the userfaultfd behind it (non-vCPU accesses).
+        var fallbackStates: [FaultThreadState] = []
+        if kvmUserfault, let (uffd, _, _) = uffds.first {
+            let state = FaultThreadState(pageSize: Int(backing.pageSize))
+            fallbackStates.append(state)
+            readers.append(try OSThread(name: "uffd fallback reader") {
+                try? KickSignal.blockInCurrentThread()
+                Self.readerLoop(uffd: uffd, stopFD: stop.fd, resolver: resolver, state: state, control: control)
+            })
+        }
         if cfg.mode.hasReaders {
             for (index, entry) in uffds.enumerated() {
                 for r in 0..<cfg.readers {
@@ -206,7 +240,7 @@ public final class DemandPagingBenchmark {
         var merged = Histogram<UInt32>(lowestDiscernibleValue: 1, highestTrackableValue: 120_000_000_000,
                                        numberOfSignificantValueDigits: .two)
         var resolved = 0, raced = 0
-        for s in readerStates + vcpuStates {
+        for s in readerStates + fallbackStates + vcpuStates {
             merged.add(s.latency)
             resolved += s.resolved
             raced += s.raced
@@ -216,7 +250,8 @@ public final class DemandPagingBenchmark {
             config: cfg, backend: backend, seconds: elapsed, pages: Int(total / 4096), resolved: resolved, raced: raced,
             badPages: bad, checksumFailures: checksumFailures,
             latencyMicroseconds: merged.totalCount == 0 ? (0, 0, 0, 0) : (us(50), us(90), us(99), Double(merged.max) / 1000),
-            faultsMeasured: merged.totalCount)
+            faultsMeasured: merged.totalCount, vcpuExitMechanism: vcpuExitMechanism,
+            uffdFallbackFaults: fallbackStates.reduce(0) { $0 + $1.resolved + $1.raced })
     }
 
     // MARK: handler threads

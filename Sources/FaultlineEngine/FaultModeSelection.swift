@@ -34,6 +34,20 @@ public enum FaultModeChoice: Equatable, Sendable, CustomStringConvertible {
     public var description: String { argument }
 }
 
+/// How a vcpu-exit fault reaches userspace on this kernel (docs/design.md, "Fault mode on TDP
+/// hosts").
+public enum VcpuExitMechanism: String, Sendable, Equatable {
+    /// Guest RAM under userfaultfd with UFFD_FEATURE_SIGBUS: on shadow paging KVM turns the
+    /// failed access into an MMIO exit at the page, which the vCPU thread completes itself.
+    case sigbusExit = "uffd-sigbus"
+    /// KVM Userfault: the RAM memslot has KVM_MEM_USERFAULT and a userfault bitmap (a set bit:
+    /// the page is missing); a vCPU touching a marked page exits with KVM_EXIT_MEMORY_FAULT
+    /// and KVM_MEMORY_EXIT_FLAG_USERFAULT. The vCPU thread installs the page, clears the bit
+    /// and re-enters. userfaultfd (MISSING, no SIGBUS) stays behind it for accesses that do
+    /// not come from a vCPU.
+    case kvmUserfault = "kvm-userfault"
+}
+
 /// Turns a requested fault mode into one that works on this kernel, before anything starts:
 /// `auto` picks the best that works, an explicit mode that cannot work is refused with the
 /// reason. A migration that starts in a mode whose faults cannot be resolved fails only in
@@ -77,13 +91,14 @@ public enum FaultModeSelection {
     public static func obstacle(to mode: FaultMode, probe: VcpuFaultProbe) -> String? {
         switch mode {
         case .vcpuExit:
+            if probe.hasKVMUserfault { return nil }  // vcpu-exit through KVM Userfault
             switch probe.sigbusFault {
             case .mmioExit, .memoryFault:
                 return nil
             case .bareEFAULT:
-                if case .memoryFault(_, let flags)? = probe.kvmUserfault, flags & VcpuExit.memoryFaultFlagUserfault != 0 {
-                    return "a vCPU fault on missing RAM returns a bare EFAULT from KVM_RUN (TDP); this kernel has "
-                        + "KVM Userfault (KVM_MEM_USERFAULT), which vcpu-exit does not use yet"
+                if let userfault = probe.kvmUserfault {
+                    return "a vCPU fault on missing RAM returns a bare EFAULT from KVM_RUN (TDP), and this kernel's "
+                        + "KVM_MEM_USERFAULT memslot gave no userfault exit either (\(userfault))"
                 }
                 return "a vCPU fault on missing RAM returns a bare EFAULT from KVM_RUN (TDP without KVM Userfault)"
             case .other(let s):
@@ -100,7 +115,18 @@ public enum FaultModeSelection {
         }
     }
 
+    /// How vcpu-exit works on a kernel that `probe` describes, or nil when it cannot.
+    public static func vcpuExitMechanism(probe: VcpuFaultProbe) -> VcpuExitMechanism? {
+        if probe.sigbusFault.namesFaultingPage { return .sigbusExit }
+        if probe.hasKVMUserfault { return .kvmUserfault }
+        return nil
+    }
+
     static func whyVcpuExitWorks(_ probe: VcpuFaultProbe) -> String {
+        if !probe.sigbusFault.namesFaultingPage && probe.hasKVMUserfault {
+            return "KVM Userfault: a vCPU touching a page marked in the memslot's userfault bitmap (KVM_MEM_USERFAULT) "
+                + "exits with KVM_EXIT_MEMORY_FAULT naming the page"
+        }
         if case .memoryFault = probe.sigbusFault {
             return "a vCPU fault on missing RAM comes back from KVM_RUN as a memory-fault exit naming the page"
         }

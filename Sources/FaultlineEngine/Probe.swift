@@ -71,6 +71,7 @@ public struct SystemProbe: Sendable {
             row("vCPU fault on missing RAM", "\(fault.sigbusFault)",
                 "userfaultfd SIGBUS; vcpu-exit needs an exit naming the page; probe took \(fmtMilliseconds(fault.milliseconds)) ms")
             if let u = fault.kvmUserfault { row("vCPU fault, KVM_MEM_USERFAULT", "\(u)", "the page marked in the userfault bitmap") }
+            if let m = FaultModeSelection.vcpuExitMechanism(probe: fault) { row("vcpu-exit mechanism", m.rawValue) }
         }
         row("/dev/userfaultfd", HostProcess.canReadAndWrite("/dev/userfaultfd") ? "yes" : "no")
         do {
@@ -98,9 +99,7 @@ public struct SystemProbe: Sendable {
             ("uffd-* / vcpu-exit (soft)", need(uffdOK, "needs userfaultfd")),
             ("backing guest-memfd", need(kvmOK && p.guestMemfdFlags & 1 != 0, "needs KVM_CAP_GUEST_MEMFD_FLAGS with MMAP")),
             ("backing hugetlb", need(p.hugePages > 0, "no free 2 MiB huge pages")),
-            ("guest-memfd post-copy (KVM Userfault)", !p.rows.contains { $0.name == "KVM_MEM_USERFAULT" && $0.value == "yes" }
-                ? "KVM_MEM_USERFAULT is not in this kernel"
-                : "KVM_MEM_USERFAULT is in this kernel, but faultline does not use it yet"),
+            ("vcpu-exit via KVM Userfault (kvm)", kvmUserfaultObstacle(p)),
         ]
         do {
             let (mode, reason) = try FaultModeSelection.resolve(requested: .auto)
@@ -110,6 +109,20 @@ public struct SystemProbe: Sendable {
         }
         return p
     }
+}
+
+/// Why vcpu-exit cannot run on KVM Userfault here, or nil when it can (the memslot flag is
+/// accepted and a store to a marked page came back as a userfault exit).
+func kvmUserfaultObstacle(_ p: SystemProbe) -> String? {
+    guard p.rows.contains(where: { $0.name == "KVM_MEM_USERFAULT" && $0.value == "yes" }) else {
+        return "KVM_MEM_USERFAULT is not in this kernel (the memslot flag is refused)"
+    }
+    guard let fault = p.vcpuFault else { return "needs /dev/kvm" }
+    if fault.hasKVMUserfault { return nil }
+    if fault.sigbusFault.namesFaultingPage {
+        return "not needed: vcpu-exit gets exits naming the page without it (\(fault.sigbusFault))"
+    }
+    return "KVM_MEM_USERFAULT is accepted, but a store to a marked page gave \(fault.kvmUserfault.map { "\($0)" } ?? "nothing")"
 }
 
 func fmtMilliseconds(_ v: Double) -> String { FixedPoint.format(v, digits: 1) }

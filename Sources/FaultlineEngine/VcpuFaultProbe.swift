@@ -62,6 +62,15 @@ public struct VcpuFaultProbe: Equatable, Sendable {
         self.milliseconds = milliseconds
     }
 
+    /// True when a store to a page marked in a KVM_MEM_USERFAULT memslot's bitmap came back as
+    /// a KVM Userfault exit naming the page: vcpu-exit can run on KVM Userfault.
+    public var hasKVMUserfault: Bool {
+        if case .memoryFault(let gpa, let flags)? = kvmUserfault {
+            return flags & VcpuExit.memoryFaultFlagUserfault != 0 && gpa & ~0xFFF == Self.ramGPA
+        }
+        return false
+    }
+
     /// This process's probe, run on first use.
     public static let current = VcpuFaultProbe.run()
 

@@ -24,6 +24,8 @@ public struct Errno: RawRepresentable, Hashable, Sendable, CustomStringConvertib
     public static let socketShutdown = Errno(rawValue: ESHUTDOWN)
     public static let noRouteToHost = Errno(rawValue: EHOSTUNREACH)
     public static let networkUnreachable = Errno(rawValue: ENETUNREACH)
+    public static let notSupported = Errno(rawValue: EOPNOTSUPP)
+    public static let noSuchFileOrDirectory = Errno(rawValue: ENOENT)
 }
 
 extension SystemError {

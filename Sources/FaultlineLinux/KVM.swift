@@ -18,6 +18,7 @@ public enum KVMCapability: Int32, CaseIterable, Sendable, CustomStringConvertibl
     case vmTypes = 235
     case preFaultMemory = 236
     case guestMemfdFlags = 244
+    case exitHypercall = 201
     case nrVcpus = 9
 
     public var description: String {
@@ -34,6 +35,7 @@ public enum KVMCapability: Int32, CaseIterable, Sendable, CustomStringConvertibl
         case .vmTypes: return "KVM_CAP_VM_TYPES"
         case .preFaultMemory: return "KVM_CAP_PRE_FAULT_MEMORY"
         case .guestMemfdFlags: return "KVM_CAP_GUEST_MEMFD_FLAGS"
+        case .exitHypercall: return "KVM_CAP_EXIT_HYPERCALL"
         case .nrVcpus: return "KVM_CAP_NR_VCPUS"
         }
     }
@@ -111,6 +113,8 @@ public final class VirtualMachine: @unchecked Sendable {
     /// The memory behind each memslot registered with `setMemoryRegion(slot:memory:)`:
     /// held here so it cannot be unmapped while the slot exists.
     private let slotMemory = Locked<[UInt32: GuestMemoryRegion]>([:])
+    /// The flags each existing memslot was declared with (see `refuseUserfaultToggle`).
+    private let slotFlags = Locked<[UInt32: MemslotFlags]>([:])
 
     init(fd: FileDescriptor, kvm: KVM) {
         self.fd = fd
@@ -158,8 +162,22 @@ public final class VirtualMachine: @unchecked Sendable {
         region.guest_memfd_offset = guestMemfdOffset
         region.guest_memfd = UInt32(bitPattern: guestMemfd?.fd.rawValue ?? 0)
         region.pad2.0 = UInt64(UInt(bitPattern: userfaultBitmap))  // userfault_bitmap in the KVM Userfault proposal
+        try refuseUserfaultToggle(slot: slot, flags: flags, deleting: size == 0)
         try systemCall("KVM_SET_USER_MEMORY_REGION2 slot \(slot)") { fd.ioctl(FL_KVM_SET_USER_MEMORY_REGION2, &region) }
+        slotFlags.withLock { $0[slot] = size == 0 ? nil : flags }
         if size == 0 { slotMemory.withLock { _ = $0.removeValue(forKey: slot) } }
+    }
+
+    /// The KVM Userfault series (v2, as on the rig's kernel) accepts KVM_MEM_USERFAULT toggled
+    /// on an existing guest_memfd memslot, but leaves the new memslot unbound from its
+    /// guest_memfd (private faults then fail, and the guest_memfd keeps a pointer to the freed
+    /// old memslot). Faultline sets the flag only when such a slot is created.
+    private func refuseUserfaultToggle(slot: UInt32, flags: MemslotFlags, deleting: Bool) throws(SystemError) {
+        guard !deleting, let old = slotFlags.withLock({ $0[slot] }), old.contains(.guestMemfd),
+              old.contains(.userfault) != flags.contains(.userfault) else { return }
+        throw SystemError("KVM_SET_USER_MEMORY_REGION2 slot \(slot): refusing to toggle KVM_MEM_USERFAULT on an existing "
+                          + "guest_memfd memslot (the KVM Userfault series leaves it unbound); set it when the slot is created",
+                          errno: EINVAL)
     }
 
     public func createGuestMemfd(size: UInt64, flags: GuestMemfdFlags) throws(SystemError) -> GuestMemfd {

@@ -22,6 +22,10 @@ public enum VcpuExit: Equatable, Sendable {
     case systemEvent(type: UInt32)
     /// KVM_EXIT_MEMORY_FAULT (after EFAULT/EHWPOISON from KVM_RUN).
     case memoryFault(address: GuestPhysicalAddress, size: UInt64, flags: UInt64)
+    /// KVM_EXIT_HYPERCALL: a hypercall KVM hands to userspace (KVM_CAP_EXIT_HYPERCALL), e.g.
+    /// KVM_HC_MAP_GPA_RANGE with args gpa, pages, attributes. Answer with
+    /// `Vcpu.completeHypercall(returning:)` before the next KVM_RUN.
+    case hypercall(number: UInt64, arg0: UInt64, arg1: UInt64, arg2: UInt64, flags: UInt64)
     /// KVM_RUN returned EINTR: a signal (the kick) or immediate_exit.
     case interrupted
     case unknown(reason: UInt32)
@@ -34,6 +38,7 @@ public enum VcpuExit: Equatable, Sendable {
 /// Exit reason numbers (kvm_run.exit_reason).
 public enum KVMExitReason {
     public static let io: UInt32 = 2
+    public static let hypercall: UInt32 = 3
     public static let hlt: UInt32 = 5
     public static let mmio: UInt32 = 6
     public static let shutdown: UInt32 = 8
@@ -95,6 +100,9 @@ public final class Vcpu: @unchecked Sendable {
             let io = run.pointee.u.io
             return .io(port: io.port, size: io.size, count: io.count, isOut: io.direction == 1)
         case KVMExitReason.hlt: return .hlt
+        case KVMExitReason.hypercall:
+            let h = run.pointee.u.hypercall
+            return .hypercall(number: h.nr, arg0: h.args.0, arg1: h.args.1, arg2: h.args.2, flags: h.flags)
         case KVMExitReason.shutdown: return .shutdown
         case KVMExitReason.failEntry:
             let f = run.pointee.u.fail_entry
@@ -112,6 +120,14 @@ public final class Vcpu: @unchecked Sendable {
     @inlinable
     public func completeMMIORead(_ value: UInt64) {
         withUnsafeMutableBytes(of: &run.pointee.u.mmio.data) { $0.storeBytes(of: value.littleEndian, as: UInt64.self) }
+    }
+
+    /// The hypercall's result (kvm_run.hypercall.ret): KVM writes it to the guest's rax
+    /// (truncated to 32 bits outside 64-bit mode) on the next KVM_RUN and skips the
+    /// hypercall instruction. 0 for success, else a negated KVM error (-KVM_EINVAL...).
+    @inlinable
+    public func completeHypercall(returning value: UInt64) {
+        run.pointee.u.hypercall.ret = value
     }
 
     /// Copies `length` bytes from `source` into kvm_run's MMIO data (an MMIO read answered from memory).
@@ -149,35 +165,7 @@ public final class Vcpu: @unchecked Sendable {
         try setSpecialRegisters(s)
     }
 
-    // MARK: pre-fault
-
-    /// The result of KVM_PRE_FAULT_MEMORY over a range: how far it got, and the error that
-    /// stopped it (if any). Partial progress is normal; the error is reported, not hidden.
-    public struct PreFaultOutcome: Sendable {
-        public var bytesMapped: UInt64
-        public var error: SystemError?
-    }
-
-    /// KVM_PRE_FAULT_MEMORY, re-issued until the whole range is mapped or the kernel
-    /// reports an error on what is left (EOPNOTSUPP without TDP - the case here).
-    public func preFault(_ range: GuestMemoryRange) -> PreFaultOutcome {
-        var arg = fl_kvm_pre_fault_memory()
-        arg.gpa = range.start.rawValue
-        arg.size = range.size
-        var mapped: UInt64 = 0
-        while arg.size > 0 {
-            let before = arg.size
-            let rc = fd.ioctl(FL_KVM_PRE_FAULT_MEMORY, &arg)
-            mapped += before - arg.size
-            if rc < 0 {
-                let code = fl_errno()
-                if code == EINTR || code == EAGAIN { continue }
-                let op = "KVM_PRE_FAULT_MEMORY vcpu \(id) gpa 0x\(String(arg.gpa, radix: 16)) size \(arg.size)"
-                return PreFaultOutcome(bytesMapped: mapped, error: SystemError(op, errno: code))
-            }
-        }
-        return PreFaultOutcome(bytesMapped: mapped, error: nil)
-    }
+    // MARK: pre-fault: PreFault.swift
 
     // MARK: kicking
 

@@ -16,6 +16,9 @@ struct Demo: ParsableCommand {
     @Option(name: .customLong("fault-mode"), help: faultModeHelp) var faultMode: FaultModeChoice = .auto
     @Option(help: "single | per-vcpu (uffd modes)") var uffd: UffdTopology = .single
     @Option(name: .customLong("precopy-rounds"), help: "The most pre-copy rounds before the switch-over") var precopyRounds = 1
+    @Option(name: .customLong("vm-type"), help: vmTypeHelp) var vmType: VMTypeChoice = .default
+    @Option(name: .customLong("private-pages"), help: "sw-protected: make the first N RAM pages private (KVM_SET_MEMORY_ATTRIBUTES) before migrating")
+    var privatePages = 0
     @Option(name: .customLong("precopy-seconds"), help: "Time bound for pre-copy") var precopySeconds = 10.0
     @Option(help: "never | auto | always (see `run --help`)") var postcopy: PostcopyPolicy = .auto
     @Option(name: .customLong("max-downtime-ms"), help: "Downtime target for stopping pre-copy") var maxDowntimeMs = 300.0
@@ -26,6 +29,7 @@ struct Demo: ParsableCommand {
     @Option(name: .customLong("run-after"), help: "Seconds the guest runs on the destination afterwards") var runAfter = 1.0
     @Flag(help: "Also time a plain TCP copy of the same non-zero bytes") var baseline = false
     @Flag(help: "Let the destination populate its memory before the migration starts (QEMU's -mem-prealloc)") var prealloc = false
+    @Flag(name: .customLong("pre-fault"), help: preFaultHelp) var preFault = false
     @Flag(help: "One JSON line with both sides' figures") var json = false
     @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
     @OptionGroup var injection: SourceFaultInjection
@@ -41,14 +45,25 @@ struct Demo: ParsableCommand {
             guard let size = parseSize(memory) else { throw CLIError(description: "cannot read --memory '\(memory)'") }
             let layout = try MachineLayout(vcpus: vcpus, ramSize: size)
             let wl = try RunningWorkload(kind: workload, pagesPerVcpu: layout.pagesPerVcpu, workingSetPages: workingSet)
+            let gmem = vmType == .swProtected
+            guard privatePages == 0 || gmem else { throw CLIError(description: "--private-pages needs --vm-type sw-protected") }
+
+            // The source's VM first: a guest_memfd VM's migration is planned (or refused) from
+            // its memory before anything else starts.
+            let vm = try MigratableVM(layout: layout, backing: .anonymous, guestMemfdRAM: gmem)
+            if privatePages > 0 { try vm.setPrivate(ramPages: 0..<privatePages) }
+            let plan = gmem ? planGuestMemfdMigration(vm, precopyRounds: precopyRounds, postcopy: postcopy, faultMode: mode,
+                                                      json: json) : nil
 
             // The destination: a second process.
             let child = Process()
             child.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-            var arguments = ["receive", "--listen", "127.0.0.1:0", "--json", "--fault-mode", faultMode.argument,
+            var arguments = ["receive", "--listen", "127.0.0.1:0", "--json", "--fault-mode", gmem ? mode.rawValue : faultMode.argument,
+                             "--vm-type", vmType.rawValue,
                              "--uffd", uffd.rawValue, "--run-after", String(runAfter), "--accept-seconds", "60",
                              "--fault-cpu", faultCPU.argument]
             if prealloc { arguments += ["--prealloc", String(size)] }
+            if preFault { arguments.append("--pre-fault") }
             if let damagePage { arguments += ["--inject-damage-installed-page", String(damagePage)] }
             if failFaultThread { arguments.append("--inject-fault-thread-failure") }
             child.arguments = arguments
@@ -70,6 +85,7 @@ struct Demo: ParsableCommand {
                 print("backend: kvm; demo: \(vcpus) vCPU(s), \(size >> 20) MiB, workload \(workload), fault mode \(mode) "
                       + "(\(modeReason)), "
                       + "\(precopyRounds) pre-copy round(s); destination pid \(child.processIdentifier) on \(endpoint)")
+                if let plan { print(plan.human) }
             }
 
             // Chaos (`bench chaos`): a proxy between the two sides carries out a seeded schedule.
@@ -98,7 +114,6 @@ struct Demo: ParsableCommand {
             }
 
             // The source: this process.
-            let vm = try MigratableVM(layout: layout, backing: .anonymous)
             try vm.boot(workload: wl)
             try vm.start()
             Thread.sleep(forTimeInterval: migrateAfter)
@@ -108,8 +123,9 @@ struct Demo: ParsableCommand {
             migration.postcopy = postcopy
             migration.maxDowntimeMs = maxDowntimeMs
             migration.retries = retries
-            let options = MigrationOptions(destination: target, migration: migration, progress: !json,
+            var options = MigrationOptions(destination: target, migration: migration, progress: !json,
                                            faultPathCPU: faultCPU, injection: injection)
+            if let plan, plan.path == .stopAndCopy { options.immediateStopAndCopy = plan.reason }
             let terminateChild = {
                 printChaos()
                 if child.isRunning { child.terminate() }
@@ -129,14 +145,24 @@ struct Demo: ParsableCommand {
             if json {
                 let dest = destinationJSON.dropFirst().dropLast().replacingOccurrences(of: "\"side\":\"destination\",", with: "")
                     .replacingOccurrences(of: "\"guest_check\":\(object["guest_check"] as? Bool ?? false)", with: "\"guest_check\":\(guestCheck)")
-                print("{" + report.jsonFields.joined(separator: ",") + "," + dest + "}")
+                print("{" + (report.jsonFields + (plan?.jsonFields ?? [])).joined(separator: ",") + "," + dest + "}")
             } else {
                 print(report.human)
+                if let plan { print(plan.human) }
                 let l = object["fault_latency_us"] as? [String: Double] ?? [:]
                 print("destination (fault mode \(mode): \(modeReason))")
-                print("  faults                \(object["faults"] ?? 0), latency p50 \(l["p50"] ?? 0) us, p90 \(l["p90"] ?? 0) us, "
+                let via = (object["vcpu_exit_via"] as? String).map { " (\(object["vcpu_exit_faults"] ?? 0) as vCPU exits via \($0))" } ?? ""
+                print("  faults                \(object["faults"] ?? 0)\(via), latency p50 \(l["p50"] ?? 0) us, p90 \(l["p90"] ?? 0) us, "
                       + "p99 \(l["p99"] ?? 0) us, max \(l["max"] ?? 0) us")
                 print("  vCPU stall (ms)       \(object["vcpu_stall_ms"] ?? [])")
+                if let pf = object["pre_fault"] as? [String: Any] {
+                    for (key, label) in [("switchover", "at switch-over"), ("after_postcopy", "after post-copy")] {
+                        guard let p = pf[key] as? [String: Any] else { continue }
+                        let error = (p["error"] as? String).map { " - stopped: \($0)" } ?? ""
+                        print("  pre-fault \(label)\(key == "switchover" ? " " : "") \(p["bytes"] ?? 0) bytes in \(p["ms"] ?? 0) ms "
+                              + "(\(p["calls"] ?? 0) calls, \(p["retries"] ?? 0) retried)\(error)")
+                    }
+                }
                 print("  digest_match          \(digestMatch)")
                 print("  guest_check           \(guestCheck ? "green" : "RED") (\(object["guest_mismatches"] ?? 0) mismatches on the destination, "
                       + "\(object["passes_after_migration"] ?? 0) passes after the migration)")

@@ -11,7 +11,7 @@ struct Faultline: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "faultline",
         abstract: "Post-copy live migration and lazy restore of KVM guest memory.",
-        subcommands: [Demo.self, Run.self, Receive.self, Probe.self, Bench.self]
+        subcommands: [Demo.self, Run.self, Receive.self, Probe.self, Bench.self, PrivateCommand.self]
     )
 }
 
@@ -36,6 +36,7 @@ struct Probe: ParsableCommand {
             var fields = p.rows.map { "\"\(jsonEscape($0.name))\":\"\(jsonEscape($0.value))\"" }
             fields.append("\"modes\":{" + p.modes.map { "\"\(jsonEscape($0.0))\":\($0.1 == nil ? "true" : "false")" }.joined(separator: ",") + "}")
             fields.append("\"fault_mode_auto\":\"\(p.autoFaultMode.mode)\",\"fault_mode_auto_reason\":\"\(jsonEscape(p.autoFaultMode.reason))\"")
+            fields.append(guestMemfdProbeJSON(GuestMemfdProbe.collect()))
             print("{" + fields.joined(separator: ",") + "}")
             return
         }
@@ -52,6 +53,7 @@ struct Probe: ParsableCommand {
             print("  \(mode)\(pad)  \(why == nil ? "yes" : "no: \(why!)")")
         }
         print("Migration --fault-mode auto: \(p.autoFaultMode.mode) (\(p.autoFaultMode.reason))")
+        print(guestMemfdProbeText(GuestMemfdProbe.collect()))
     }
 }
 
@@ -70,7 +72,7 @@ func jsonEscape(_ s: String) -> String {
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Benchmarks (JSON with --json).",
-                                                    subcommands: [DemandPaging.self, BenchChaos.self, BenchInstall.self])
+                                                    subcommands: [DemandPaging.self, BenchChaos.self, BenchInstall.self, BenchConversions.self, BenchPreFault.self])
 }
 
 extension FaultMode: ExpressibleByArgument {}
@@ -153,7 +155,8 @@ extension DemandPagingResult {
         Overall demand paging rate:\t\(fmt(pagesPerSecond, 6)) pgs/sec
         Fault latency (us): p50 \(fmt(l.p50, 1)) p90 \(fmt(l.p90, 1)) p99 \(fmt(l.p99, 1)) max \(fmt(l.max, 1)) over \(faultsMeasured) faults
         Verification: \(verified ? "OK" : "FAILED") - \(pages) pages checked, \(badPages) bad\
-        \(checksumFailures > 0 ? ", \(checksumFailures) vCPU read checksums wrong" : ""); \(resolved) resolved, \(raced) raced
+        \(checksumFailures > 0 ? ", \(checksumFailures) vCPU read checksums wrong" : ""); \(resolved) resolved, \(raced) raced\
+        \(vcpuExitMechanism.map { "\nvCPU faults via: \($0.rawValue)" + ($0 == .kvmUserfault ? " (\(uffdFallbackFaults) through the userfaultfd behind it)" : "") } ?? "")
         """
     }
 
@@ -166,6 +169,7 @@ extension DemandPagingResult {
             + "\"seconds\":\(fmt(seconds, 6)),\"pages_per_sec_per_vcpu\":\(fmt(pagesPerSecondPerVcpu, 0)),"
             + "\"pages_per_sec\":\(fmt(pagesPerSecond, 0)),\"resolved\":\(resolved),\"raced\":\(raced),\"bad_pages\":\(badPages),"
             + "\"checksum_failures\":\(checksumFailures),"
+            + (vcpuExitMechanism.map { "\"vcpu_exit_via\":\"\($0.rawValue)\",\"uffd_fallback_faults\":\(uffdFallbackFaults)," } ?? "")
             + "\"latency_us\":{\"p50\":\(fmt(l.p50, 2)),\"p90\":\(fmt(l.p90, 2)),\"p99\":\(fmt(l.p99, 2)),\"max\":\(fmt(l.max, 2))}}"
     }
 }

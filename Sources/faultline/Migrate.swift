@@ -26,6 +26,7 @@ extension FaultPathCPU: ExpressibleByArgument {
 let faultCPUHelp: ArgumentHelp = "CPU for the fault-path threads: auto (the last CPU allowed), none, or a number"
 
 /// `--fault-mode`, shared by receive and demo.
+let preFaultHelp: ArgumentHelp = "KVM_PRE_FAULT_MEMORY (TDP hosts): map installed pages at the switch-over and all RAM after post-copy"
 let faultModeHelp: ArgumentHelp = "auto | vcpu-exit | uffd-missing | uffd-minor (auto: the best mode that works on this kernel)"
 
 /// The source's hidden fault-injection flags (for tests), shared by `run` and `demo`.
@@ -153,6 +154,7 @@ struct Run: ParsableCommand {
     var runAfterFailure = 1.0
     @Flag(help: "After the migration, time a plain TCP copy of the same non-zero bytes on the same link") var baseline = false
     @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
+    @Flag(name: .customLong("pre-fault"), help: preFaultHelp) var preFault = false
     @Flag(help: "One JSON line") var json = false
     @OptionGroup var injection: SourceFaultInjection
 
@@ -200,6 +202,7 @@ struct Receive: ParsableCommand {
 
     @Option(help: "HOST:PORT to listen on (port 0 picks one; it is printed)") var listen = "0.0.0.0:7077"
     @Option(name: .customLong("fault-mode"), help: faultModeHelp) var faultMode: FaultModeChoice = .auto
+    @Option(name: .customLong("vm-type"), help: vmTypeHelp) var vmType: VMTypeChoice = .default
     @Option(help: "single | per-vcpu (uffd modes)") var uffd: UffdTopology = .single
     @Option(help: "Reader threads per userfaultfd (uffd modes)") var readers = 1
     @Option(name: .customLong("run-after"), help: "Seconds the guest keeps running after the migration") var runAfter = 1.0
@@ -207,6 +210,7 @@ struct Receive: ParsableCommand {
     @Option(name: .customLong("reconnect-seconds"), help: "How long to wait for a reconnect") var reconnectSeconds = 30.0
     @Option(help: "Populate this much memory before the source connects, e.g. 1G (as QEMU's -mem-prealloc)") var prealloc: String?
     @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
+    @Flag(name: .customLong("pre-fault"), help: preFaultHelp) var preFault = false
     @Flag(help: "One JSON line") var json = false
     @Option(name: .customLong("inject-damage-installed-page"), help: .hidden) var damagePage: Int?
     @Flag(name: .customLong("inject-fault-thread-failure"), help: .hidden) var failFaultThread = false
@@ -218,6 +222,7 @@ struct Receive: ParsableCommand {
             let (mode, modeReason) = try FaultModeSelection.resolve(requested: faultMode)
             var options = DestinationOptions(listen: endpoint)
             options.faultMode = mode
+            options.guestMemfdVM = vmType == .swProtected
             options.uffd = uffd
             options.readers = readers
             options.faultPathCPU = faultCPU
@@ -227,6 +232,7 @@ struct Receive: ParsableCommand {
             options.damageInstalledPage = damagePage
             options.failFaultPathThread = failFaultThread
             options.exitDuringPrecopyAfterPages = exitDuringPrecopy
+            options.preFault = preFault
             if let prealloc {
                 guard let bytes = parseSize(prealloc) else { throw CLIError(description: "cannot read --prealloc '\(prealloc)'") }
                 options.preallocBytes = bytes

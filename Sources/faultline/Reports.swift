@@ -70,7 +70,7 @@ extension DestinationReport {
                 + switchoverParts.map { "\($0.name) \(ms($0.milliseconds))" }.joined(separator: ", "),
             "  post-copy             \(fmt(postcopySeconds, 3)) s: \(demandPages) pages on demand, \(backgroundPages) in background, \(zeroPages) zero",
             "  pre-copy pages        \(precopyPages)",
-            "  faults                \(faults), latency p50 \(fmt(l.p50, 1)) us, p90 \(fmt(l.p90, 1)) us, p99 \(fmt(l.p99, 1)) us, max \(fmt(l.max, 1)) us",
+            "  faults                \(faults)\(vcpuExitMechanism.map { " (\(vcpuExitFaults) as vCPU exits via \($0.rawValue))" } ?? ""), latency p50 \(fmt(l.p50, 1)) us, p90 \(fmt(l.p90, 1)) us, p99 \(fmt(l.p99, 1)) us, max \(fmt(l.max, 1)) us",
             "  fault latency (log2)  " + faultLatencyLog2.enumerated().filter { $0.element > 0 }
                 .map { "[\(1 << $0.offset), \(2 << $0.offset)) us: \($0.element)" }.joined(separator: ", "),
             "  vCPU stall            " + vcpuStallMilliseconds.enumerated().map { "vcpu\($0.offset) \(ms($0.element)) ms" }.joined(separator: ", "),
@@ -88,6 +88,8 @@ extension DestinationReport {
         let l = faultLatencyMicroseconds
         return [
             "\"fault_mode\":\"\(faultMode)\"", "\"fault_mode_reason\":\"\(jsonEscape(faultModeReason))\"",
+            "\"vcpu_exit_via\":" + (vcpuExitMechanism.map { "\"\($0.rawValue)\"" } ?? "null"), "\"vcpu_exit_faults\":\(vcpuExitFaults)",
+            "\"pre_fault\":{\"switchover\":\(preFaultJSON(preFaultAtSwitchover)),\"after_postcopy\":\(preFaultJSON(preFaultAfterPostcopy))}",
             "\"switchover_ms\":\(fmt(switchoverMilliseconds, 3))",
             "\"switchover_parts_ms\":{" + switchoverParts.map { "\"\($0.name)\":\(fmt($0.milliseconds, 3))" }.joined(separator: ",") + "}",
             "\"destination_postcopy_seconds\":\(fmt(postcopySeconds, 6))", "\"faults\":\(faults)",
@@ -103,6 +105,12 @@ extension DestinationReport {
             "\"abandoned_attempts\":[" + abandonedAttempts.map { "\"\(jsonEscape($0))\"" }.joined(separator: ",") + "]",
             "\"guest_mismatches\":\(guestMismatches)", "\"passes_after_migration\":\(passesAfterMigration)",
         ]
+    }
+
+    func preFaultJSON(_ s: PreFaultSummary?) -> String {
+        guard let s else { return "null" }
+        return "{\"bytes\":\(s.bytesMapped),\"calls\":\(s.calls),\"retries\":\(s.retries),\"ms\":\(fmt(s.milliseconds, 3)),"
+            + "\"error\":" + (s.error.map { "\"\(jsonEscape($0))\"" } ?? "null") + "}"
     }
 
     func json(faultModeReason: String) -> String {

@@ -8,7 +8,7 @@ struct CLITests {
         (["--vcpus", "64", "--mem-per-vcpu", "64"], "does not fit the guest's address range"),
         (["--mem-per-vcpu", "0"], "--mem-per-vcpu must be at least 1"),
         (["--mode", "uffd-missing", "--backing", "guest-memfd"], "cannot register a guest_memfd"),
-        (["--mode", "vcpu-exit", "--backing", "guest-memfd"], "KVM Userfault"),
+        (["--mode", "vcpu-exit", "--backing", "guest-memfd"], "no guest_memfd mmap"),
         (["--mode", "uffd-minor", "--backing", "anonymous"], "page cache"),
         (["--pattern", "zigzag"], "unknown --pattern"),
         (["--readers", "0"], "--readers"),

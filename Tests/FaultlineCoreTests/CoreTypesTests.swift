@@ -159,7 +159,7 @@ struct ConfigTests {
             (config { $0.readers = 0 }, "--readers"),
             (config { $0.mode = .uffdMinor; $0.backing = .anonymous }, "page cache"),
             (config { $0.mode = .uffdMissing; $0.backing = .guestMemfd }, "guest_memfd"),
-            (config { $0.mode = .vcpuExit; $0.backing = .guestMemfd }, "KVM Userfault"),
+            (config { $0.mode = .vcpuExit; $0.backing = .guestMemfd }, "no guest_memfd mmap"),
             (config { $0.bytesPerVcpu = 1000 }, "multiple"),
             (config { $0.mode = .none; $0.backing = .guestMemfd; $0.backend = .soft }, "soft"),
             (config { $0.delayMicroseconds = -1 }, "--delay-us"),

@@ -16,7 +16,9 @@ struct FaultModeSelectionTests {
         (shadowPaging, FaultMode.vcpuExit, "MMIO exit naming the page (shadow paging)"),
         (memoryFaultExit, .vcpuExit, "memory-fault exit naming the page"),
         (tdp, .uffdMissing, "vcpu-exit cannot work here (a vCPU fault on missing RAM returns a bare EFAULT from KVM_RUN (TDP without KVM Userfault))"),
-        (tdpWithKVMUserfault, .uffdMissing, "KVM Userfault (KVM_MEM_USERFAULT), which vcpu-exit does not use yet"),
+        (tdpWithKVMUserfault, .vcpuExit, "KVM Userfault: a vCPU touching a page marked in the memslot's userfault bitmap"),
+        (VcpuFaultProbe(sigbusFault: .bareEFAULT, kvmUserfault: .bareEFAULT), .uffdMissing,
+         "KVM_MEM_USERFAULT memslot gave no userfault exit either (bare EFAULT"),
         (VcpuFaultProbe(sigbusFault: .failed("/dev/kvm: ENOENT")), .uffdMissing, "the vCPU fault probe could not run (/dev/kvm: ENOENT)"),
         (VcpuFaultProbe(sigbusFault: .other("the guest's store completed without an exit (HLT)")), .uffdMissing, "(HLT)"),
         (VcpuFaultProbe(sigbusFault: .bareEFAULT, uffdMissingObstacle: "UFFDIO_API: EINVAL"), .uffdMinor,
@@ -44,7 +46,7 @@ struct FaultModeSelectionTests {
 
     @Test("an explicit mode that works is kept", arguments: [
         (shadowPaging, FaultMode.vcpuExit), (shadowPaging, .uffdMissing), (shadowPaging, .uffdMinor),
-        (tdp, .uffdMissing), (tdp, .uffdMinor), (memoryFaultExit, .vcpuExit),
+        (tdp, .uffdMissing), (tdp, .uffdMinor), (memoryFaultExit, .vcpuExit), (tdpWithKVMUserfault, .vcpuExit),
     ])
     func explicitModeKept(probe: VcpuFaultProbe, mode: FaultMode) throws {
         let (picked, reason) = try FaultModeSelection.resolve(requested: .explicit(mode), probe: probe)
@@ -91,6 +93,19 @@ struct FaultModeSelectionTests {
         #expect(FaultModeChoice(argument: text) == nil)
     }
 
+    @Test("vcpu-exit's mechanism follows the probe: SIGBUS exits where they name the page, else KVM Userfault")
+    func mechanism() {
+        #expect(FaultModeSelection.vcpuExitMechanism(probe: Self.shadowPaging) == .sigbusExit)
+        #expect(FaultModeSelection.vcpuExitMechanism(probe: Self.memoryFaultExit) == .sigbusExit)
+        #expect(FaultModeSelection.vcpuExitMechanism(probe: Self.tdpWithKVMUserfault) == .kvmUserfault)
+        #expect(FaultModeSelection.vcpuExitMechanism(probe: Self.tdp) == nil)
+        // A memory-fault exit without the userfault flag, or at another page, is not KVM Userfault.
+        #expect(FaultModeSelection.vcpuExitMechanism(probe: VcpuFaultProbe(
+            sigbusFault: .bareEFAULT, kvmUserfault: .memoryFault(gpa: 0x10_0000, flags: VcpuExit.memoryFaultFlagPrivate))) == nil)
+        #expect(FaultModeSelection.vcpuExitMechanism(probe: VcpuFaultProbe(
+            sigbusFault: .bareEFAULT, kvmUserfault: .memoryFault(gpa: 0x20_0000, flags: VcpuExit.memoryFaultFlagUserfault))) == nil)
+    }
+
     @Test("only exits naming the page count for vcpu-exit")
     func namesFaultingPage() {
         #expect(VcpuFaultOutcome.mmioExit(gpa: 1).namesFaultingPage)
@@ -114,6 +129,6 @@ struct VcpuFaultProbeKernelTests {
         #expect(p.uffdMissingObstacle == nil)
         // Whatever the kernel does, the selection agrees with the verdict.
         let (mode, _) = (try? FaultModeSelection.resolve(requested: .auto, probe: p)) ?? (.none, "")
-        #expect(mode == (p.sigbusFault.namesFaultingPage ? .vcpuExit : .uffdMissing))
+        #expect(mode == (p.sigbusFault.namesFaultingPage || p.hasKVMUserfault ? .vcpuExit : .uffdMissing))
     }
 }

@@ -142,6 +142,15 @@ struct fl_kvm_run_memory_fault {
     uint64_t size;
 };
 
+// KVM_EXIT_HYPERCALL (3): nr, args, and ret (userspace's answer; KVM puts it in the guest's
+// rax on the next KVM_RUN); flags bit 0 = KVM_EXIT_HYPERCALL_LONG_MODE (was __u32 longmode).
+struct fl_kvm_run_hypercall {
+    uint64_t nr;
+    uint64_t args[6];
+    uint64_t ret;
+    uint64_t flags;
+};
+
 struct fl_kvm_run_internal {
     uint32_t suberror;
     uint32_t ndata;
@@ -173,6 +182,7 @@ struct fl_kvm_run {
         struct fl_kvm_run_internal internal;
         struct fl_kvm_run_system_event system_event;
         struct fl_kvm_run_memory_fault memory_fault;
+        struct fl_kvm_run_hypercall hypercall;
         char padding[256];
     } u;
     uint64_t kvm_valid_regs;

@@ -38,9 +38,12 @@ public enum PrecopyStop: Sendable, Equatable, CustomStringConvertible {
     case timeLimit(Double)
     /// The dirty set did not shrink from one round to the next.
     case notShrinking(previous: Int, now: Int)
+    /// No pre-copy round was possible (the reason, e.g. no dirty log on a guest_memfd memslot).
+    case noPrecopy(String)
 
     public var description: String {
         switch self {
+        case .noPrecopy(let why): "no pre-copy: \(why)"
         case .fitsDowntime(let ms): "the rest fits the downtime target (estimated \(formatted(ms)) ms)"
         case .roundLimit(let n): "round limit (\(n)) reached"
         case .timeLimit(let s): "time limit (\(formatted(s)) s) reached"
@@ -55,6 +58,7 @@ public enum PrecopyStop: Sendable, Equatable, CustomStringConvertible {
         case .roundLimit: "round_limit"
         case .timeLimit: "time_limit"
         case .notShrinking: "not_shrinking"
+        case .noPrecopy: "no_precopy"
         }
     }
 

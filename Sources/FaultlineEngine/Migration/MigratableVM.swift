@@ -109,32 +109,74 @@ public final class MigratableVM: @unchecked Sendable {
     /// RAM pages the vcpu-exit path wrote on the guest's behalf (KVM's dirty log does not see
     /// those stores); nil unless asked for.
     public var hostCompletedWrites: PageBitmap?
+    /// Guest writes seen another way than KVM's dirty log (a guest_memfd RAM slot has none):
+    /// userfaultfd write-protect faults on the destination (see UffdPageMapper.tracksWrites).
+    public var guestWriteLog: PageBitmap?
+    /// The source's dirty log for a guest_memfd VM's RAM (userfaultfd write-protect).
+    var writeProtectLog: WriteProtectDirtyLog?
     /// Niceness each vCPU thread gives itself when it starts.
     public var startNiceness: Int32 = 0
+    /// KVM Userfault: the RAM memslot's userfault bitmap (one bit per RAM page, stored with a
+    /// set bit = missing). The memslot has KVM_MEM_USERFAULT from its creation and keeps it
+    /// (re-declarations for dirty logging carry it over); nil without KVM Userfault.
+    public let userfaultBitmap: PageBitmap?
+
+    /// The RAM of a guest_memfd VM (`guestMemfdRAM`): its guest_memfd, and `ram` is the
+    /// slot's shared (userspace_addr) view. See MigratableVM+GuestMemfd.swift.
+    public let privateRAM: PrivateMemoryVM?
+    /// Ranges of RAM (page offsets into RAM) whose attributes are private.
+    public internal(set) var privateRanges = RangeMap<Bool>()
 
     /// Creates the VM, its memory (RAM with `backing`) and its memslots; no vCPU yet.
-    /// `ram`: guest RAM prepared in advance (it must be `layout.ramSize` bytes).
-    public init(layout: MachineLayout, backing: MemoryBacking, dirtyLogging: Bool = false, ram prepared: GuestMemoryRegion? = nil) throws {
+    /// `ram`: guest RAM prepared in advance (it must be `layout.ramSize` bytes). `userfaultBitmap`:
+    /// a `.setMeansMissing` bitmap of `layout.ramPages` pages, to create the RAM memslot with
+    /// KVM_MEM_USERFAULT (see ``userfaultBitmap``).
+    /// `guestMemfdRAM`: a KVM_X86_SW_PROTECTED_VM whose RAM memslot is a KVM_MEM_GUEST_MEMFD
+    /// slot (RAM starts shared; `backing` is its shared view). Its RAM slot never logs dirty
+    /// pages (the kernel refuses that on a guest_memfd slot).
+    public init(layout: MachineLayout, backing: MemoryBacking, dirtyLogging: Bool = false, ram prepared: GuestMemoryRegion? = nil,
+                userfaultBitmap: PageBitmap? = nil, guestMemfdRAM: Bool = false) throws {
+        precondition(userfaultBitmap.map { $0.count == layout.ramPages && $0.polarity == .setMeansMissing } ?? true,
+                     "a userfault bitmap stores one missing bit per RAM page")
         self.layout = layout
-        vm = try KVM().createVM()
+        self.userfaultBitmap = userfaultBitmap
+        if guestMemfdRAM {
+            // Memslot 1 is created here, with KVM_MEM_GUEST_MEMFD (and KVM_MEM_USERFAULT when
+            // asked), and never changed (6.12 refuses any change to a guest_memfd memslot but
+            // its deletion; toggling KVM_MEM_USERFAULT there is the series' hazard).
+            let privateRAM = try PrivateMemoryVM(kvm: KVM(), gpa: GuestPhysicalAddress(MachineLayout.ramBase), size: layout.ramSize,
+                                                 slot: 1, sharedBacking: backing,
+                                                 userfaultBitmap: userfaultBitmap.map { UnsafeRawPointer($0.words) })
+            vm = privateRAM.vm
+            ram = privateRAM.shared
+            self.privateRAM = privateRAM
+        } else {
+            vm = try KVM().createVM()
+            ram = try prepared ?? GuestMemoryRegion(backing: backing, size: layout.ramSize, vm: vm, label: "guest-ram")
+            privateRAM = nil
+        }
         low = try GuestMemoryRegion(backing: .anonymous, size: MachineLayout.lowSize, label: "guest-low")
-        ram = try prepared ?? GuestMemoryRegion(backing: backing, size: layout.ramSize, vm: vm, label: "guest-ram")
         counters = GuestCounters(vcpus: layout.vcpus)
         threadIDs = .allocate(capacity: layout.vcpus)
         threadIDs.initialize(repeating: 0, count: layout.vcpus)
         try vm.setMemoryRegion(slot: 0, flags: dirtyLogging ? .logDirtyPages : [], guestPhysicalAddress: GuestPhysicalAddress(0),
                                memory: low)
-        try setRAMSlot(dirtyLogging: dirtyLogging)
+        if !guestMemfdRAM { try setRAMSlot(dirtyLogging: dirtyLogging) }
         for id in 0..<layout.vcpus { vcpus.append(try vm.createVcpu(id: id)) }
     }
 
     deinit { threadIDs.deallocate() }
 
-    /// (Re)declares the RAM memslot, turning dirty logging on or off.
+    /// (Re)declares the RAM memslot, turning dirty logging on or off (KVM_MEM_USERFAULT and its
+    /// bitmap stay as they were at creation).
     public func setRAMSlot(dirtyLogging: Bool) throws {
-        try vm.setMemoryRegion(slot: 1, flags: dirtyLogging ? .logDirtyPages : [],
+        var flags: MemslotFlags = dirtyLogging ? .logDirtyPages : []
+        if privateRAM != nil { flags.insert(.guestMemfd) }  // a change the kernel refuses: kept honest, not hidden
+        if userfaultBitmap != nil { flags.insert(.userfault) }
+        try vm.setMemoryRegion(slot: 1, flags: flags,
                                guestPhysicalAddress: GuestPhysicalAddress(MachineLayout.ramBase), memory: ram,
-                               guestMemfd: ram.guestMemfd)
+                               guestMemfd: privateRAM?.guestMemfd ?? ram.guestMemfd,
+                               userfaultBitmap: userfaultBitmap.map { UnsafeRawPointer($0.words) })
     }
 
     /// Host pointer of a page index of the machine layout.

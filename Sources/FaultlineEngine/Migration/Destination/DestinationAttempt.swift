@@ -38,6 +38,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     let faultCPU: Int32?
     /// The switch-over's parts, first vCPU state to running.
     var switchParts = PartClock()
+    /// vcpu-exit: how faults reach the vCPU threads on this kernel (nil in uffd modes).
+    let vcpuExitMechanism: VcpuExitMechanism?
+    /// vcpu-exit: exits for pages that were still missing.
+    let vcpuExitFaults = ManagedAtomic<Int>(0)
 
     init(options: DestinationOptions, destination: MigrationDestination, sessions: SessionAcceptor, prepared: GuestMemoryRegion?) {
         self.options = options
@@ -46,6 +50,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         self.prepared = prepared
         faultCPU = options.faultPathCPU.resolved
         report.faultMode = options.faultMode
+        vcpuExitMechanism = options.faultMode == .vcpuExit
+            ? (options.machineFactory == nil ? FaultModeSelection.vcpuExitMechanism(probe: .current) ?? .sigbusExit : .sigbusExit)
+            : nil
+        report.vcpuExitMechanism = vcpuExitMechanism
     }
 
     // MARK: set-up
@@ -55,17 +63,27 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         if let factory = options.machineFactory {
             (machine, mapper) = try factory(layout)
         } else {
-            let ram = prepared?.size == layout.ramSize ? prepared : nil
+            let gmem = options.guestMemfdVM
+            let ram = prepared?.size == layout.ramSize && !gmem ? prepared : nil
             // Dirty logging on the destination: the digest is read back from guest memory,
-            // except for pages the guest itself rewrote after they were installed.
+            // except for pages the guest itself rewrote after they were installed. A guest_memfd
+            // RAM slot cannot log: its RAM goes in write-protected and the readers log the writes.
+            // vcpu-exit on KVM Userfault: the RAM memslot is created with KVM_MEM_USERFAULT and a
+            // bitmap that starts with every page missing (docs/design.md, "Fault mode on TDP hosts").
+            if gmem && options.faultMode == .vcpuExit && vcpuExitMechanism != .kvmUserfault {
+                throw DemandPagingConfig.Invalid("vcpu-exit on a guest_memfd VM needs KVM_CAP_USERFAULT (KVM_MEM_USERFAULT), "
+                                                 + "which this kernel does not have")
+            }
+            let userfault = vcpuExitMechanism == .kvmUserfault ? PageBitmap(count: layout.ramPages, polarity: .setMeansMissing) : nil
             let vm = try MigratableVM(layout: layout, backing: options.faultMode == .uffdMinor ? .memfd : .anonymous,
-                                      dirtyLogging: true, ram: ram)
+                                      dirtyLogging: true, ram: ram, userfaultBitmap: userfault, guestMemfdRAM: gmem)
+            if gmem { vm.guestWriteLog = PageBitmap(count: layout.totalPages) }
             if options.faultMode == .uffdMinor && ram == nil { try vm.ram.allocateFile() }
-            if options.faultMode == .vcpuExit { vm.hostCompletedWrites = PageBitmap(count: layout.totalPages) }
-            if options.preallocBytes > 0 { destination.preparePool(ramBytes: layout.ramSize) }
+            if vcpuExitMechanism == .sigbusExit { vm.hostCompletedWrites = PageBitmap(count: layout.totalPages) }
+            if options.preallocBytes > 0 && !gmem { destination.preparePool(ramBytes: layout.ramSize) }
             machine = vm
             mapper = try UffdPageMapper.armedForPrecopy(vm: vm, faultMode: options.faultMode, topology: options.uffd,
-                                                        pool: destination.pool)
+                                                        pool: gmem ? nil : destination.pool, writeLog: vm.guestWriteLog)
         }
         table = DestinationPageTable(count: layout.totalPages)
         book = FaultBook(pages: layout.totalPages, vcpus: layout.vcpus, vcpusAccountOwnStall: options.faultMode == .vcpuExit)
@@ -259,6 +277,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         report.backgroundPages = installer.backgroundCount.load(ordering: .relaxed)
         report.zeroPages = installer.zeroCount.load(ordering: .relaxed)
         report.faults = book.faults.load(ordering: .relaxed)
+        report.vcpuExitFaults = vcpuExitFaults.load(ordering: .relaxed)
         report.corruptPagesRejected = installer.corruptCount.load(ordering: .relaxed)
         report.bytesReceived = bytesFromClosedChannels + bulk.bytesReceived + fault.bytesReceived
         report.faultLatencyMicroseconds = book.latencyMicroseconds
@@ -288,19 +307,40 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         switchPart("drop_stale")
         // Pages that never arrived (none was sent, or a round was cut short) are owed too.
         report.postcopy = !table.isComplete
-        if !report.postcopy { mapper.disarmFaults() }  // armed early for pre-copy (MISSING modes); nothing is missing
-        if report.postcopy {
+        // Write-tracked RAM (a guest_memfd VM) keeps its readers even when nothing is missing:
+        // they serve the guest's write-protect faults until the digest is taken.
+        let tracking = tracksWritesWithUserfaultfd
+        if !report.postcopy && !tracking { mapper.disarmFaults() }  // armed early for pre-copy (MISSING modes); nothing is missing
+        if report.postcopy || tracking {
             try mapper.armFaults()
             if options.faultMode == .vcpuExit {
                 try requester.startVcpuExitRequester()
-            } else if let uffdMapper = mapper as? UffdPageMapper, let vm = machine as? MigratableVM {
+            }
+            // uffd modes, and the userfaultfd behind KVM Userfault (non-vCPU accesses).
+            if options.faultMode != .vcpuExit || vcpuExitMechanism == .kvmUserfault,
+               let uffdMapper = mapper as? UffdPageMapper, let vm = machine as? MigratableVM {
                 try requester.startReaders(uffdMapper.uffds, perUffd: options.readers, ramBase: vm.ram.hostAddress.rawValue,
-                                           lowPages: layout.lowPages, mapper: mapper,
+                                           lowPages: layout.lowPages, mapper: mapper, writeLog: uffdMapper.writeLog,
                                            vcpuForThread: { [weak vm] in vm?.vcpu(forThread: $0) ?? -1 })
             }
         }
         try startFaultReceiver()
         switchPart("fault_path")
+        if options.preFault, let vm = machine as? MigratableVM {
+            // The installed RAM pages, into KVM's page tables before the guest touches them.
+            var installed: [Range<Int>] = []
+            var runStart = -1
+            for page in layout.lowPages...layout.totalPages {
+                let present = page < layout.totalPages && table.installed.contains(page)
+                if present && runStart < 0 { runStart = page }
+                if !present && runStart >= 0 {
+                    installed.append((runStart - layout.lowPages)..<(page - layout.lowPages))
+                    runStart = -1
+                }
+            }
+            report.preFaultAtSwitchover = vm.preFaultRAM(installed, through: vm.vcpus[0])
+            switchPart("pre_fault")
+        }
     }
 
     func startGuest() throws {
@@ -434,15 +474,33 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         }
     }
 
+    /// RAM went in write-protected and userfaultfd readers log the guest's writes (a
+    /// guest_memfd VM: no dirty log on its RAM slot).
+    var tracksWritesWithUserfaultfd: Bool { (mapper as? UffdPageMapper)?.writeLog != nil }
+
     func finishPostcopy() {
         guard report.postcopy else { return }
         if options.vcpuNicenessDuringPostcopy != 0 { machine.setVcpuNiceness(0) }
+        // Write tracking needs the readers and the registration until the digest is taken
+        // (tearDown ends both).
+        if tracksWritesWithUserfaultfd { return }
         // Readers first: a reader still resolving a fault (for a page the stream installed
         // meanwhile) would otherwise find its range unregistered under it - UFFDIO_CONTINUE
         // answers ENOENT there - and fail the migration (chaos seed 33, uffd-minor, 256 MiB).
         // Unregistering then wakes any vCPU still queued on a fault; every page is present.
         requester.stop()
         mapper.disarmFaults()
+        if options.preFault, let vm = machine as? MigratableVM {
+            // Every page is in: all of RAM into KVM's page tables, through a vCPU of its own
+            // (the guest's vCPUs are in KVM_RUN).
+            do {
+                report.preFaultAfterPostcopy = vm.preFaultRAM([0..<layout.ramPages], through: try vm.makePreFaultVcpu())
+            } catch {
+                var failed = PreFaultSummary()
+                failed.error = "\(error)"
+                report.preFaultAfterPostcopy = failed
+            }
+        }
     }
 
     // MARK: verification
@@ -496,6 +554,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     public func resolveOnVcpu(_ vcpu: Int, ramOffset: UInt64) throws {
         let page = layout.lowPages + Int(ramOffset / 4096)
         if table.installed.contains(page) { return }
+        vcpuExitFaults.wrappingIncrement(ordering: .relaxed)
         let t0 = MonotonicClock.nanoseconds()
         requester.enqueue(page, vcpu: vcpu, time: t0)
         while !table.installed.contains(page) && !stopping.load(ordering: .relaxed) && failures.failure == nil {
@@ -519,6 +578,9 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         fault?.close()
         faultReceiver?.join()
         faultReceiver = nil
+        // Write-tracked RAM: unregistering lifts the protection and wakes a vCPU waiting on a
+        // write-protect fault, before the readers that would answer it stop.
+        if mapper != nil && tracksWritesWithUserfaultfd { mapper.disarmFaults() }
         requester?.stop()
         let vcpuError = guestStarted ? machine?.stopGuest() : nil
         guestStarted = false

@@ -85,28 +85,37 @@ final class FaultRequester: @unchecked Sendable {
 
     // MARK: userfaultfd readers
 
+    /// `writeLog`: RAM was installed write-protected (a guest_memfd VM): note each page the
+    /// guest writes there, then lift the protection (which wakes the writer).
     func startReaders(_ uffds: [Userfaultfd], perUffd: Int, ramBase: UInt64, lowPages: Int,
-                      mapper: PageMapper, vcpuForThread: @escaping @Sendable (UInt32) -> Int) throws {
+                      mapper: PageMapper, writeLog: PageBitmap? = nil, vcpuForThread: @escaping @Sendable (UInt32) -> Int) throws {
         for u in uffds {
             for _ in 0..<perUffd {
                 threads.append(try OSThread(name: "\(u.label) reader", niceness: OSThread.Niceness.faultPath, cpu: faultPathCPU) { [self] in
-                    readerLoop(u, ramBase: ramBase, lowPages: lowPages, mapper: mapper, vcpuForThread: vcpuForThread)
+                    readerLoop(u, ramBase: ramBase, lowPages: lowPages, mapper: mapper, writeLog: writeLog, vcpuForThread: vcpuForThread)
                 })
             }
         }
     }
 
     private func readerLoop(_ uffd: Userfaultfd, ramBase: UInt64, lowPages: Int, mapper: PageMapper,
-                            vcpuForThread: (UInt32) -> Int) {
+                            writeLog: PageBitmap?, vcpuForThread: (UInt32) -> Int) {
         var events = UffdEventBuffer(capacity: 16)
         var encoder = WireEncoder(reservingCapacity: 64)
         do {
             while try uffd.waitReadable(orStop: stopEvent.fd) {
                 let n = try uffd.readEvents(into: &events)
                 for i in 0..<n {
-                    guard case .pagefault(let address, _, let tid) = events[i] else { continue }
+                    guard case .pagefault(let address, let flags, let tid) = events[i] else { continue }
                     let page = lowPages + Int(((address.rawValue &- ramBase) & ~4095) / 4096)
                     guard page >= lowPages, page < table.count else { continue }
+                    if flags.contains(.writeProtect), let writeLog {
+                        // Only a vCPU thread's write is the guest's (KVM writes for the guest
+                        // on its vCPU threads); any other writer must show in the digest.
+                        if vcpuForThread(tid) >= 0 { writeLog.insert(page) }  // before the write can happen
+                        try uffd.writeProtect(start: HostAddress(rawValue: address.rawValue & ~4095), length: 4096, protect: false)
+                        continue
+                    }
                     if table.installed.contains(page) {
                         try mapper.wake(page)  // installed meanwhile: do not leave the faulting thread asleep
                         continue

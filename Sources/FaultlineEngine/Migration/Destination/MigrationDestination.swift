@@ -21,6 +21,10 @@ public struct DestinationOptions: Sendable {
     /// pre-populated pool (when the kernel has MOVE). Without it every page goes in with
     /// UFFDIO_COPY (the kernel allocates it; nothing is populated up front).
     public var usePool = true
+    /// KVM_PRE_FAULT_MEMORY (TDP hosts): map the installed pages into KVM's page tables at the
+    /// switch-over (before the vCPUs start) and all of RAM at the end of post-copy, ahead of
+    /// the guest's first touches. Reported, never fatal (EOPNOTSUPP without TDP).
+    public var preFault = false
     /// Populate this much memory before the source connects (like QEMU's -mem-prealloc).
     public var preallocBytes: UInt64 = 0
     /// The CPU the fault-path threads share (requests out, replies in, uffd readers).
@@ -31,6 +35,9 @@ public struct DestinationOptions: Sendable {
     public var exitDuringPrecopyAfterPages: Int?
     /// Test hook: fail the fault-path thread that installs the first demand reply.
     public var failFaultPathThread = false
+    /// Build a guest_memfd VM (KVM_X86_SW_PROTECTED_VM, RAM in a KVM_MEM_GUEST_MEMFD memslot);
+    /// the source must be one too (`--vm-type sw-protected` on both sides).
+    public var guestMemfdVM = false
     /// Builds the guest and its page mapper (nil: a KVM guest under userfaultfd).
     public var machineFactory: DestinationMachineFactory?
 
@@ -40,11 +47,26 @@ public struct DestinationOptions: Sendable {
         guard [.vcpuExit, .uffdMissing, .uffdMinor].contains(faultMode) else {
             throw DemandPagingConfig.Invalid("--fault-mode must be vcpu-exit, uffd-missing or uffd-minor")
         }
+        if guestMemfdVM && faultMode == .uffdMinor {
+            // No dirty log on a guest_memfd slot: guest writes are tracked by write-protecting
+            // the anonymous shared view, which Faultline does for MISSING installs only.
+            throw DemandPagingConfig.Invalid("a guest_memfd VM's destination needs --fault-mode uffd-missing or vcpu-exit (KVM Userfault) "
+                + "(got \(faultMode)): its guest writes are tracked with userfaultfd write-protect on the anonymous shared "
+                + "mapping, since the kernel refuses KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_GUEST_MEMFD memslot")
+        }
     }
 }
 
 public struct DestinationReport: Sendable {
     public var faultMode: FaultMode = .vcpuExit
+    /// vcpu-exit: how faults reached the vCPU threads (uffd-sigbus or kvm-userfault).
+    public var vcpuExitMechanism: VcpuExitMechanism?
+    /// vcpu-exit: faults that came back from KVM_RUN as exits (the rest of `faults`, if any,
+    /// came through userfaultfd: on KVM Userfault, accesses that were not a vCPU's).
+    public var vcpuExitFaults = 0
+    /// With `preFault`: KVM_PRE_FAULT_MEMORY at the switch-over and at the end of post-copy.
+    public var preFaultAtSwitchover: PreFaultSummary?
+    public var preFaultAfterPostcopy: PreFaultSummary?
     public var totalSeconds = 0.0
     public var switchoverMilliseconds = 0.0
     /// Parts of the switch-over (first vCPU state -> running).

@@ -19,13 +19,25 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
     /// RAM with UFFDIO_MOVE (no page allocation, no second copy). Owned by the destination
     /// (it may outlive one attempt), lent here.
     let pool: DestinationPool?
+    /// Guest writes, for a guest_memfd VM (its RAM slot has no dirty log): every RAM page goes
+    /// in write-protected (UFFDIO_COPY_MODE_WP), so the guest's first write to it is a
+    /// write-protect fault the readers note here (when a vCPU thread took it) before they
+    /// lift the protection.
+    let writeLog: PageBitmap?
+    /// vcpu-exit on KVM Userfault: the RAM memslot's userfault bitmap (RAM page indices). A page
+    /// is marked present there (its kernel bit cleared, a store-release) only once it is in
+    /// guest memory; a discarded page is marked missing again. The userfaultfd behind it
+    /// (MISSING, no SIGBUS) catches accesses that do not come from a vCPU.
+    let userfault: PageBitmap?
 
-    init(vm: MigratableVM, faultMode: FaultMode, topology: UffdTopology, pool: DestinationPool?) {
+    init(vm: MigratableVM, faultMode: FaultMode, topology: UffdTopology, pool: DestinationPool?, writeLog: PageBitmap? = nil) {
         self.vm = vm
+        self.writeLog = writeLog
         self.layout = vm.layout
         self.faultMode = faultMode
         self.topology = topology
-        self.pool = faultMode == .uffdMinor ? nil : pool
+        self.pool = faultMode == .uffdMinor || writeLog != nil ? nil : pool
+        self.userfault = faultMode == .vcpuExit ? vm.userfaultBitmap : nil
         pagesPerUffd = vm.layout.ramPages
         zeroPage = .allocate(byteCount: 4096, alignment: 4096)
         zeroPage.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
@@ -38,6 +50,12 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
 
     @inline(__always) func ramOffset(_ page: Int) -> UInt64 { UInt64(page - layout.lowPages) * 4096 }
 
+    /// KVM Userfault: pages `first..<first+count` (layout indices) are in guest memory now.
+    @inline(__always) func markPresent(first page: Int, count: Int) {
+        guard let userfault, page >= layout.lowPages else { return }
+        for i in 0..<count { userfault.insert(page - layout.lowPages + i) }
+    }
+
     public func store(_ page: Int, bytes: UnsafeRawPointer?) throws {
         let source = bytes ?? UnsafeRawPointer(zeroPage)
         if page >= layout.lowPages && faultMode == .uffdMinor {
@@ -49,12 +67,17 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
             // missing page: it would block on (or SIGBUS from) the armed range.
             let uffd = uffds[(page - layout.lowPages) / pagesPerUffd]
             let destination = HostAddress(rawValue: vm.ram.hostAddress.rawValue + ramOffset(page))
-            if try uffd.copy(to: destination, from: source, length: 4096) == .alreadyPresent {
+            let tracked = writeLog != nil
+            if try uffd.copy(to: destination, from: source, length: 4096, writeProtect: tracked) == .alreadyPresent {
+                // A store into a write-protected page would fault on this thread: lift it around the copy.
+                if tracked { try uffd.writeProtect(start: destination, length: 4096, protect: false) }
                 vm.pagePointer(page).copyMemory(from: source, byteCount: 4096)
+                if tracked { try uffd.writeProtect(start: destination, length: 4096, protect: true) }
             }
         } else {
             vm.pagePointer(page).copyMemory(from: source, byteCount: 4096)
         }
+        markPresent(first: page, count: 1)
     }
 
     public func discard(_ pages: Range<Int>) throws {
@@ -62,13 +85,15 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         let ram = pages.clamped(to: layout.lowPages..<layout.totalPages)
         guard !ram.isEmpty else { return }
         try vm.ram.discard(offset: ramOffset(ram.lowerBound), length: UInt64(ram.count) * 4096)
+        if let userfault { for page in ram { userfault.remove(page - layout.lowPages) } }  // vCPUs exit there again
     }
 
     public func armFaults() throws {
         guard !armed else { return }
         let features: UffdFeatures = faultMode == .uffdMinor ? [.minorShmem, .threadID]
-            : (faultMode == .vcpuExit ? [.sigbus] : [.threadID])
-        let mode: UffdRegisterMode = faultMode == .uffdMinor ? .minor : .missing
+            : (faultMode == .vcpuExit && userfault == nil ? [.sigbus] : [.threadID])
+        var mode: UffdRegisterMode = faultMode == .uffdMinor ? .minor : .missing
+        if writeLog != nil { mode.insert(.writeProtect) }
         let count = topology == .perVcpu && faultMode != .vcpuExit ? layout.vcpus : 1
         pagesPerUffd = layout.ramPages / count
         for i in 0..<count {
@@ -93,8 +118,9 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         let offset = ramOffset(page)
         let uffd = uffds[(page - layout.lowPages) / pagesPerUffd]
         let destination = HostAddress(rawValue: vm.ram.hostAddress.rawValue + offset)
-        // vcpu-exit: the waiting vCPU thread is woken by the installer, not by the kernel.
-        let dontWake = faultMode == .vcpuExit
+        // vcpu-exit: the waiting vCPU thread is woken by the installer, not by the kernel. (On
+        // KVM Userfault a non-vCPU access may sleep in the userfaultfd behind it: wake it.)
+        let dontWake = faultMode == .vcpuExit && userfault == nil
         let outcome: UffdInstallOutcome
         switch faultMode {
         case .uffdMinor:
@@ -108,11 +134,24 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
                 outcome = try uffd.move(to: destination, from: HostAddress(data), length: length, dontWake: dontWake,
                                         skippingPresent: 4096)
             } else if let data {
-                outcome = try uffd.copy(to: destination, from: data, length: length, dontWake: dontWake, skippingPresent: 4096)
+                outcome = try uffd.copy(to: destination, from: data, length: length, dontWake: dontWake,
+                                        writeProtect: writeLog != nil, skippingPresent: 4096)
+            } else if writeLog != nil {
+                // UFFDIO_ZEROPAGE has no write-protect mode (and a write to the zero page is a
+                // plain copy-on-write, never a userfault): copy zeros in, protected.
+                var installed = false
+                for i in 0..<count {
+                    let at = HostAddress(rawValue: destination.rawValue + UInt64(i * 4096))
+                    if try uffd.copy(to: at, from: zeroPage, length: 4096, dontWake: dontWake, writeProtect: true) == .installed {
+                        installed = true
+                    }
+                }
+                outcome = installed ? .installed : .alreadyPresent
             } else {
                 outcome = try uffd.zeroPage(at: destination, length: length, dontWake: dontWake, skippingPresent: 4096)
             }
         }
+        markPresent(first: page, count: count)  // every page of the run is in (skipped ones were mapped by another installer)
         return outcome == .installed
     }
 
@@ -163,8 +202,8 @@ extension UffdPageMapper {
     /// pages go in with UFFDIO_COPY (no vCPU runs yet: nothing can fault). MINOR writes the
     /// file and stays unarmed until the switch-over.
     static func armedForPrecopy(vm: MigratableVM, faultMode: FaultMode, topology: UffdTopology,
-                                pool: DestinationPool?) throws -> UffdPageMapper {
-        let mapper = UffdPageMapper(vm: vm, faultMode: faultMode, topology: topology, pool: pool)
+                                pool: DestinationPool?, writeLog: PageBitmap? = nil) throws -> UffdPageMapper {
+        let mapper = UffdPageMapper(vm: vm, faultMode: faultMode, topology: topology, pool: pool, writeLog: writeLog)
         if faultMode != .uffdMinor { try mapper.armFaults() }
         return mapper
     }

@@ -46,6 +46,9 @@ public struct MigrationOptions: Sendable {
     public var holdStreamUntilDemandPages: Int?
     /// The CPU the fault server runs on (see ``FaultPathCPU``).
     public var faultPathCPU: FaultPathCPU = .automatic
+    /// Skip pre-copy and stop-and-copy at once, for this reason (a guest_memfd VM whose RAM
+    /// slot cannot log dirty pages, asked for `--postcopy never`: GuestMemfdMigrationPlanner).
+    public var immediateStopAndCopy: String?
     /// Print a progress bar (stderr, when it is a terminal).
     public var progress = false
 

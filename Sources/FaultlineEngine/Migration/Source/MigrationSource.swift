@@ -138,6 +138,7 @@ public final class MigrationSource: @unchecked Sendable {
     func precopy(_ encoder: inout WireEncoder, since t0: UInt64) throws -> PrecopyDecision {
         let policy = options.policy
         var rounds: [PrecopyRound] = []
+        if let why = options.immediateStopAndCopy { return .stopAndCopy(.noPrecopy(why)) }
         var decision = policy.decide(rounds: [], elapsed: 0)
         guard decision == .nextRound else { return decision }
         try machine.startDirtyLog()
