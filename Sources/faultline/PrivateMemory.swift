@@ -82,11 +82,14 @@ struct BenchConversions: ParsableCommand {
 
     @OptionGroup var options: PrivateMemoryOptions
     @Option(help: "Run this many times") var `repeat` = 1
+    @Flag(help: "Baseline: the guest asks for the state the buffer is already in; the host converts nothing (exit and re-entry only)")
+    var baseline = false
     @Flag(help: "One JSON line per run") var json = false
 
     func run() {
         do {
-            let config = try options.config(readbacks: false)
+            var config = try options.config(readbacks: false)
+            config.guest.baseline = baseline
             var failed = false
             for _ in 0..<max(1, self.repeat) {
                 let report = try PrivateMemoryRun.run(config)
@@ -137,11 +140,12 @@ extension PrivateMemoryReport {
 
     var jsonLine: String {
         let c = config, g = config.guest, k = costs
-        var s = "{\"implementation\":\"faultline\",\"discard\":\"\(c.policy.name)\","
+        var s = "{\"implementation\":\"faultline\",\"discard\":\"\(g.baseline ? "baseline" : c.policy.name)\","
         if case .lazy(let b) = c.policy { s += "\"batch_pages\":\(b)," }
         s += "\"buffer_pages\":\(g.bufferPages),\"region_pages\":\(g.regionPages),\"shared_backing\":\"\(c.sharedBacking)\","
         s += "\"hypercall\":\"\(hypercallInstruction.rawValue)\",\"conversions\":\(k.conversions),\"guest_conversions\":\(guestConversions),"
         s += "\"seconds\":\(fmt(seconds, 6)),\"conversions_per_sec\":\(fmt(conversionsPerSecond, 0)),\"exits\":\(exits),"
+        s += "\"hypercalls\":\(hypercalls),\"hypercalls_per_sec\":\(fmt(hypercallsPerSecond, 0)),\"us_per_exit_kvm_run\":\(fmt(perCall(kvmRunNanoseconds, exits), 2)),"
         s += "\"us_per_conversion\":{\"set_attributes\":\(fmt(perCall(k.attributeNanoseconds, k.conversions), 2)),"
         s += "\"discard\":\(fmt(perCall(k.discardNanoseconds, k.conversions), 2)),"
         s += "\"kvm_run\":\(fmt(perCall(kvmRunNanoseconds, k.conversions), 2)),"

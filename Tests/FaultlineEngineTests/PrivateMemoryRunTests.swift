@@ -81,3 +81,45 @@ struct PrivateMemoryRunRefusalTests {
         }
     }
 }
+
+@Suite("PrivateMemory rig: KVM_EXIT_MEMORY_FAULT", .enabled(if: PrivateRigRun.available, PrivateRigRun.skipReason))
+struct PrivateMemoryRigMemoryFaultTests {
+    /// A page of a plain memslot (no guest_memfd) marked private: KVM cannot map it and
+    /// exits with KVM_EXIT_MEMORY_FAULT, flag PRIVATE, at that page. The controller refuses it
+    /// as a conversion request, naming the region it manages.
+    @Test(.timeLimit(.minutes(2)))
+    func privatePageWithoutGuestMemfdExitsAndIsRefused() throws {
+        let pvm = try PrivateMemoryVM(kvm: KVM(), gpa: GuestPhysicalAddress(0x10_0000), size: 16 * 4096)
+        let low = try GuestMemoryRegion(backing: .anonymous, size: 0x10000, label: "memory-fault-low")
+        var a = X86Assembler()
+        a.mov(.esi, imm: 0x8000)
+        a.store(.eax, to: .esi)
+        a.hlt()
+        let code = try a.assemble()
+        code.withUnsafeBytes { low.base.advanced(by: 0x1000).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        try pvm.vm.setMemoryRegion(slot: 0, guestPhysicalAddress: GuestPhysicalAddress(0), memory: low)
+        try pvm.vm.setMemoryAttributes(GuestMemoryRange(start: GuestPhysicalAddress(0x8000), size: 4096)!,
+                                       attributes: PrivateMemoryVM.attributePrivate)
+        let vcpu = try pvm.vm.createVcpu(id: 0)
+        try vcpu.enterFlatProtectedMode()
+        var regs = VcpuRegisters()
+        regs.rip = 0x1000
+        regs.rflags = 2
+        try vcpu.setRegisters(regs)
+        let exit = try vcpu.runOnce()
+        guard case .memoryFault(let gpa, let size, let flags) = exit else {
+            Issue.record("expected KVM_EXIT_MEMORY_FAULT, got \(exit)")
+            return
+        }
+        #expect(gpa.rawValue == 0x8000 && size == 4096 && flags & ConversionController.memoryFaultFlagPrivate != 0)
+        let controller = ConversionController(map: try SharingMap(memory: pvm.region, initial: .shared), policy: .eager,
+                                              kernel: pvm, clock: MonotonicClock.nanoseconds)
+        do {
+            try controller.memoryFault(gpa: gpa.rawValue, size: size, flags: flags)
+            Issue.record("a memory fault outside the private-capable region was taken as a conversion")
+        } catch {
+            #expect("\(error)" == "KVM_EXIT_MEMORY_FAULT at gpa 0x8000 size 0x1000 (private access): conversion of gpa 0x8000 "
+                    + "size 0x1000: outside guest memory (private-capable memory is [0x100000, 0x110000))")
+        }
+    }
+}
