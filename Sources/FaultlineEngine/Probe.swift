@@ -98,6 +98,7 @@ public struct SystemProbe: Sendable {
             ("uffd-* / vcpu-exit (soft)", need(uffdOK, "needs userfaultfd")),
             ("backing guest-memfd", need(kvmOK && p.guestMemfdFlags & 1 != 0, "needs KVM_CAP_GUEST_MEMFD_FLAGS with MMAP")),
             ("backing hugetlb", need(p.hugePages > 0, "no free 2 MiB huge pages")),
+            ("private memory (faultline private)", kvm.map { PrivateMemoryVM.obstacle($0) } ?? "needs /dev/kvm"),
             ("guest-memfd post-copy (KVM Userfault)", !p.rows.contains { $0.name == "KVM_MEM_USERFAULT" && $0.value == "yes" }
                 ? "KVM_MEM_USERFAULT is not in this kernel"
                 : "KVM_MEM_USERFAULT is in this kernel, but faultline does not use it yet"),

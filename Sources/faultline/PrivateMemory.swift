@@ -112,8 +112,8 @@ extension PrivateMemoryReport {
             "private memory: SW-protected VM, \(g.regionPages) pages at 0x\(String(g.regionGPA, radix: 16)) "
                 + "(guest_memfd + \(c.sharedBacking) shared backing), discard \(c.policy), hypercall \(hypercallInstruction.rawValue)",
             "guest: \(guestConversions) of \(g.conversions) conversions of a \(g.bufferPages)-page buffer, status \(guestStatus.map { "\($0)" } ?? "unknown")",
-            "contents: \(checkedObservations) observations checked exactly; shared backing kept \(survivedShared) / discarded \(zeroShared), "
-                + "private backing kept \(survivedPrivate) / discarded \(zeroPrivate)",
+            "contents: \(checkedObservations) observations checked exactly; shared backing kept \(survivedShared) / zeros \(zeroShared), "
+                + "private backing kept \(survivedPrivate) / zeros \(zeroPrivate) (zeros: discarded, or first use)",
         ]
         for r in readbacks {
             lines.append("readback \(r.index): kernel maps \(r.sharedPages) pages shared, \(r.privatePages) private: "
