@@ -162,3 +162,95 @@ struct PrivateMemoryHypercallTests {
         #expect(ConversionGuest.marker(readback: 1, page: 5) != ConversionGuest.marker(readback: 0, page: 5))
     }
 }
+
+/// The conversion guest run by the interpreter against a minimal model of KVM: per-page
+/// attributes and two backings (shared, private) for the words the program touches; a
+/// conversion swaps the page's visible words between them; `discard` zeroes the stale one.
+@Suite("Private memory: the conversion guest, interpreted")
+struct PrivateMemoryGuestInterpretedTests {
+    struct Outcome { var status: UInt32; var phase: UInt32; var hypercalls = 0; var readbacks: [[UInt32]] = [] }
+
+    func run(discard: Bool, conversions: Int) throws -> Outcome {
+        var c = ConversionGuest.Config()
+        c.conversions = conversions
+        c.regionPages = 4
+        c.bufferPage = 3
+        c.prologue = [.init(firstPage: 0, pages: 4, target: .shared), .init(firstPage: 2, pages: 2, target: .private)]
+        let g = try ConversionGuest(c)
+        let words = [0, ConversionGuest.markerOffset, 4092].map(UInt32.init)
+        var m = MiniX86(code: g.code, at: UInt32(ConversionGuest.codeGPA),
+                        data: UInt32(ConversionGuest.mailboxGPA)..<UInt32(c.regionGPA + c.regionPages * 4096))
+        var map = try SharingMap(memory: GuestMemoryRange(start: GuestPhysicalAddress(c.regionGPA), size: c.regionPages * 4096)!,
+                                 initial: .private)
+        var backing: [MemorySharing: [UInt32: UInt32]] = [.shared: [:], .private: [:]]  // address -> word, the hidden backing
+        var outcome = Outcome(status: 0, phase: 0)
+        let mailbox = UInt32(ConversionGuest.mailboxGPA)
+        while true {
+            let (stop, _) = try m.resume(maxSteps: 10_000)
+            switch stop {
+            case .hypercall:
+                outcome.hypercalls += 1
+                let request = try MapGPARange.decode(gpa: UInt64(m[.ebx]), pages: UInt64(m[.ecx]), attributes: UInt64(m[.edx])).get()
+                let changed = try map.convert(gpa: request.gpa, size: request.size, to: request.target)
+                for range in changed {
+                    for page in range {
+                        let base = UInt32(c.regionGPA + page * 4096)
+                        for w in words {  // hide the old state's words, show the new state's
+                            backing[request.target.other]![base + w] = discard ? 0 : m.peek(base + w)
+                            m.poke(base + w, backing[request.target]![base + w, default: 0])
+                        }
+                    }
+                }
+                m[.eax] = 0
+            case .out(let port, let r) where port == UInt16(ConversionGuest.readbackRequestPort):
+                for page in 0..<c.regionPages {  // the marker goes into the shared backing
+                    let address = UInt32(c.regionGPA + page * 4096) + UInt32(ConversionGuest.markerOffset)
+                    let marker = ConversionGuest.marker(readback: r, page: page)
+                    if map.state(ofPage: page) == .shared { m.poke(address, marker) } else { backing[.shared]![address] = marker }
+                }
+            case .out(let port, _) where port == UInt16(ConversionGuest.readbackDonePort):
+                outcome.readbacks.append((0..<Int(c.regionPages)).map { m.peek(mailbox + UInt32(ConversionGuest.Mailbox.readback + 4 * $0)) })
+            case .halt:
+                outcome.status = m.peek(mailbox + UInt32(ConversionGuest.Mailbox.status))
+                outcome.phase = m.peek(mailbox + UInt32(ConversionGuest.Mailbox.phase))
+                return outcome
+            default:
+                Issue.record("unexpected stop \(stop)")
+                return outcome
+            }
+        }
+    }
+
+    @Test func keepsContentsWithoutDiscardAndReadsBackTheMap() throws {
+        let o = try run(discard: false, conversions: 101)
+        #expect(o.status == ConversionGuest.Status.done.rawValue && o.phase == 101 && o.hypercalls == 103)
+        // Pages 0-1 shared (markers), 2 private (0), 3 (the buffer) private at first, shared after 101 conversions.
+        #expect(o.readbacks.count == 2)
+        #expect(o.readbacks[0] == [ConversionGuest.marker(readback: 0, page: 0), ConversionGuest.marker(readback: 0, page: 1), 0, 0])
+        #expect(o.readbacks[1][3] == ConversionGuest.marker(readback: 1, page: 3) && o.readbacks[1][2] == 0)
+    }
+
+    @Test func discardingStillSatisfiesTheGuestCheck() throws {
+        let o = try run(discard: true, conversions: 100)
+        #expect(o.status == ConversionGuest.Status.done.rawValue && o.phase == 100)
+    }
+
+    @Test func aBackingShowingForeignDataStopsTheGuest() throws {
+        // Model a broken kernel: conversions that do not swap backings. The guest sees its
+        // own shared value while private (or vice versa) and stops with status 2.
+        var c = ConversionGuest.Config()
+        c.conversions = 10
+        c.readbacks = false
+        let g = try ConversionGuest(c)
+        var m = MiniX86(code: g.code, at: UInt32(ConversionGuest.codeGPA),
+                        data: UInt32(ConversionGuest.mailboxGPA)..<UInt32(c.regionGPA + c.regionPages * 4096))
+        while true {
+            let (stop, _) = try m.resume(maxSteps: 10_000)
+            if stop == .hypercall { m[.eax] = 0; continue }
+            #expect(stop == .halt)
+            break
+        }
+        #expect(m.peek(UInt32(ConversionGuest.mailboxGPA) + UInt32(ConversionGuest.Mailbox.status)) == ConversionGuest.Status.contentMismatch.rawValue)
+        #expect(m.peek(UInt32(ConversionGuest.mailboxGPA) + UInt32(ConversionGuest.Mailbox.phase)) == 1)
+    }
+}
