@@ -37,6 +37,8 @@ for (pages, mode), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.
             # nothing converts: per hypercall instead
             if k == "kvm_run":
                 return med_worst([r["us_per_exit_kvm_run"] for r in rs], False)
+            if k == "userspace" and "us_per_exit_userspace" in rs[0]:
+                return med_worst([r["us_per_exit_userspace"] for r in rs], False)
             if k == "total":
                 return med_worst([1e6 / r["hypercalls_per_sec"] for r in rs], False)
             return "-"

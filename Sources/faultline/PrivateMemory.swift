@@ -145,7 +145,7 @@ extension PrivateMemoryReport {
         s += "\"buffer_pages\":\(g.bufferPages),\"region_pages\":\(g.regionPages),\"shared_backing\":\"\(c.sharedBacking)\","
         s += "\"hypercall\":\"\(hypercallInstruction.rawValue)\",\"conversions\":\(k.conversions),\"guest_conversions\":\(guestConversions),"
         s += "\"seconds\":\(fmt(seconds, 6)),\"conversions_per_sec\":\(fmt(conversionsPerSecond, 0)),\"exits\":\(exits),"
-        s += "\"hypercalls\":\(hypercalls),\"hypercalls_per_sec\":\(fmt(hypercallsPerSecond, 0)),\"us_per_exit_kvm_run\":\(fmt(perCall(kvmRunNanoseconds, exits), 2)),"
+        s += "\"hypercalls\":\(hypercalls),\"hypercalls_per_sec\":\(fmt(hypercallsPerSecond, 0)),\"us_per_exit_kvm_run\":\(fmt(perCall(kvmRunNanoseconds, exits), 2)),\"us_per_exit_userspace\":\(fmt(perCall(userspaceNanoseconds, exits), 2)),"
         s += "\"us_per_conversion\":{\"set_attributes\":\(fmt(perCall(k.attributeNanoseconds, k.conversions), 2)),"
         s += "\"discard\":\(fmt(perCall(k.discardNanoseconds, k.conversions), 2)),"
         s += "\"kvm_run\":\(fmt(perCall(kvmRunNanoseconds, k.conversions), 2)),"
