@@ -66,7 +66,7 @@ struct RigTests {
     @Test("rig/test on the KVM Userfault kernel: vcpu-exit works through KVM Userfault (bench, post-copy demo), auto picks it",
           .enabled(if: FileManager.default.fileExists(atPath: Rig.userfaultKernel.path), "no ../shared/rig/bzImage-6.12-userfault"),
           .timeLimit(.minutes(20)))
-    func rigChecksPassOnKVMUserfault() throws {
+    func rigChecksPassOnTheUserfaultKernel() throws {
         try Self.expectRigChecks(["--kernel", Rig.userfaultKernel.path], checks: ["a", "b", "f", "g", "h"], auto: "vcpu-exit")
     }
 
