@@ -33,6 +33,8 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     var bulk: WireChannel!
     var fault: WireChannel!
     var faultReceiver: OSThread?
+    /// Post-copy's background stream: staged here, mapped by installer threads.
+    var pipeline: InstallPipeline?
     var report = DestinationReport()
     var bytesFromClosedChannels: UInt64 = 0
     let faultCPU: Int32?
@@ -60,7 +62,8 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
             // except for pages the guest itself rewrote after they were installed.
             let vm = try MigratableVM(layout: layout, backing: options.faultMode == .uffdMinor ? .memfd : .anonymous,
                                       dirtyLogging: true, ram: ram)
-            if options.faultMode == .uffdMinor && ram == nil { try vm.ram.allocateFile() }
+            // uffd-minor: the memfd is not allocated here; pages are allocated as they are written
+            // (holes fault as MISSING: see UffdPageMapper.armFaults).
             if options.faultMode == .vcpuExit { vm.hostCompletedWrites = PageBitmap(count: layout.totalPages) }
             if options.preallocBytes > 0 { destination.preparePool(ramBytes: layout.ramSize) }
             machine = vm
@@ -114,9 +117,6 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         var sourceDigest: UInt64?
         var vcpuStates = 0
         let scratch = PageInstaller.Scratch(pages: 256)
-        // MINOR installs stay exclusive, so a fault on a page of a bulk run waits for the whole
-        // run (written into the file, then mapped): keep those runs short.
-        let runPages = options.faultMode == .uffdMinor ? 32 : 256
         receiveLoop: while true {
             do {
                 if let failure = failures.failure { throw failure }
@@ -129,7 +129,8 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                             HostProcess.exitImmediately(status: 9)  // the injection: a destination that dies mid-pre-copy
                         }
                     }
-                    else if guestStarted { try installer.install(batch, demand: false, scratch: scratch, runPages: runPages) }
+                    else if guestStarted, let pipeline { try pipeline.submit(batch) }
+                    else if guestStarted { try installer.install(batch, demand: false, scratch: scratch, runPages: bulkRunPages) }
                     else { throw MigrationError.protocolViolation("pages between ready and commit") }
                 case .vcpuState(let id, let blob):
                     guard phase == .precopy || phase == .switchover, !awaitingCommit else {
@@ -170,9 +171,13 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     }
                     phase = .completion
                     if !verified {
+                        try pipeline?.drain()
                         try waitForEveryPage()
                         tComplete = MonotonicClock.nanoseconds()
                         finishPostcopy()
+                        // The vCPUs keep their post-copy niceness while memory is read back: at
+                        // the same priority four guest threads left the check a fraction of a CPU.
+                        defer { if report.postcopy && options.vcpuNicenessDuringPostcopy != 0 { machine.setVcpuNiceness(0) } }
                         try verify(expected: expected)
                         guard report.digestMatch else {
                             let cause = MigrationError.digestMismatch(source: expected, destination: report.destinationDigest)
@@ -303,7 +308,19 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         switchPart("fault_path")
     }
 
+    /// MINOR installs stay exclusive, so a fault on a page of a bulk run waits for the whole
+    /// run (written into the file, then mapped): keep those runs short.
+    var bulkRunPages: Int { options.faultMode == .uffdMinor ? 32 : 256 }
+
     func startGuest() throws {
+        if report.postcopy && pipeline == nil {
+            // MINOR: a fault on a page staged for the background waits for it (exclusive
+            // installs), so little is staged ahead there.
+            let minor = options.faultMode == .uffdMinor
+            pipeline = try InstallPipeline(installer: installer, depth: minor ? 2 : 8, scratchPages: 256,
+                                           runPages: bulkRunPages, installers: 1,
+                                           onFailure: { [failures] in failures.record("installer", $0) })
+        }
         phase = .postcopy
         awaitingCommit = false
         guestStarted = true
@@ -329,6 +346,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     // MARK: connections
 
     func closeChannels() {
+        try? pipeline?.drain()  // what is staged goes in before the source is told what is missing
         bytesFromClosedChannels += bulk.bytesReceived + fault.bytesReceived
         bulk.close()
         fault.close()
@@ -436,7 +454,6 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
 
     func finishPostcopy() {
         guard report.postcopy else { return }
-        if options.vcpuNicenessDuringPostcopy != 0 { machine.setVcpuNiceness(0) }
         // Readers first: a reader still resolving a fault (for a page the stream installed
         // meanwhile) would otherwise find its range unregistered under it - UFFDIO_CONTINUE
         // answers ENOENT there - and fail the migration (chaos seed 33, uffd-minor, 256 MiB).
@@ -519,6 +536,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         fault?.close()
         faultReceiver?.join()
         faultReceiver = nil
+        pipeline?.stop()
         requester?.stop()
         let vcpuError = guestStarted ? machine?.stopGuest() : nil
         guestStarted = false

@@ -66,9 +66,14 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
 
     public func armFaults() throws {
         guard !armed else { return }
-        let features: UffdFeatures = faultMode == .uffdMinor ? [.minorShmem, .threadID]
+        let features: UffdFeatures = faultMode == .uffdMinor ? [.minorShmem, .missingShmem, .threadID]
             : (faultMode == .vcpuExit ? [.sigbus] : [.threadID])
-        let mode: UffdRegisterMode = faultMode == .uffdMinor ? .minor : .missing
+        // MINOR also registers MISSING: the memfd is not allocated up front (1 GiB took 0.6 s
+        // before the first page could come), so a page nothing was written to yet is a hole,
+        // which faults as MISSING (MINOR alone would let the kernel fill it with zeros). Both
+        // are resolved the same way: the bytes are written into the file, then CONTINUE maps
+        // them (and wakes either kind of waiter: wake-ups go by address).
+        let mode: UffdRegisterMode = faultMode == .uffdMinor ? [.minor, .missing] : .missing
         let count = topology == .perVcpu && faultMode != .vcpuExit ? layout.vcpus : 1
         pagesPerUffd = layout.ramPages / count
         for i in 0..<count {
