@@ -124,7 +124,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                 switch message {
                 case .pages(let batch):
                     if phase.isBeforeCommit && !awaitingCommit {
-                        try installer.storePrecopy(batch)
+                        try installer.storePrecopy(batch, scratch: scratch)
                         if let n = options.exitDuringPrecopyAfterPages, installer.precopyCount.load(ordering: .relaxed) >= n {
                             HostProcess.exitImmediately(status: 9)  // the injection: a destination that dies mid-pre-copy
                         }

@@ -38,20 +38,42 @@ final class PageInstaller: @unchecked Sendable {
         }
     }
 
-    /// Before the switch-over: every page of the batch becomes the current copy.
-    func storePrecopy(_ batch: PageBatch) throws {
+    /// Before the switch-over: every page of the batch becomes the current copy. Runs of
+    /// consecutive RAM pages that have no copy here yet (nothing mapped: their first copy, or
+    /// one dropped as stale) are staged and stored with one call each (one UFFDIO_COPY in
+    /// MISSING modes, one pwrite for MINOR); a page stored before is overwritten in place.
+    func storePrecopy(_ batch: PageBatch, scratch: Scratch) throws {
+        var runStart = -1, runCount = 0
+        func flush() throws {
+            guard runCount > 0 else { return }
+            defer { runCount = 0 }
+            try mapper.storeRun(first: runStart, count: runCount, data: scratch.staging)
+        }
         for p in batch {
             let page = Int(truncatingIfNeeded: p.index)
             try checkIndex(page)
-            if p.kind == .zero {
+            let fresh = page >= lowPages && table.state(page) != .precopied
+            if fresh && runCount > 0 && page == runStart + runCount && runCount < scratch.pages
+                && mapper.group(of: page) == mapper.group(of: runStart) {
+                // joins the run
+            } else {
+                try flush()  // in order: a page repeated in the batch must not be overwritten by its older copy
+                if fresh { runStart = page }
+            }
+            if fresh {
+                let slot = scratch.staging + runCount * 4096
+                if p.kind == .zero { slot.initializeMemory(as: UInt8.self, repeating: 0, count: 4096) }
+                else { p.withUnsafeBytes { slot.copyMemory(from: $0.baseAddress!, byteCount: 4096) } }
+                runCount += 1
+            } else if p.kind == .zero {
                 try mapper.store(page, bytes: nil)
-                table.recordPrecopy(page, crc: MemoryDigest.zeroPageCRC)
             } else {
                 try p.withUnsafeBytes { try mapper.store(page, bytes: $0.baseAddress!) }
-                table.recordPrecopy(page, crc: p.checksum)
             }
+            table.recordPrecopy(page, crc: p.kind == .zero ? MemoryDigest.zeroPageCRC : p.checksum)
             precopyCount.wrappingIncrement(ordering: .relaxed)
         }
+        try flush()
     }
 
     /// An installer thread's current chunk of pool pages (bulk runs are written straight into it).

@@ -57,6 +57,22 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         }
     }
 
+    public func storeRun(first page: Int, count: Int, data: UnsafeRawPointer) throws {
+        if page >= layout.lowPages && count > 1 {
+            if faultMode == .uffdMinor {
+                try vm.ram.writeFile(at: ramOffset(page), from: data, length: count * 4096)
+                return
+            }
+            if armed {
+                let uffd = uffds[(page - layout.lowPages) / pagesPerUffd]
+                let destination = HostAddress(rawValue: vm.ram.hostAddress.rawValue + ramOffset(page))
+                if try uffd.copy(to: destination, from: data, length: UInt64(count) * 4096) == .installed { return }
+                // Some page was mapped already: page by page (those are overwritten in place).
+            }
+        }
+        for i in 0..<count { try store(page + i, bytes: data + i * 4096) }
+    }
+
     public func discard(_ pages: Range<Int>) throws {
         guard faultMode != .uffdMinor else { return }  // MINOR: the file copy is overwritten before CONTINUE maps it
         let ram = pages.clamped(to: layout.lowPages..<layout.totalPages)
