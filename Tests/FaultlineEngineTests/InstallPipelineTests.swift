@@ -3,7 +3,7 @@ import FaultlineCore
 import FaultlineLinux
 import Testing
 
-@Suite("Install pipeline and batched pre-copy stores (no kernel)", .timeLimit(.minutes(1)))
+@Suite("Install pipeline and batched pre-copy stores (no kernel)", .timeLimit(.minutes(10)))
 struct InstallPipelineTests {
     /// A decoded batch of `pages` (index, first byte; nil byte: a zero marker).
     func batch(_ pages: [(Int, UInt8?)]) throws -> PageBatch {
@@ -16,14 +16,7 @@ struct InstallPipelineTests {
             _ = bytes.withUnsafeBytes { e.appendPage(index: UInt64(p), bytes: $0) }
         }
         e.endPages()
-        var d = WireDecoder()
-        let encoded = e.bytes
-        _ = d.append(upTo: encoded.count) { buf in
-            encoded.withUnsafeBytes { buf.copyMemory(from: $0) }
-            return encoded.count
-        }
-        guard case .pages(let b)? = try d.nextMessage() else { throw MigrationError.protocolViolation("no batch") }
-        return b
+        return try decodedBatch(e.bytes)
     }
 
     func tag(_ p: Int) -> UInt8 { UInt8(truncatingIfNeeded: p &* 7 &+ 1) }
@@ -116,4 +109,15 @@ struct InstallPipelineTests {
         }
         #expect(installer.precopyCount.load(ordering: .relaxed) == pages + 6 + 4)
     }
+}
+
+/// The one `pages` batch that `encoded` holds, decoded (a view into the decoder's buffer).
+func decodedBatch(_ encoded: [UInt8]) throws -> PageBatch {
+    var d = WireDecoder()
+    _ = d.append(upTo: encoded.count) { buf in
+        encoded.withUnsafeBytes { buf.copyMemory(from: $0) }
+        return encoded.count
+    }
+    guard case .pages(let b)? = try d.nextMessage() else { throw MigrationError.protocolViolation("no batch") }
+    return b
 }
