@@ -86,6 +86,27 @@ struct InstallPipelineTests {
         #expect(table.installedCount == 128)  // the two runs before the failing call
     }
 
+    @Test func thePrecopyPipelineStoresInArrivalOrder() throws {
+        let pages = 16 + 1024
+        let table = DestinationPageTable(count: pages)
+        let mapper = MemoryPageMapper(pages: pages)
+        let installer = PageInstaller(table: table, mapper: mapper, book: FaultBook(pages: pages, vcpus: 1, vcpusAccountOwnStall: false),
+                                      lowPages: 16, exclusiveInstalls: false)
+        let pipeline = try InstallPipeline(.precopy, installer: installer, depth: 2, scratchPages: 64, runPages: 64, installers: 4,
+                                           onFailure: { _ in })
+        // Eight rounds over the same pages, each with its own content: the last one must win.
+        for round in 0..<8 {
+            try pipeline.submit(try batch((0..<pages).map { ($0, round == 5 && $0 % 3 == 0 ? nil : UInt8(round + 1)) }))
+        }
+        try pipeline.drain()
+        pipeline.stop()
+        for p in 0..<pages {
+            #expect(mapper.bytes(of: p).load(as: UInt8.self) == 8, "page \(p)")
+            #expect(table.state(p) == .precopied)
+        }
+        #expect(installer.precopyCount.load(ordering: .relaxed) == 8 * pages)
+    }
+
     @Test func precopyStoresKeepTheLastCopyOfEveryPage() throws {
         let pages = 16 + 512
         let table = DestinationPageTable(count: pages)

@@ -35,6 +35,8 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     var faultReceiver: OSThread?
     /// Post-copy's background stream: staged here, mapped by installer threads.
     var pipeline: InstallPipeline?
+    /// Pre-copy rounds: staged here, stored in order by an installer thread.
+    var precopyPipeline: InstallPipeline?
     var report = DestinationReport()
     var bytesFromClosedChannels: UInt64 = 0
     let faultCPU: Int32?
@@ -124,7 +126,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                 switch message {
                 case .pages(let batch):
                     if phase.isBeforeCommit && !awaitingCommit {
-                        try installer.storePrecopy(batch, scratch: scratch)
+                        try precopyStores().submit(batch)
                         if let n = options.exitDuringPrecopyAfterPages, installer.precopyCount.load(ordering: .relaxed) >= n {
                             HostProcess.exitImmediately(status: 9)  // the injection: a destination that dies mid-pre-copy
                         }
@@ -137,6 +139,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                         throw MigrationError.protocolViolation("vCPU state after the switch-over")
                     }
                     if tSwitch == 0 { tSwitch = MonotonicClock.nanoseconds(); switchParts.start(at: tSwitch) }
+                    try finishPrecopyStores()
                     phase = .switchover
                     try machine.loadVcpuState(Int(id), blob: blob)
                     vcpuStates += 1
@@ -144,6 +147,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     guard phase == .switchover, !awaitingCommit, vcpuStates == layout.vcpus else {
                         throw MigrationError.protocolViolation("switch-over with \(vcpuStates) of \(layout.vcpus) vCPU states")
                     }
+                    try finishPrecopyStores()
                     switchPart("vcpu_state_and_low_memory")
                     try prepareSwitchover(owed: owed)
                     awaitingCommit = true
@@ -156,8 +160,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     tRunning = MonotonicClock.nanoseconds()
                     switchPart("start_guest")
                 case .ack(SessionAck.roundSent) where phase == .precopy && !awaitingCommit:
+                    try precopyPipeline?.drain()  // stored, not queued
                     try acknowledgeRound()
                 case .discard(let ranges) where phase == .precopy && !awaitingCommit:
+                    try precopyPipeline?.drain()  // a queued older copy must not come back after the drop
                     try dropStaleEarly(ranges)
                 case .digest(let algorithm, let bytes):
                     guard algorithm == .pageCRC32CXor, let value = MemoryDigest.value(bytes) else {
@@ -536,6 +542,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         fault?.close()
         faultReceiver?.join()
         faultReceiver = nil
+        precopyPipeline?.stop()
         pipeline?.stop()
         requester?.stop()
         let vcpuError = guestStarted ? machine?.stopGuest() : nil

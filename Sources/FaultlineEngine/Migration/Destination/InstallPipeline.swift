@@ -1,15 +1,19 @@
 import FaultlineCore
 import FaultlineLinux
 
-/// Post-copy's background stream in two stages on two threads: the bulk receiver verifies,
-/// claims and stages each batch into a free scratch (``PageInstaller/stage``), and an
-/// installer thread maps the staged runs (``PageInstaller/apply``). Receiving and checking
+/// The bulk stream in two stages on two threads: the bulk receiver verifies, (after the
+/// switch-over) claims and stages each batch into a free scratch, and an installer thread
+/// stores or maps what is staged (pre-copy: ``PageInstaller/stagePrecopy`` and
+/// ``PageInstaller/applyPrecopy``, on one installer thread, in order; post-copy:
+/// ``PageInstaller/stage`` and ``PageInstaller/apply``). Receiving and checking
 /// the next batch then overlaps with mapping this one - on this machine mapping a page
 /// (allocating it) costs about twice what receiving and checking it does, and a single thread
 /// paid both one after the other. The scratches are allocated once; a full ring makes the
 /// receiver wait (the socket then pushes back on the source).
 final class InstallPipeline: @unchecked Sendable {
+    enum Stage { case precopy, postcopy }
     let installer: PageInstaller
+    let stage: Stage
     let runPages: Int
     private let scratches: [PageInstaller.Scratch]
     private let condition = TimedCondition()
@@ -24,16 +28,18 @@ final class InstallPipeline: @unchecked Sendable {
     private var threads: [OSThread] = []
     private let onFailure: (Error) -> Void
 
-    /// `depth` scratches of `scratchPages` pages each; `installers` mapping threads.
-    init(installer: PageInstaller, depth: Int, scratchPages: Int, runPages: Int, installers: Int,
+    /// `depth` scratches of `scratchPages` pages each; `installers` mapping threads (pre-copy:
+    /// always one, since a later copy of a page must win).
+    init(_ stage: Stage = .postcopy, installer: PageInstaller, depth: Int, scratchPages: Int, runPages: Int, installers: Int,
          onFailure: @escaping (Error) -> Void) throws {
+        self.stage = stage
         self.installer = installer
         self.runPages = runPages
         self.onFailure = onFailure
         scratches = (0..<max(depth, 1)).map { _ in PageInstaller.Scratch(pages: scratchPages) }
         free = Array(scratches.indices)
         queued.reserveCapacity(scratches.count)
-        for i in 0..<max(installers, 1) {
+        for i in 0..<(stage == .precopy ? 1 : max(installers, 1)) {
             threads.append(try OSThread(name: "installer \(i)") { [self] in installLoop() })
         }
     }
@@ -49,10 +55,11 @@ final class InstallPipeline: @unchecked Sendable {
             let scratch = scratches[index]
             let finished: Bool
             do {
-                finished = try installer.stage(&pages, demand: false, into: scratch, pool: &pool, runPages: runPages)
+                finished = stage == .precopy ? try installer.stagePrecopy(&pages, into: scratch)
+                    : try installer.stage(&pages, demand: false, into: scratch, pool: &pool, runPages: runPages)
             } catch {
                 // Nothing of it is mapped: give the claims back with the scratch.
-                for run in scratch.runs { for i in 0..<run.count { installer.table.unclaim(run.first + i) } }
+                if stage == .postcopy { unclaim(scratch) }
                 scratch.reset()
                 condition.withLock { free.append(index) }
                 throw error
@@ -82,10 +89,14 @@ final class InstallPipeline: @unchecked Sendable {
         for t in threads { t.join() }
         threads = []
         for index in condition.withLock({ queued }) {
-            for run in scratches[index].runs { for i in 0..<run.count { installer.table.unclaim(run.first + i) } }
+            if stage == .postcopy { unclaim(scratches[index]) }
             scratches[index].reset()
         }
         condition.withLock { queued.removeAll() }
+    }
+
+    private func unclaim(_ scratch: PageInstaller.Scratch) {
+        for run in scratch.runs { for i in 0..<run.count { installer.table.unclaim(run.first + i) } }
     }
 
     private func takeFree() throws -> Int {
@@ -107,7 +118,11 @@ final class InstallPipeline: @unchecked Sendable {
             }) else { return }
             let scratch = scratches[index]
             var failed: Error?
-            do { try installer.apply(scratch, demand: false) } catch { failed = error }
+            do {
+                if stage == .precopy { try installer.applyPrecopy(scratch) } else { try installer.apply(scratch, demand: false) }
+            } catch {
+                failed = error
+            }
             scratch.reset()
             condition.withLock {
                 busy -= 1

@@ -38,39 +38,61 @@ final class PageInstaller: @unchecked Sendable {
         }
     }
 
-    /// Before the switch-over: every page of the batch becomes the current copy. Runs of
-    /// consecutive RAM pages that have no copy here yet (nothing mapped: their first copy, or
-    /// one dropped as stale) are staged and stored with one call each (one UFFDIO_COPY in
-    /// MISSING modes, one pwrite for MINOR); a page stored before is overwritten in place.
+    /// Before the switch-over: every page of the batch becomes the current copy (see
+    /// ``applyPrecopy(_:)``).
     func storePrecopy(_ batch: PageBatch, scratch: Scratch) throws {
+        var pages = batch.makeIterator()
+        var done = false
+        while !done {
+            scratch.reset()
+            done = try stagePrecopy(&pages, into: scratch)
+            try applyPrecopy(scratch)
+        }
+    }
+
+    /// Stages pre-copy pages in arrival order, one staging page each (zero pages as zeros), until
+    /// the batch ends (true) or the staging buffer is full (false).
+    func stagePrecopy(_ pages: inout PageBatch.Iterator, into scratch: Scratch) throws -> Bool {
+        while scratch.hasRoom {
+            guard let p = pages.next() else { return true }
+            let page = Int(truncatingIfNeeded: p.index)
+            try checkIndex(page)
+            let slot = scratch.staging + scratch.used * 4096
+            if p.kind == .zero { slot.initializeMemory(as: UInt8.self, repeating: 0, count: 4096) }
+            else { p.withUnsafeBytes { slot.copyMemory(from: $0.baseAddress!, byteCount: 4096) } }
+            scratch.runs.append(StagedRun(first: page, count: 1, zero: p.kind == .zero, data: slot, inPool: false,
+                                          crcStart: scratch.crc.count))
+            scratch.crc.append(p.kind == .zero ? MemoryDigest.zeroPageCRC : p.checksum)
+            scratch.used += 1
+        }
+        return false
+    }
+
+    /// Stores staged pre-copy pages in order. Runs of consecutive RAM pages that have no copy
+    /// here yet (nothing mapped: their first copy, or one dropped as stale) go in with one call
+    /// each (one UFFDIO_COPY in MISSING modes, one pwrite for MINOR); a page stored before is
+    /// overwritten in place.
+    func applyPrecopy(_ scratch: Scratch) throws {
         var runStart = -1, runCount = 0
+        var runData = scratch.staging
         func flush() throws {
             guard runCount > 0 else { return }
             defer { runCount = 0 }
-            try mapper.storeRun(first: runStart, count: runCount, data: scratch.staging)
+            try mapper.storeRun(first: runStart, count: runCount, data: runData)
         }
-        for p in batch {
-            let page = Int(truncatingIfNeeded: p.index)
-            try checkIndex(page)
+        for (e, entry) in scratch.runs.enumerated() {
+            let page = entry.first
             let fresh = page >= lowPages && table.state(page) != .precopied
-            if fresh && runCount > 0 && page == runStart + runCount && runCount < scratch.pages
+            if fresh && runCount > 0 && page == runStart + runCount && entry.data == runData + runCount * 4096
                 && mapper.group(of: page) == mapper.group(of: runStart) {
                 // joins the run
             } else {
                 try flush()  // in order: a page repeated in the batch must not be overwritten by its older copy
-                if fresh { runStart = page }
+                if fresh { runStart = page; runData = entry.data }
             }
-            if fresh {
-                let slot = scratch.staging + runCount * 4096
-                if p.kind == .zero { slot.initializeMemory(as: UInt8.self, repeating: 0, count: 4096) }
-                else { p.withUnsafeBytes { slot.copyMemory(from: $0.baseAddress!, byteCount: 4096) } }
-                runCount += 1
-            } else if p.kind == .zero {
-                try mapper.store(page, bytes: nil)
-            } else {
-                try p.withUnsafeBytes { try mapper.store(page, bytes: $0.baseAddress!) }
-            }
-            table.recordPrecopy(page, crc: p.kind == .zero ? MemoryDigest.zeroPageCRC : p.checksum)
+            if fresh { runCount += 1 }
+            else { try mapper.store(page, bytes: entry.zero ? nil : UnsafeRawPointer(entry.data)) }
+            table.recordPrecopy(page, crc: scratch.crc[e])
             precopyCount.wrappingIncrement(ordering: .relaxed)
         }
         try flush()
