@@ -188,12 +188,22 @@ struct ConfigTests {
 struct CRCHardwareTests {
     @Test func hardwareAndSoftwareAgree() {
         var rng = SystemRandomNumberGenerator()
-        for length in [0, 1, 7, 8, 9, 63, 4096, 4097, 10_000] {
-            let bytes = (0..<length).map { _ in UInt8.random(in: 0...255, using: &rng) }
-            bytes.withUnsafeBytes { raw in
-                #expect(CRC32C.checksum(raw) == CRC32C.softwareChecksum(raw), "length \(length)")
+        // Around the four-lane blocks (4 KiB), from aligned and unaligned starts.
+        for length in [0, 1, 7, 8, 9, 63, 4095, 4096, 4097, 8192, 12_291, 10_000] {
+            let bytes = (0..<length + 3).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            bytes.withUnsafeBytes { all in
+                for offset in 0..<3 {
+                    let raw = UnsafeRawBufferPointer(rebasing: all[offset..<offset + length])
+                    #expect(CRC32C.checksum(raw) == CRC32C.softwareChecksum(raw), "length \(length) at +\(offset)")
+                }
             }
         }
+        // Fed in pieces that split the blocks.
+        let long = (0..<20_000).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        var pieces = CRC32C()
+        pieces.update(long[..<5000])
+        pieces.update(long[5000...])
+        #expect(pieces.value == long.withUnsafeBytes { CRC32C.softwareChecksum($0) })
         #expect(Array("123456789".utf8).withUnsafeBytes { CRC32C.checksum($0) } == 0xE306_9283)
     }
 }

@@ -15,14 +15,7 @@ struct InstallerAndClassifierTests {
             _ = bytes.withUnsafeBytes { e.appendPage(index: UInt64(p), bytes: $0) }
         }
         e.endPages()
-        var d = WireDecoder()
-        let encoded = e.bytes
-        _ = d.append(upTo: encoded.count) { buf in
-            encoded.withUnsafeBytes { buf.copyMemory(from: $0) }
-            return encoded.count
-        }
-        guard case .pages(let b)? = try d.nextMessage() else { throw MigrationError.protocolViolation("no batch") }
-        return b
+        return try decodedBatch(e.bytes)
     }
 
     @Test(arguments: [true, false])

@@ -2,6 +2,24 @@ import FaultlineCore
 import FaultlineLinux
 
 extension DestinationAttempt {
+    /// Pre-copy pages are stored by an installer thread while the next batch is received and
+    /// checked (in order: one thread, a FIFO of scratches).
+    func precopyStores() throws -> InstallPipeline {
+        if let precopyPipeline { return precopyPipeline }
+        let p = try InstallPipeline(.precopy, installer: installer, depth: 4, scratchPages: 256, runPages: 256, installers: 1,
+                                    onFailure: { [failures] in failures.record("pre-copy installer", $0) })
+        precopyPipeline = p
+        return p
+    }
+
+    /// The switch-over begins: every pre-copy page is stored; the installer thread ends.
+    func finishPrecopyStores() throws {
+        guard let p = precopyPipeline else { return }
+        try p.drain()
+        p.stop()
+        precopyPipeline = nil
+    }
+
     /// `roundAcks`: every page the source sent before `roundSent` has been stored (the bulk
     /// connection is read in order, so they all are by now).
     func acknowledgeRound() throws {

@@ -33,6 +33,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     var bulk: WireChannel!
     var fault: WireChannel!
     var faultReceiver: OSThread?
+    /// Post-copy's background stream: staged here, mapped by installer threads.
+    var pipeline: InstallPipeline?
+    /// Pre-copy rounds: staged here, stored in order by an installer thread.
+    var precopyPipeline: InstallPipeline?
     var report = DestinationReport()
     var bytesFromClosedChannels: UInt64 = 0
     let faultCPU: Int32?
@@ -78,7 +82,8 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
             let vm = try MigratableVM(layout: layout, backing: options.faultMode == .uffdMinor ? .memfd : .anonymous,
                                       dirtyLogging: true, ram: ram, userfaultBitmap: userfault, guestMemfdRAM: gmem)
             if gmem { vm.guestWriteLog = PageBitmap(count: layout.totalPages) }
-            if options.faultMode == .uffdMinor && ram == nil { try vm.ram.allocateFile() }
+            // uffd-minor: the memfd is not allocated here; pages are allocated as they are written
+            // (holes fault as MISSING: see UffdPageMapper.armFaults).
             if vcpuExitMechanism == .sigbusExit { vm.hostCompletedWrites = PageBitmap(count: layout.totalPages) }
             if options.preallocBytes > 0 && !gmem { destination.preparePool(ramBytes: layout.ramSize) }
             machine = vm
@@ -132,9 +137,6 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         var sourceDigest: UInt64?
         var vcpuStates = 0
         let scratch = PageInstaller.Scratch(pages: 256)
-        // MINOR installs stay exclusive, so a fault on a page of a bulk run waits for the whole
-        // run (written into the file, then mapped): keep those runs short.
-        let runPages = options.faultMode == .uffdMinor ? 32 : 256
         receiveLoop: while true {
             do {
                 if let failure = failures.failure { throw failure }
@@ -142,18 +144,20 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                 switch message {
                 case .pages(let batch):
                     if phase.isBeforeCommit && !awaitingCommit {
-                        try installer.storePrecopy(batch)
+                        try precopyStores().submit(batch)
                         if let n = options.exitDuringPrecopyAfterPages, installer.precopyCount.load(ordering: .relaxed) >= n {
                             HostProcess.exitImmediately(status: 9)  // the injection: a destination that dies mid-pre-copy
                         }
                     }
-                    else if guestStarted { try installer.install(batch, demand: false, scratch: scratch, runPages: runPages) }
+                    else if guestStarted, let pipeline { try pipeline.submit(batch) }
+                    else if guestStarted { try installer.install(batch, demand: false, scratch: scratch, runPages: bulkRunPages) }
                     else { throw MigrationError.protocolViolation("pages between ready and commit") }
                 case .vcpuState(let id, let blob):
                     guard phase == .precopy || phase == .switchover, !awaitingCommit else {
                         throw MigrationError.protocolViolation("vCPU state after the switch-over")
                     }
                     if tSwitch == 0 { tSwitch = MonotonicClock.nanoseconds(); switchParts.start(at: tSwitch) }
+                    try finishPrecopyStores()
                     phase = .switchover
                     try machine.loadVcpuState(Int(id), blob: blob)
                     vcpuStates += 1
@@ -161,6 +165,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     guard phase == .switchover, !awaitingCommit, vcpuStates == layout.vcpus else {
                         throw MigrationError.protocolViolation("switch-over with \(vcpuStates) of \(layout.vcpus) vCPU states")
                     }
+                    try finishPrecopyStores()
                     switchPart("vcpu_state_and_low_memory")
                     try prepareSwitchover(owed: owed)
                     awaitingCommit = true
@@ -173,8 +178,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     tRunning = MonotonicClock.nanoseconds()
                     switchPart("start_guest")
                 case .ack(SessionAck.roundSent) where phase == .precopy && !awaitingCommit:
+                    try precopyPipeline?.drain()  // stored, not queued
                     try acknowledgeRound()
                 case .discard(let ranges) where phase == .precopy && !awaitingCommit:
+                    try precopyPipeline?.drain()  // a queued older copy must not come back after the drop
                     try dropStaleEarly(ranges)
                 case .digest(let algorithm, let bytes):
                     guard algorithm == .pageCRC32CXor, let value = MemoryDigest.value(bytes) else {
@@ -188,9 +195,13 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     }
                     phase = .completion
                     if !verified {
+                        try pipeline?.drain()
                         try waitForEveryPage()
                         tComplete = MonotonicClock.nanoseconds()
                         finishPostcopy()
+                        // The vCPUs keep their post-copy niceness while memory is read back: at
+                        // the same priority four guest threads left the check a fraction of a CPU.
+                        defer { if report.postcopy && options.vcpuNicenessDuringPostcopy != 0 { machine.setVcpuNiceness(0) } }
                         try verify(expected: expected)
                         guard report.digestMatch else {
                             let cause = MigrationError.digestMismatch(source: expected, destination: report.destinationDigest)
@@ -343,7 +354,19 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         }
     }
 
+    /// MINOR installs stay exclusive, so a fault on a page of a bulk run waits for the whole
+    /// run (written into the file, then mapped): keep those runs short.
+    var bulkRunPages: Int { options.faultMode == .uffdMinor ? 32 : 256 }
+
     func startGuest() throws {
+        if report.postcopy && pipeline == nil {
+            // MINOR: a fault on a page staged for the background waits for it (exclusive
+            // installs), so little is staged ahead there.
+            let minor = options.faultMode == .uffdMinor
+            pipeline = try InstallPipeline(installer: installer, depth: minor ? 2 : 8, scratchPages: 256,
+                                           runPages: bulkRunPages, installers: 1,
+                                           onFailure: { [failures] in failures.record("installer", $0) })
+        }
         phase = .postcopy
         awaitingCommit = false
         guestStarted = true
@@ -369,6 +392,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     // MARK: connections
 
     func closeChannels() {
+        try? pipeline?.drain()  // what is staged goes in before the source is told what is missing
         bytesFromClosedChannels += bulk.bytesReceived + fault.bytesReceived
         bulk.close()
         fault.close()
@@ -480,7 +504,6 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
 
     func finishPostcopy() {
         guard report.postcopy else { return }
-        if options.vcpuNicenessDuringPostcopy != 0 { machine.setVcpuNiceness(0) }
         // Write tracking needs the readers and the registration until the digest is taken
         // (tearDown ends both).
         if tracksWritesWithUserfaultfd { return }
@@ -581,6 +604,8 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         // Write-tracked RAM: unregistering lifts the protection and wakes a vCPU waiting on a
         // write-protect fault, before the readers that would answer it stop.
         if mapper != nil && tracksWritesWithUserfaultfd { mapper.disarmFaults() }
+        precopyPipeline?.stop()
+        pipeline?.stop()
         requester?.stop()
         let vcpuError = guestStarted ? machine?.stopGuest() : nil
         guestStarted = false

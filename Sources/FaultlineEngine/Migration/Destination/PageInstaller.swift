@@ -38,20 +38,64 @@ final class PageInstaller: @unchecked Sendable {
         }
     }
 
-    /// Before the switch-over: every page of the batch becomes the current copy.
-    func storePrecopy(_ batch: PageBatch) throws {
-        for p in batch {
+    /// Before the switch-over: every page of the batch becomes the current copy (see
+    /// ``applyPrecopy(_:)``).
+    func storePrecopy(_ batch: PageBatch, scratch: Scratch) throws {
+        var pages = batch.makeIterator()
+        var done = false
+        while !done {
+            scratch.reset()
+            done = try stagePrecopy(&pages, into: scratch)
+            try applyPrecopy(scratch)
+        }
+    }
+
+    /// Stages pre-copy pages in arrival order, one staging page each (zero pages as zeros), until
+    /// the batch ends (true) or the staging buffer is full (false).
+    func stagePrecopy(_ pages: inout PageBatch.Iterator, into scratch: Scratch) throws -> Bool {
+        while scratch.hasRoom {
+            guard let p = pages.next() else { return true }
             let page = Int(truncatingIfNeeded: p.index)
             try checkIndex(page)
-            if p.kind == .zero {
-                try mapper.store(page, bytes: nil)
-                table.recordPrecopy(page, crc: MemoryDigest.zeroPageCRC)
+            let slot = scratch.staging + scratch.used * 4096
+            if p.kind == .zero { slot.initializeMemory(as: UInt8.self, repeating: 0, count: 4096) }
+            else { p.withUnsafeBytes { slot.copyMemory(from: $0.baseAddress!, byteCount: 4096) } }
+            scratch.runs.append(StagedRun(first: page, count: 1, zero: p.kind == .zero, data: slot, inPool: false,
+                                          crcStart: scratch.crc.count))
+            scratch.crc.append(p.kind == .zero ? MemoryDigest.zeroPageCRC : p.checksum)
+            scratch.used += 1
+        }
+        return false
+    }
+
+    /// Stores staged pre-copy pages in order. Runs of consecutive RAM pages that have no copy
+    /// here yet (nothing mapped: their first copy, or one dropped as stale) go in with one call
+    /// each (one UFFDIO_COPY in MISSING modes, one pwrite for MINOR); a page stored before is
+    /// overwritten in place.
+    func applyPrecopy(_ scratch: Scratch) throws {
+        var runStart = -1, runCount = 0
+        var runData = scratch.staging
+        func flush() throws {
+            guard runCount > 0 else { return }
+            defer { runCount = 0 }
+            try mapper.storeRun(first: runStart, count: runCount, data: runData)
+        }
+        for (e, entry) in scratch.runs.enumerated() {
+            let page = entry.first
+            let fresh = page >= lowPages && table.state(page) != .precopied
+            if fresh && runCount > 0 && page == runStart + runCount && entry.data == runData + runCount * 4096
+                && mapper.group(of: page) == mapper.group(of: runStart) {
+                // joins the run
             } else {
-                try p.withUnsafeBytes { try mapper.store(page, bytes: $0.baseAddress!) }
-                table.recordPrecopy(page, crc: p.checksum)
+                try flush()  // in order: a page repeated in the batch must not be overwritten by its older copy
+                if fresh { runStart = page; runData = entry.data }
             }
+            if fresh { runCount += 1 }
+            else { try mapper.store(page, bytes: entry.zero ? nil : UnsafeRawPointer(entry.data)) }
+            table.recordPrecopy(page, crc: scratch.crc[e])
             precopyCount.wrappingIncrement(ordering: .relaxed)
         }
+        try flush()
     }
 
     /// An installer thread's current chunk of pool pages (bulk runs are written straight into it).
@@ -62,101 +106,159 @@ final class PageInstaller: @unchecked Sendable {
         static let chunkPages = 1024
     }
 
-    /// Scratch an installer thread owns: runs are staged here when they do not go to the pool.
+    /// A run of consecutive pages of one kind, staged for one mapping call.
+    struct StagedRun {
+        var first: Int
+        var count: Int
+        var zero: Bool
+        /// Where the run's bytes are: the staging buffer or pool pages.
+        var data: UnsafeMutableRawPointer
+        var inPool: Bool
+        /// Index of the run's first page in `Scratch.crc`.
+        var crcStart: Int
+    }
+
+    /// Pages verified and claimed, staged in runs, not mapped yet: what one thread stages and
+    /// the same or another thread maps (``apply(_:demand:)``). Staging memory is allocated
+    /// once; nothing is allocated per batch.
     final class Scratch {
         let staging: UnsafeMutableRawPointer
         let pages: Int
+        /// Staging pages in use by the runs.
+        var used = 0
         var crc: [UInt32]
+        var runs: [StagedRun]
+        /// A vCPU waits for a page of this scratch: map it without delay.
+        var urgent = false
         var pool = PoolCursor()
         init(pages: Int) {
             self.pages = pages
             staging = .allocate(byteCount: pages * 4096, alignment: 4096)
             crc = []
             crc.reserveCapacity(pages)
+            runs = []
+            runs.reserveCapacity(pages)
         }
         deinit { staging.deallocate() }
+        var isEmpty: Bool { runs.isEmpty }
+        var hasRoom: Bool { used < pages }
+        func reset() {
+            used = 0
+            crc.removeAll(keepingCapacity: true)
+            runs.removeAll(keepingCapacity: true)
+            urgent = false
+        }
     }
 
     /// After the switch-over: installs a verified batch (`demand`: a reply a vCPU may wait for).
     func install(_ batch: PageBatch, demand: Bool, scratch: Scratch, runPages: Int) throws {
-        var runStart = -1, runCount = 0, runZero = false
-        var runBuffer = scratch.staging
-        var runInPool = false
-        var runCapacity = runPages
-        scratch.crc.removeAll(keepingCapacity: true)
-        let counter = demand ? demandCount : backgroundCount
-        func flush() throws {
-            guard runCount > 0 else { return }
-            // A run in the pool is moved from there, zero runs included (pool pages are zero until
-            // data is written into them): a UFFDIO_ZEROPAGE mapping would cost the guest a
-            // copy-on-write fault, a page allocation and a TLB-flush IPI on its first write.
-            let runData: UnsafeRawPointer? = runZero && !runInPool ? nil : UnsafeRawPointer(runBuffer)
-            defer {
-                if runInPool { scratch.pool.used += runCount }  // pool pages of a run are never handed out again
-                runCount = 0
-                scratch.crc.removeAll(keepingCapacity: true)
-            }
-            let mappedRun: Bool
-            do {
-                mappedRun = try mapper.map(first: runStart, count: runCount, data: runData, fromPool: runInPool)
-            } catch {
-                for i in 0..<runCount { table.unclaim(runStart + i) }  // someone else may install them later
-                throw error
-            }
-            if mappedRun {
-                for i in 0..<runCount { finishPage(runStart + i, crc: scratch.crc[i], counter: counter) }
-            } else {
-                // Raced with another installer: page by page. A page that turns out to be mapped
-                // already holds these very bytes (the same verified page from the other
-                // connection), so it is marked installed either way.
-                for i in 0..<runCount {
-                    let page = runStart + i
-                    if table.installed.contains(page) { continue }
-                    _ = try mapper.map(first: page, count: 1, data: runData.map { $0 + i * 4096 }, fromPool: runInPool)
-                    finishPage(page, crc: scratch.crc[i], counter: counter)
-                }
-            }
+        var pages = batch.makeIterator()
+        var done = false
+        while !done {
+            scratch.reset()
+            done = try stage(&pages, demand: demand, into: scratch, pool: &scratch.pool, runPages: runPages)
+            try apply(scratch, demand: demand)
         }
-        for p in batch {
+    }
+
+    /// Claims and stages the pages of `pages` into `scratch`, in runs of at most `runPages`
+    /// consecutive pages of one kind, until the batch ends (true) or the staging buffer is
+    /// full (false: stage the rest into another scratch). Pages already installed, or claimed
+    /// by another installer (where that excludes this one), are skipped.
+    func stage(_ pages: inout PageBatch.Iterator, demand: Bool, into scratch: Scratch, pool: inout PoolCursor,
+               runPages: Int) throws -> Bool {
+        var open = false  // the last run of `scratch.runs` may grow
+        var capacity = 0
+        func close() {
+            guard open, let run = scratch.runs.last else { return }
+            open = false
+            if run.inPool { pool.used += run.count }  // pool pages of a run are never handed out again
+        }
+        defer { close() }
+        while scratch.hasRoom {
+            guard let p = pages.next() else { return true }
             let page = Int(truncatingIfNeeded: p.index)
             try checkIndex(page)
             let claimedNow = table.claim(page)
             if table.installed.contains(page) || (!claimedNow && (exclusiveInstalls || !demand)) {
-                try flush()
+                close()
                 continue
             }
             let zero = p.kind == .zero
-            let contiguous = runCount > 0 && page == runStart + runCount && zero == runZero && runCount < runCapacity
-                && page >= lowPages && mapper.group(of: page) == mapper.group(of: runStart)
+            var contiguous = false
+            if open, let run = scratch.runs.last {
+                contiguous = page == run.first + run.count && zero == run.zero && run.count < capacity
+                    && page >= lowPages && mapper.group(of: page) == mapper.group(of: run.first)
+            }
             if !contiguous {
-                try flush()
-                runStart = page
-                runZero = zero
+                close()
                 // Bulk runs go straight into pool pages that the mapper then moves (no page
                 // allocation, no second copy); a run ends where its pool chunk ends. Demand replies
                 // are copied: a move flushes the pool mapping from every CPU's TLB, an IPI a
                 // waiting vCPU should not pay for one page.
-                runInPool = false
-                runBuffer = scratch.staging
-                runCapacity = runPages
+                var data = scratch.staging + scratch.used * 4096
+                var inPool = false
+                capacity = min(runPages, scratch.pages - scratch.used)
                 if page >= lowPages && !demand {
-                    if scratch.pool.capacity == scratch.pool.used, let chunk = mapper.takePool(PoolCursor.chunkPages) {
-                        scratch.pool = PoolCursor(base: chunk, used: 0, capacity: PoolCursor.chunkPages)
+                    if pool.capacity == pool.used, let chunk = mapper.takePool(PoolCursor.chunkPages) {
+                        pool = PoolCursor(base: chunk, used: 0, capacity: PoolCursor.chunkPages)
                     }
-                    if let base = scratch.pool.base, scratch.pool.capacity > scratch.pool.used {
-                        runBuffer = base + scratch.pool.used * 4096
-                        runInPool = true
-                        runCapacity = min(runPages, scratch.pool.capacity - scratch.pool.used)
+                    if let base = pool.base, pool.capacity > pool.used {
+                        data = base + pool.used * 4096
+                        inPool = true
+                        capacity = min(runPages, pool.capacity - pool.used)
                     }
                 }
+                scratch.runs.append(StagedRun(first: page, count: 0, zero: zero, data: data, inPool: inPool,
+                                              crcStart: scratch.crc.count))
+                open = true
             }
-            if !zero { p.withUnsafeBytes { (runBuffer + runCount * 4096).copyMemory(from: $0.baseAddress!, byteCount: 4096) } }
+            let run = scratch.runs[scratch.runs.count - 1]
+            if !zero {
+                p.withUnsafeBytes { (run.data + run.count * 4096).copyMemory(from: $0.baseAddress!, byteCount: 4096) }
+            }
+            if !run.inPool && !zero { scratch.used += 1 }
             scratch.crc.append(zero ? MemoryDigest.zeroPageCRC : p.checksum)
-            runCount += 1
+            scratch.runs[scratch.runs.count - 1].count += 1
             // A vCPU is waiting for this page: map it now, not after the rest of the run.
-            if book.requested.contains(page) { try flush() }
+            if book.requested.contains(page) {
+                scratch.urgent = true
+                close()
+            }
         }
-        try flush()
+        return false
+    }
+
+    /// Maps the staged runs of `scratch` (on any one thread at a time). On a failure the
+    /// claims of every run not mapped are given back (someone else may install them later).
+    func apply(_ scratch: Scratch, demand: Bool) throws {
+        let counter = demand ? demandCount : backgroundCount
+        for (r, run) in scratch.runs.enumerated() where run.count > 0 {
+            // A run in the pool is moved from there, zero runs included (pool pages are zero until
+            // data is written into them): a UFFDIO_ZEROPAGE mapping would cost the guest a
+            // copy-on-write fault, a page allocation and a TLB-flush IPI on its first write.
+            let runData: UnsafeRawPointer? = run.zero && !run.inPool ? nil : UnsafeRawPointer(run.data)
+            do {
+                if try mapper.map(first: run.first, count: run.count, data: runData, fromPool: run.inPool) {
+                    for i in 0..<run.count { finishPage(run.first + i, crc: scratch.crc[run.crcStart + i], counter: counter) }
+                } else {
+                    // Raced with another installer: page by page. A page that turns out to be mapped
+                    // already holds these very bytes (the same verified page from the other
+                    // connection), so it is marked installed either way.
+                    for i in 0..<run.count {
+                        let page = run.first + i
+                        if table.installed.contains(page) { continue }
+                        _ = try mapper.map(first: page, count: 1, data: runData.map { $0 + i * 4096 }, fromPool: run.inPool)
+                        finishPage(page, crc: scratch.crc[run.crcStart + i], counter: counter)
+                    }
+                }
+            } catch {
+                for later in scratch.runs[r...] {
+                    for i in 0..<later.count where !table.installed.contains(later.first + i) { table.unclaim(later.first + i) }
+                }
+                throw error
+            }
+        }
         afterBatch?()
     }
 

@@ -7,6 +7,9 @@ public protocol PageMapper: AnyObject, Sendable {
     /// Before the switch-over (no vCPU runs): the page's copy becomes `bytes` (nil: zeros),
     /// replacing any earlier copy.
     func store(_ page: Int, bytes: UnsafeRawPointer?) throws
+    /// Before the switch-over: `count` consecutive pages, none of which has a copy here, get
+    /// their first copy from contiguous `data`.
+    func storeRun(first page: Int, count: Int, data: UnsafeRawPointer) throws
     /// Drops the copies of `pages` (stale pre-copied pages, at the switch-over).
     func discard(_ pages: Range<Int>) throws
     /// From now on a vCPU touching a page that is not mapped faults (userfaultfd registered).
@@ -25,4 +28,10 @@ public protocol PageMapper: AnyObject, Sendable {
     func disarmFaults()
     /// The page's bytes as guest memory holds them (reading them must not fault).
     func bytes(of page: Int) -> UnsafeRawPointer
+}
+
+extension PageMapper {
+    public func storeRun(first page: Int, count: Int, data: UnsafeRawPointer) throws {
+        for i in 0..<count { try store(page + i, bytes: data + i * 4096) }
+    }
 }

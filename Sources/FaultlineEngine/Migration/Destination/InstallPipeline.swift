@@ -1,0 +1,139 @@
+import FaultlineCore
+import FaultlineLinux
+
+/// The bulk stream in two stages on two threads: the bulk receiver verifies, (after the
+/// switch-over) claims and stages each batch into a free scratch, and an installer thread
+/// stores or maps what is staged (pre-copy: ``PageInstaller/stagePrecopy`` and
+/// ``PageInstaller/applyPrecopy``, on one installer thread, in order; post-copy:
+/// ``PageInstaller/stage`` and ``PageInstaller/apply``). Receiving and checking
+/// the next batch then overlaps with mapping this one - on this machine mapping a page
+/// (allocating it) costs about twice what receiving and checking it does, and a single thread
+/// paid both one after the other. The scratches are allocated once; a full ring makes the
+/// receiver wait (the socket then pushes back on the source).
+final class InstallPipeline: @unchecked Sendable {
+    enum Stage { case precopy, postcopy }
+    let installer: PageInstaller
+    let stage: Stage
+    let runPages: Int
+    private let scratches: [PageInstaller.Scratch]
+    private let condition = TimedCondition()
+    // Under `condition`:
+    private var free: [Int]
+    private var queued: [Int] = []
+    private var busy = 0
+    private var stopped = false
+    private var failure: Error?
+    /// Pool chunk shared by the scratches' runs (receiver thread only).
+    private var pool = PageInstaller.PoolCursor()
+    private var threads: [OSThread] = []
+    private let onFailure: (Error) -> Void
+
+    /// `depth` scratches of `scratchPages` pages each; `installers` mapping threads (pre-copy:
+    /// always one, since a later copy of a page must win).
+    init(_ stage: Stage = .postcopy, installer: PageInstaller, depth: Int, scratchPages: Int, runPages: Int, installers: Int,
+         onFailure: @escaping (Error) -> Void) throws {
+        self.stage = stage
+        self.installer = installer
+        self.runPages = runPages
+        self.onFailure = onFailure
+        scratches = (0..<max(depth, 1)).map { _ in PageInstaller.Scratch(pages: scratchPages) }
+        free = Array(scratches.indices)
+        queued.reserveCapacity(scratches.count)
+        for i in 0..<(stage == .precopy ? 1 : max(installers, 1)) {
+            threads.append(try OSThread(name: "installer \(i)") { [self] in installLoop() })
+        }
+    }
+
+    deinit { stop() }
+
+    /// Receiver: stages `batch` and hands it to the installer threads. Throws the installers'
+    /// failure, if any.
+    func submit(_ batch: PageBatch) throws {
+        var pages = batch.makeIterator()
+        while true {
+            let index = try takeFree()
+            let scratch = scratches[index]
+            let finished: Bool
+            do {
+                finished = stage == .precopy ? try installer.stagePrecopy(&pages, into: scratch)
+                    : try installer.stage(&pages, demand: false, into: scratch, pool: &pool, runPages: runPages)
+            } catch {
+                // Nothing of it is mapped: give the claims back with the scratch.
+                if stage == .postcopy { unclaim(scratch) }
+                scratch.reset()
+                condition.withLock { free.append(index) }
+                throw error
+            }
+            if scratch.isEmpty {
+                condition.withLock { free.append(index) }
+            } else {
+                // A page a vCPU waits for goes ahead of the rest.
+                condition.withLock { if scratch.urgent { queued.insert(index, at: 0) } else { queued.append(index) } }
+                condition.broadcast()
+            }
+            if finished { return }
+        }
+    }
+
+    /// Waits until every staged page is mapped; throws the installers' failure, if any.
+    func drain() throws {
+        condition.wait { queued.isEmpty && busy == 0 || failure != nil || stopped }
+        if let failure = condition.withLock({ failure }) { throw failure }
+    }
+
+    /// Stops and joins the installer threads (idempotent); staged pages not mapped yet stay
+    /// claimed by nobody: their claims are given back.
+    func stop() {
+        condition.withLock { stopped = true }
+        condition.broadcast()
+        for t in threads { t.join() }
+        threads = []
+        for index in condition.withLock({ queued }) {
+            if stage == .postcopy { unclaim(scratches[index]) }
+            scratches[index].reset()
+        }
+        condition.withLock { queued.removeAll() }
+    }
+
+    private func unclaim(_ scratch: PageInstaller.Scratch) {
+        for run in scratch.runs { for i in 0..<run.count { installer.table.unclaim(run.first + i) } }
+    }
+
+    private func takeFree() throws -> Int {
+        condition.wait { !free.isEmpty || failure != nil || stopped }
+        return try condition.withLock {
+            if let failure { throw failure }
+            if stopped { throw MigrationError.connectionClosed("the installer threads were stopped") }
+            return free.removeLast()
+        }
+    }
+
+    private func installLoop() {
+        while true {
+            condition.wait { !queued.isEmpty || stopped }
+            guard let index: Int = condition.withLock({
+                guard !stopped, failure == nil, !queued.isEmpty else { return nil }
+                busy += 1
+                return queued.removeFirst()
+            }) else { return }
+            let scratch = scratches[index]
+            var failed: Error?
+            do {
+                if stage == .precopy { try installer.applyPrecopy(scratch) } else { try installer.apply(scratch, demand: false) }
+            } catch {
+                failed = error
+            }
+            scratch.reset()
+            condition.withLock {
+                busy -= 1
+                free.append(index)
+                if let failed, failure == nil { failure = failed }
+            }
+            condition.broadcast()
+            if let failed {
+                onFailure(failed)
+                return
+            }
+        }
+    }
+}
