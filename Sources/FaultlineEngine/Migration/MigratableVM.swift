@@ -114,8 +114,16 @@ public final class MigratableVM: @unchecked Sendable {
     public var guestWriteLog: PageBitmap?
     /// The source's dirty log for a guest_memfd VM's RAM (userfaultfd write-protect).
     var writeProtectLog: WriteProtectDirtyLog?
-    /// Niceness each vCPU thread gives itself when it starts.
-    public var startNiceness: Int32 = 0
+    /// The niceness vCPU threads run at: each gives it itself when it starts, and
+    /// `setVcpuNiceness` changes it for running ones. One lock orders the two, so a change
+    /// made while a thread is starting is never lost (a reset to 0 that missed a thread still
+    /// starting left it at post-copy niceness for good: on a loaded machine such a guest made
+    /// no progress after the migration - the matrix's 0-pass failures).
+    private let niceness = Locked<Int32>(0)
+    public var startNiceness: Int32 {
+        get { niceness.withLock { $0 } }
+        set { niceness.withLock { $0 = newValue } }
+    }
     /// KVM Userfault: the RAM memslot's userfault bitmap (one bit per RAM page, stored with a
     /// set bit = missing). The memslot has KVM_MEM_USERFAULT from its creation and keeps it
     /// (re-declarations for dirty logging carry it over); nil without KVM Userfault.
@@ -225,8 +233,10 @@ public final class MigratableVM: @unchecked Sendable {
 
     private func vcpuLoop(_ id: Int) {
         let vcpu = vcpus[id]
-        threadIDs[id] = ThreadScheduling.currentThreadID()
-        if startNiceness != 0 { OSThread.setCurrentNiceness(startNiceness) }
+        niceness.withLock { value in
+            threadIDs[id] = ThreadScheduling.currentThreadID()
+            if value != 0 { OSThread.setCurrentNiceness(value) }
+        }
         vcpu.bindToCurrentThread()
         defer { vcpu.unbindThread() }
         let ramBase = MachineLayout.ramBase, ramSize = layout.ramSize
@@ -330,8 +340,11 @@ public final class MigratableVM: @unchecked Sendable {
     /// to other threads - during post-copy the page stream is what the guest waits for).
     /// Refused (unprivileged, negative values) quietly.
     public func setVcpuNiceness(_ value: Int32) {
-        for i in 0..<layout.vcpus where threadIDs[i] != 0 {
-            try? ThreadScheduling.setNiceness(value, ofThread: threadIDs[i])
+        niceness.withLock { current in
+            current = value
+            for i in 0..<layout.vcpus where threadIDs[i] != 0 {
+                try? ThreadScheduling.setNiceness(value, ofThread: threadIDs[i])
+            }
         }
     }
 
