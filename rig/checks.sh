@@ -97,6 +97,19 @@ else
   echo "rig check i: skipped - no KVM_X86_SW_PROTECTED_VM"
 fi
 
+# (p1), (p2) private memory: a SW-protected VM whose guest converts a bounce buffer 1000
+#     times (KVM_HC_MAP_GPA_RANGE), contents checked exactly, attributes read back.
+private_check() {  # label, options...
+  label=$1; shift
+  t=$(clock)
+  if ! "$bin" private --conversions 1000 "$@" >"$out" 2>"$err"; then flunk "$label" "exit status $?"
+  elif ! grep -q "^Verification: OK" "$out"; then flunk "$label" "not verified"
+  else pass "$label" "$(took "$t") s; $(grep "^contents:" "$out" | sed 's/ observations checked exactly//')"
+  fi
+}
+private_check "p1 (private --discard lazy)" --discard lazy
+private_check "p2 (private --discard eager --shared-backing memfd)" --discard eager --shared-backing memfd
+
 rm -f "$out" "$err"
 echo "rig checks: $failed failed, $(took "$begin") s inside the rig"
 exit $failed

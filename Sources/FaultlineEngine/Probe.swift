@@ -100,6 +100,7 @@ public struct SystemProbe: Sendable {
             ("backing guest-memfd", need(kvmOK && p.guestMemfdFlags & 1 != 0, "needs KVM_CAP_GUEST_MEMFD_FLAGS with MMAP")),
             ("backing hugetlb", need(p.hugePages > 0, "no free 2 MiB huge pages")),
             ("vcpu-exit via KVM Userfault (kvm)", kvmUserfaultObstacle(p)),
+            ("private memory (faultline private)", kvm.map { PrivateMemoryVM.obstacle($0) } ?? "needs /dev/kvm"),
         ]
         do {
             let (mode, reason) = try FaultModeSelection.resolve(requested: .auto)

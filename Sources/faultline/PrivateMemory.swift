@@ -82,11 +82,14 @@ struct BenchConversions: ParsableCommand {
 
     @OptionGroup var options: PrivateMemoryOptions
     @Option(help: "Run this many times") var `repeat` = 1
+    @Flag(help: "Baseline: the guest asks for the state the buffer is already in; the host converts nothing (exit and re-entry only)")
+    var baseline = false
     @Flag(help: "One JSON line per run") var json = false
 
     func run() {
         do {
-            let config = try options.config(readbacks: false)
+            var config = try options.config(readbacks: false)
+            config.guest.baseline = baseline
             var failed = false
             for _ in 0..<max(1, self.repeat) {
                 let report = try PrivateMemoryRun.run(config)
@@ -109,8 +112,8 @@ extension PrivateMemoryReport {
             "private memory: SW-protected VM, \(g.regionPages) pages at 0x\(String(g.regionGPA, radix: 16)) "
                 + "(guest_memfd + \(c.sharedBacking) shared backing), discard \(c.policy), hypercall \(hypercallInstruction.rawValue)",
             "guest: \(guestConversions) of \(g.conversions) conversions of a \(g.bufferPages)-page buffer, status \(guestStatus.map { "\($0)" } ?? "unknown")",
-            "contents: \(checkedObservations) observations checked exactly; shared backing kept \(survivedShared) / discarded \(zeroShared), "
-                + "private backing kept \(survivedPrivate) / discarded \(zeroPrivate)",
+            "contents: \(checkedObservations) observations checked exactly; shared backing kept \(survivedShared) / zeros \(zeroShared), "
+                + "private backing kept \(survivedPrivate) / zeros \(zeroPrivate) (zeros: discarded, or first use)",
         ]
         for r in readbacks {
             lines.append("readback \(r.index): kernel maps \(r.sharedPages) pages shared, \(r.privatePages) private: "
@@ -137,11 +140,12 @@ extension PrivateMemoryReport {
 
     var jsonLine: String {
         let c = config, g = config.guest, k = costs
-        var s = "{\"implementation\":\"faultline\",\"discard\":\"\(c.policy.name)\","
+        var s = "{\"implementation\":\"faultline\",\"discard\":\"\(g.baseline ? "baseline" : c.policy.name)\","
         if case .lazy(let b) = c.policy { s += "\"batch_pages\":\(b)," }
         s += "\"buffer_pages\":\(g.bufferPages),\"region_pages\":\(g.regionPages),\"shared_backing\":\"\(c.sharedBacking)\","
         s += "\"hypercall\":\"\(hypercallInstruction.rawValue)\",\"conversions\":\(k.conversions),\"guest_conversions\":\(guestConversions),"
         s += "\"seconds\":\(fmt(seconds, 6)),\"conversions_per_sec\":\(fmt(conversionsPerSecond, 0)),\"exits\":\(exits),"
+        s += "\"hypercalls\":\(hypercalls),\"hypercalls_per_sec\":\(fmt(hypercallsPerSecond, 0)),\"us_per_exit_kvm_run\":\(fmt(perCall(kvmRunNanoseconds, exits), 2)),\"us_per_exit_userspace\":\(fmt(perCall(userspaceNanoseconds, exits), 2)),"
         s += "\"us_per_conversion\":{\"set_attributes\":\(fmt(perCall(k.attributeNanoseconds, k.conversions), 2)),"
         s += "\"discard\":\(fmt(perCall(k.discardNanoseconds, k.conversions), 2)),"
         s += "\"kvm_run\":\(fmt(perCall(kvmRunNanoseconds, k.conversions), 2)),"

@@ -29,6 +29,9 @@ struct MiniX86 {
         case halt
         /// The last instruction was an `out` (`port`, `eax`), like a `KVM_EXIT_IO`.
         case out(port: UInt16, value: UInt32)
+        /// The last instruction was `vmcall` or `vmmcall` (`0F 01 C1` / `0F 01 D9`), like a
+        /// `KVM_EXIT_HYPERCALL`; `eip` is past it, as after KVM skips it.
+        case hypercall
         /// The step budget ran out.
         case stepLimit
     }
@@ -164,6 +167,11 @@ struct MiniX86 {
             if try condition(opcode & 0xF, at: start) { eip = eip &+ UInt32(bitPattern: rel) }
         case 0x0F:
             let second = try fetch8()
+            if second == 0x01 {
+                let third = try fetch8()
+                guard third == 0xC1 || third == 0xD9 else { throw Fault.undecodable(opcode: third, at: start) }
+                return .hypercall
+            }
             guard (0x80...0x8F).contains(second) else { throw Fault.undecodable(opcode: second, at: start) }
             let rel = try fetch32()
             if try condition(second & 0xF, at: start) { eip = eip &+ rel }

@@ -31,6 +31,8 @@ public struct PrivateMemoryReport: Sendable {
     /// Loop conversions the guest completed.
     public var guestConversions = 0
     public var exits = 0
+    /// KVM_EXIT_HYPERCALL exits (conversion requests, including ones that changed nothing).
+    public var hypercalls = 0
     public var seconds = 0.0
     public var costs = ConversionCosts()
     /// Time inside KVM_RUN (guest execution, exits and entries, the faults that map the
@@ -57,6 +59,7 @@ public struct PrivateMemoryReport: Sendable {
     }
 
     public var conversionsPerSecond: Double { seconds > 0 ? Double(costs.conversions) / seconds : 0 }
+    public var hypercallsPerSecond: Double { seconds > 0 ? Double(hypercalls) / seconds : 0 }
 }
 
 /// Runs the conversion guest in a SW-protected VM: handles KVM_HC_MAP_GPA_RANGE exits
@@ -104,12 +107,13 @@ public enum PrivateMemoryRun {
             let before = controller.costs
             switch exit {
             case .hypercall(let number, let gpa, let pages, let attributes, _):
+                report.hypercalls += 1
                 guard number == MapGPARange.number else {
                     vcpu.completeHypercall(returning: UInt64(bitPattern: -MapGPARange.eNoSys))
                     break
                 }
                 let phase = Int(word(ConversionGuest.Mailbox.phase))
-                if phase == checkedPhase + 1 {
+                if phase == checkedPhase + 1 && !g.baseline {
                     checkPhase(phase, guest: guest, controller: controller, word: word, report: &report)
                     checkedPhase = phase
                 }
@@ -146,7 +150,7 @@ public enum PrivateMemoryRun {
         report.discardCallsAtEnd = controller.costs.discardCalls - callsBefore
         report.seconds = Double(MonotonicClock.nanoseconds() - start) / 1e9
         report.guestStatus = ConversionGuest.Status(rawValue: word(ConversionGuest.Mailbox.status))
-        report.guestConversions = Int(word(ConversionGuest.Mailbox.phase))
+        report.guestConversions = Int(word(g.baseline ? ConversionGuest.Mailbox.baselineCount : ConversionGuest.Mailbox.phase))
         if report.guestStatus == .hypercallFailed {
             let ret = Int32(bitPattern: word(ConversionGuest.Mailbox.lastResult))
             report.contentMismatches.append("the guest's KVM_HC_MAP_GPA_RANGE returned \(ret) after \(report.guestConversions) conversions"
