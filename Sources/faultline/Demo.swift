@@ -145,10 +145,10 @@ struct Demo: ParsableCommand {
             if json {
                 let dest = destinationJSON.dropFirst().dropLast().replacingOccurrences(of: "\"side\":\"destination\",", with: "")
                     .replacingOccurrences(of: "\"guest_check\":\(object["guest_check"] as? Bool ?? false)", with: "\"guest_check\":\(guestCheck)")
-                print("{" + (report.jsonFields + (plan?.jsonFields ?? [])).joined(separator: ",") + "," + dest + "}")
+                print("{" + (report.jsonFields + (plan?.jsonFields(ran: report) ?? [])).joined(separator: ",") + "," + dest + "}")
             } else {
                 print(report.human)
-                if let plan { print(plan.human) }
+                if let plan { print(plan.human(ran: report)) }
                 let l = object["fault_latency_us"] as? [String: Double] ?? [:]
                 print("destination (fault mode \(mode): \(modeReason))")
                 let via = (object["vcpu_exit_via"] as? String).map { " (\(object["vcpu_exit_faults"] ?? 0) as vCPU exits via \($0))" } ?? ""

@@ -38,16 +38,38 @@ func planGuestMemfdMigration(_ vm: MigratableVM, precopyRounds: Int, postcopy: P
 }
 
 extension GuestMemfdMigrationPlan {
-    var jsonFields: [String] {
-        let paths = self.paths.map { "\"\($0.path)\":\"\(jsonEscape($0.missing.map { "needs \($0)" } ?? "allowed"))\"" }
-        return ["\"vm_type\":\"sw-protected\"", "\"migration_path\":\"\(path)\"",
-                "\"migration_path_reason\":\"\(jsonEscape(reason))\"", "\"guest_memfd_paths\":{\(paths.joined(separator: ","))}"]
+    /// The path that ran, from what the source did: pre-copy rounds and how it finished.
+    func ran(_ report: SourceReport) -> (path: GuestMemfdMigrationPath, how: String) {
+        let rounds = report.precopyRounds.count
+        if report.mode == "postcopy" {
+            let post: GuestMemfdMigrationPath = path == .postcopyKVMUserfault ? .postcopyKVMUserfault : .postcopyUserfaultfd
+            return (post, rounds == 0 ? "post-copy from the start"
+                    : "post-copy after \(rounds) pre-copy round(s) with userfaultfd write-protect (\(report.precopyStop))")
+        }
+        if rounds == 0 { return (.stopAndCopy, "every page sent while paused (\(report.stopAndCopyPages) pages)") }
+        return (.precopyWriteProtect, "\(rounds) pre-copy round(s) with userfaultfd write-protect, then stop-and-copy of "
+                + "\(report.stopAndCopyPages) pages (\(report.precopyStop))")
     }
 
+    func jsonFields(ran report: SourceReport) -> [String] {
+        let (ranPath, how) = ran(report)
+        let paths = self.paths.map { "\"\($0.path)\":\"\(jsonEscape($0.missing.map { "needs \($0)" } ?? "allowed"))\"" }
+        return ["\"vm_type\":\"sw-protected\"", "\"migration_path\":\"\(ranPath)\"",
+                "\"migration_path_reason\":\"\(jsonEscape("ran: \(how); planned: \(reason)"))\"",
+                "\"migration_plan\":\"\(path)\"", "\"guest_memfd_paths\":{\(paths.joined(separator: ","))}"]
+    }
+
+    /// Before the migration: the plan and what each path needs.
     var human: String {
-        "guest_memfd VM: migration path \(path) (\(reason))\n"
+        "guest_memfd VM: planned path \(path) (\(reason))\n"
             + paths.map { "  \($0.path.rawValue.padding(toLength: 24, withPad: " ", startingAt: 0)) "
                 + ($0.missing.map { "not on this kernel: needs \($0)" } ?? "allowed") }.joined(separator: "\n")
+    }
+
+    /// After the migration: the path that ran and why.
+    func human(ran report: SourceReport) -> String {
+        let (ranPath, how) = ran(report)
+        return "guest_memfd VM: migration path \(ranPath): \(how) (planned: \(reason))"
     }
 }
 

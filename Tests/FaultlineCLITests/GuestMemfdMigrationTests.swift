@@ -31,6 +31,8 @@ struct GuestMemfdMigrationTests {
         let j = lastJSON(r.stdout)
         #expect(j?["vm_type"] as? String == "sw-protected")
         #expect(j?["migration_path"] as? String == path, "\(r.stdout)")
+        #expect((j?["migration_path_reason"] as? String)?.hasPrefix("ran: ") == true)
+        #expect(j?["migration_plan"] is String)
         #expect(j?["postcopy"] as? Bool == postcopy)
         #expect(j?["digest_match"] as? Bool == true, "\(r.stdout)")
         #expect(j?["guest_check"] as? Bool == true)
