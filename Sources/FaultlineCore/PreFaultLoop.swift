@@ -44,7 +44,7 @@ public struct PreFaultProgress: Equatable, Sendable {
 /// kernel can drive it. The ioctl maps part of `[gpa, gpa+size)`, copies the remaining range
 /// back into its argument, and returns 0 when at least one page was processed; the caller
 /// re-issues it on what is left. EINTR (a signal pending, nothing processed) and EAGAIN (a
-/// memslot update raced, nothing processed; listed in api.rst from 6.13 on) are retried;
+/// memslot update raced, nothing processed; in later api.rst tables, not 6.12's) are retried;
 /// ENOENT (no memslot at `gpa`) and every other error end the loop and are reported with the
 /// address. A run of `maxAttemptsWithoutProgress` calls that map nothing ends it too, so a
 /// signal that stays pending (a kick) cannot spin it forever.
