@@ -92,12 +92,16 @@ struct Demo: ParsableCommand {
             var chaos: ChaosProxy?
             var target = endpoint
             var retries = retries
+            var needsAFault = false
             if chaosSeed != nil || !chaosEventSpecs.isEmpty {
                 // Explicit events (`--chaos-event PHASE:ROLE:DIRECTION:FRAME:ACTION[:BIT]`) keep `--retries`.
                 let explicit = try chaosEventSpecs.map { spec in
                     guard let e = ChaosEvent(spec: spec) else { throw CLIError(description: "cannot read --chaos-event '\(spec)'") }
                     return e
                 }
+                // A forced event on the fault connection after the commit rides on a page
+                // request: there must be one, even when the stream would outrun every fault.
+                needsAFault = explicit.contains { $0.role == .fault && ($0.phase == .postcopy || $0.phase == .completion) }
                 let schedule = explicit.isEmpty
                     ? ChaosSchedule.generate(seed: chaosSeed ?? 0, vcpus: vcpus, maxEvents: chaosEvents)
                     : ChaosSchedule(seed: 0, events: explicit, retries: retries)
@@ -126,6 +130,7 @@ struct Demo: ParsableCommand {
             var options = MigrationOptions(destination: target, migration: migration, progress: !json,
                                            faultPathCPU: faultCPU, injection: injection)
             if let plan, plan.path == .stopAndCopy { options.immediateStopAndCopy = plan.reason }
+            if needsAFault { options.holdStreamUntilDemandPages = 1 }
             let terminateChild = {
                 printChaos()
                 if child.isRunning { child.terminate() }

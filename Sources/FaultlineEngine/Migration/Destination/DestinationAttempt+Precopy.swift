@@ -12,12 +12,10 @@ extension DestinationAttempt {
         return p
     }
 
-    /// The switch-over begins: every pre-copy page is stored; the installer thread ends.
+    /// The switch-over begins: every pre-copy page is stored. (The idle installer thread is
+    /// joined at the tear-down, not inside the downtime.)
     func finishPrecopyStores() throws {
-        guard let p = precopyPipeline else { return }
-        try p.drain()
-        p.stop()
-        precopyPipeline = nil
+        try precopyPipeline?.drain()
     }
 
     /// `roundAcks`: every page the source sent before `roundSent` has been stored (the bulk

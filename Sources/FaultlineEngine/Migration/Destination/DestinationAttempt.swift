@@ -98,6 +98,12 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         if options.faultMode == .vcpuExit { installer.afterBatch = { [waiters] in waiters.broadcast() } }
         requester = try FaultRequester(table: table, book: book, failures: failures, faultPathCPU: faultCPU)
         failures.onFailure = { [weak self] in self?.abortOnThreadFailure() }
+        // Post-copy's background stream: ready before the switch-over, so that starting it costs
+        // nothing between the pause and the guest running. MINOR: a fault on a page staged for
+        // the background waits for it (exclusive installs), so little is staged ahead there.
+        pipeline = try InstallPipeline(installer: installer, depth: options.faultMode == .uffdMinor ? 2 : 8, scratchPages: 256,
+                                       runPages: bulkRunPages, installers: 1,
+                                       onFailure: { [failures] in failures.record("installer", $0) })
     }
 
     /// A fault-path thread failed: tell the source why (best effort) and wake the main loop.
@@ -137,14 +143,18 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         var sourceDigest: UInt64?
         var vcpuStates = 0
         let scratch = PageInstaller.Scratch(pages: 256)
+        scratch.staging.initializeMemory(as: UInt8.self, repeating: 0, count: scratch.pages * 4096)  // no first touch later
         receiveLoop: while true {
             do {
                 if let failure = failures.failure { throw failure }
                 let message = try bulk.receive()
                 switch message {
                 case .pages(let batch):
-                    if phase.isBeforeCommit && !awaitingCommit {
+                    if phase == .precopy && !awaitingCommit {
                         try precopyStores().submit(batch)
+                    } else if phase.isBeforeCommit && !awaitingCommit {
+                        // The switch-over (low memory): stored here, nothing is started in the downtime.
+                        try installer.storePrecopy(batch, scratch: scratch)
                         if let n = options.exitDuringPrecopyAfterPages, installer.precopyCount.load(ordering: .relaxed) >= n {
                             HostProcess.exitImmediately(status: 9)  // the injection: a destination that dies mid-pre-copy
                         }
@@ -359,14 +369,6 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     var bulkRunPages: Int { options.faultMode == .uffdMinor ? 32 : 256 }
 
     func startGuest() throws {
-        if report.postcopy && pipeline == nil {
-            // MINOR: a fault on a page staged for the background waits for it (exclusive
-            // installs), so little is staged ahead there.
-            let minor = options.faultMode == .uffdMinor
-            pipeline = try InstallPipeline(installer: installer, depth: minor ? 2 : 8, scratchPages: 256,
-                                           runPages: bulkRunPages, installers: 1,
-                                           onFailure: { [failures] in failures.record("installer", $0) })
-        }
         phase = .postcopy
         awaitingCommit = false
         guestStarted = true

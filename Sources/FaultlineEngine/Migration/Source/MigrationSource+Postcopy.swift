@@ -24,7 +24,8 @@ extension MigrationSource {
         if let e = failedCommitSend { failedCommitSend = nil; try recover(from: e) }
         if let wanted = options.holdStreamUntilDemandPages {
             let until = MonotonicClock.deadline(after: 10)
-            while faultServer.demandServed.load(ordering: .relaxed) < wanted && MonotonicClock.nanoseconds() < until {
+            while faultServer.demandServed.load(ordering: .relaxed) < wanted && MonotonicClock.nanoseconds() < until
+                && !faultServer.broken.load(ordering: .relaxed) && failures.failure == nil {  // a cut ends the wait
                 MonotonicClock.sleep(seconds: 0.001)
             }
         }
