@@ -108,6 +108,8 @@ int fl_thread_create(pthread_t *thread, size_t stack_size, void *(*entry)(void *
 
 int fl_gettid(void) { return (int)syscall(SYS_gettid); }
 
+int fl_set_current_thread_name(const char *name) { return pthread_setname_np(pthread_self(), name); }
+
 int fl_last_allowed_cpu(void) {
     cpu_set_t set;
     CPU_ZERO(&set);

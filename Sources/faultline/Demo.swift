@@ -30,6 +30,8 @@ struct Demo: ParsableCommand {
     @Flag(help: "Also time a plain TCP copy of the same non-zero bytes") var baseline = false
     @Flag(help: "Let the destination populate its memory before the migration starts (QEMU's -mem-prealloc)") var prealloc = false
     @Flag(name: .customLong("pre-fault"), help: preFaultHelp) var preFault = false
+    @Option(name: .customLong("fault-around"), help: faultAroundHelp) var faultAround = 16
+    @Option(name: .customLong("postcopy-vcpu-nice"), help: postcopyNiceHelp) var postcopyVcpuNice = OSThread.Niceness.vcpuDuringPostcopy
     @Flag(help: "One JSON line with both sides' figures") var json = false
     @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
     @OptionGroup var injection: SourceFaultInjection
@@ -42,6 +44,10 @@ struct Demo: ParsableCommand {
             let (backend, why) = BackendSelection.resolve(nil)
             guard backend == .kvm else { throw CLIError(description: "the migration demo needs KVM: \(why)") }
             let (mode, modeReason) = try FaultModeSelection.resolve(requested: faultMode)
+            guard (1...Int(WireProtocol.maxPagesPerRequest)).contains(faultAround) else {
+                throw CLIError(description: "--fault-around must be 1...\(WireProtocol.maxPagesPerRequest) pages (got \(faultAround))")
+            }
+            guard (0...19).contains(postcopyVcpuNice) else { throw CLIError(description: "--postcopy-vcpu-nice must be 0...19 (got \(postcopyVcpuNice))") }
             guard let size = parseSize(memory) else { throw CLIError(description: "cannot read --memory '\(memory)'") }
             let layout = try MachineLayout(vcpus: vcpus, ramSize: size)
             let wl = try RunningWorkload(kind: workload, pagesPerVcpu: layout.pagesPerVcpu, workingSetPages: workingSet)
@@ -61,7 +67,8 @@ struct Demo: ParsableCommand {
             var arguments = ["receive", "--listen", "127.0.0.1:0", "--json", "--fault-mode", gmem ? mode.rawValue : faultMode.argument,
                              "--vm-type", vmType.rawValue,
                              "--uffd", uffd.rawValue, "--run-after", String(runAfter), "--accept-seconds", "60",
-                             "--fault-cpu", faultCPU.argument]
+                             "--fault-cpu", faultCPU.argument, "--fault-around", String(faultAround),
+                             "--postcopy-vcpu-nice", String(postcopyVcpuNice)]
             if prealloc { arguments += ["--prealloc", String(size)] }
             if preFault { arguments.append("--pre-fault") }
             if let damagePage { arguments += ["--inject-damage-installed-page", String(damagePage)] }

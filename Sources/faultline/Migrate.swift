@@ -26,6 +26,8 @@ extension FaultPathCPU: ExpressibleByArgument {
 let faultCPUHelp: ArgumentHelp = "CPU for the fault-path threads: auto (the last CPU allowed), none, or a number"
 
 /// `--fault-mode`, shared by receive and demo.
+let faultAroundHelp: ArgumentHelp = "Pages asked for per post-copy fault: the faulting page and the missing ones after it (1 = the faulting page only)"
+let postcopyNiceHelp: ArgumentHelp = "Niceness of the vCPU threads while post-copy runs (0-19; higher leaves more CPU to the page stream)"
 let preFaultHelp: ArgumentHelp = "KVM_PRE_FAULT_MEMORY (TDP hosts): map installed pages at the switch-over and all RAM after post-copy"
 let faultModeHelp: ArgumentHelp = "auto | vcpu-exit | uffd-missing | uffd-minor (auto: the best mode that works on this kernel)"
 
@@ -211,6 +213,8 @@ struct Receive: ParsableCommand {
     @Option(help: "Populate this much memory before the source connects, e.g. 1G (as QEMU's -mem-prealloc)") var prealloc: String?
     @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
     @Flag(name: .customLong("pre-fault"), help: preFaultHelp) var preFault = false
+    @Option(name: .customLong("fault-around"), help: faultAroundHelp) var faultAround = 16
+    @Option(name: .customLong("postcopy-vcpu-nice"), help: postcopyNiceHelp) var postcopyVcpuNice = OSThread.Niceness.vcpuDuringPostcopy
     @Flag(help: "One JSON line") var json = false
     @Option(name: .customLong("inject-damage-installed-page"), help: .hidden) var damagePage: Int?
     @Flag(name: .customLong("inject-fault-thread-failure"), help: .hidden) var failFaultThread = false
@@ -233,6 +237,9 @@ struct Receive: ParsableCommand {
             options.failFaultPathThread = failFaultThread
             options.exitDuringPrecopyAfterPages = exitDuringPrecopy
             options.preFault = preFault
+            options.faultAround = faultAround
+            guard (0...19).contains(postcopyVcpuNice) else { throw CLIError(description: "--postcopy-vcpu-nice must be 0...19 (got \(postcopyVcpuNice))") }
+            options.vcpuNicenessDuringPostcopy = postcopyVcpuNice
             if let prealloc {
                 guard let bytes = parseSize(prealloc) else { throw CLIError(description: "cannot read --prealloc '\(prealloc)'") }
                 options.preallocBytes = bytes

@@ -70,7 +70,7 @@ extension DestinationReport {
                 + switchoverParts.map { "\($0.name) \(ms($0.milliseconds))" }.joined(separator: ", "),
             "  post-copy             \(fmt(postcopySeconds, 3)) s: \(demandPages) pages on demand, \(backgroundPages) in background, \(zeroPages) zero",
             "  pre-copy pages        \(precopyPages)",
-            "  faults                \(faults)\(vcpuExitMechanism.map { " (\(vcpuExitFaults) as vCPU exits via \($0.rawValue))" } ?? ""), latency p50 \(fmt(l.p50, 1)) us, p90 \(fmt(l.p90, 1)) us, p99 \(fmt(l.p99, 1)) us, max \(fmt(l.max, 1)) us",
+            "  faults                \(faults)\(vcpuExitMechanism.map { " (\(vcpuExitFaults) as vCPU exits via \($0.rawValue))" } ?? ""), up to \(faultAround) pages each, latency p50 \(fmt(l.p50, 1)) us, p90 \(fmt(l.p90, 1)) us, p99 \(fmt(l.p99, 1)) us, max \(fmt(l.max, 1)) us",
             "  fault latency (log2)  " + faultLatencyLog2.enumerated().filter { $0.element > 0 }
                 .map { "[\(1 << $0.offset), \(2 << $0.offset)) us: \($0.element)" }.joined(separator: ", "),
             "  vCPU stall            " + vcpuStallMilliseconds.enumerated().map { "vcpu\($0.offset) \(ms($0.element)) ms" }.joined(separator: ", "),
@@ -92,7 +92,7 @@ extension DestinationReport {
             "\"pre_fault\":{\"switchover\":\(preFaultJSON(preFaultAtSwitchover)),\"after_postcopy\":\(preFaultJSON(preFaultAfterPostcopy))}",
             "\"switchover_ms\":\(fmt(switchoverMilliseconds, 3))",
             "\"switchover_parts_ms\":{" + switchoverParts.map { "\"\($0.name)\":\(fmt($0.milliseconds, 3))" }.joined(separator: ",") + "}",
-            "\"destination_postcopy_seconds\":\(fmt(postcopySeconds, 6))", "\"faults\":\(faults)",
+            "\"destination_postcopy_seconds\":\(fmt(postcopySeconds, 6))", "\"faults\":\(faults)", "\"fault_around_pages\":\(faultAround)",
             "\"fault_latency_us\":{\"p50\":\(fmt(l.p50, 2)),\"p90\":\(fmt(l.p90, 2)),\"p99\":\(fmt(l.p99, 2)),\"max\":\(fmt(l.max, 2))}",
             "\"fault_latency_log2_us\":{\"buckets\":\(intList(faultLatencyLog2)),\"per_vcpu\":["
                 + faultLatencyLog2PerVcpu.map(intList).joined(separator: ",") + "]}",

@@ -387,12 +387,18 @@ private func decodeAll(_ bytes: [UInt8], chunk: Int = .max) -> (messages: [WireM
         #expect(!rejected { _ in })
     }
 
-    @Test func encoderRefusesInvalidRanges() {
+    @Test func encoderRefusesInvalidRanges() throws {
         var encoder = WireEncoder()
         #expect(throws: WireError.self) { try encoder.encode(.pageSetSummary([5..<9, 8..<10])) }
         #expect(throws: WireError.self) { try encoder.encode(.resume(sessionID: 1, installedPages: 0, missing: [3..<3])) }
         #expect(throws: WireError.self) { try encoder.encode(.pageRequest(requestID: 0, pageIndex: 0, count: 0)) }
+        // A fault and its fault-around window: at most maxPagesPerRequest pages.
+        #expect(throws: WireError.self) {
+            try encoder.encode(.pageRequest(requestID: 0, pageIndex: 0, count: WireProtocol.maxPagesPerRequest + 1))
+        }
         #expect(encoder.bytes.isEmpty)
+        var fine = WireEncoder()
+        try fine.encode(.pageRequest(requestID: 0, pageIndex: 0, count: WireProtocol.maxPagesPerRequest))
     }
 
     @Test func everyErrorHasADescription() {

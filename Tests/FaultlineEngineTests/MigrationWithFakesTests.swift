@@ -184,6 +184,32 @@ struct MigrationWithFakesTests {
         #expect(throws: MigrationError.self) { try r.source.get() }
     }
 
+    @Test func aFaultBringsItsFaultAroundWindowInOneReply() throws {
+        // One simulated fault near the end of memory, and a source that holds its stream until
+        // 16 pages went out on demand: only the fault-around window of that one fault brings
+        // them (with a window of 1, one page comes on demand and the hold runs into its bound).
+        let pair = try FakePair(ramPages: 8192)
+        let page = 8000
+        pair.configureDestinationMachine = { $0.simulatedFaults = [UInt64(4096 * page)] }
+        let r = try pair.migrate(source: { $0.holdStreamUntilDemandPages = 16 },
+                                 destination: { $0.faultMode = .vcpuExit; $0.faultAround = 16 })
+        let d = try r.destination.get()
+        #expect(d.faults == 1)
+        #expect(d.faultAround == 16)
+        #expect(d.demandPages >= 16, "the window came in the reply")
+        #expect(d.digestMatch && pair.memoriesMatch())
+    }
+
+    @Test func faultAroundOutsideItsBoundsIsRefused() throws {
+        var d = DestinationOptions(listen: SocketEndpoint(host: "127.0.0.1", port: 0))
+        for bad in [0, Int(WireProtocol.maxPagesPerRequest) + 1] {
+            d.faultAround = bad
+            #expect(throws: DemandPagingConfig.Invalid.self) { try d.validate() }
+        }
+        d.faultAround = Int(WireProtocol.maxPagesPerRequest)
+        try d.validate()
+    }
+
     @Test func demandFaultsAreServedOnTheFaultConnection() throws {
         // The vCPU touches the last pages the stream would send, and the source holds its
         // stream until both were served on demand: the fault path is certain to run.

@@ -330,6 +330,8 @@ void fl_sigbus_set_thread_resolver(fl_sigbus_resolver resolver, void *context);
 
 // Spawning an OS thread with a plain C entry (Swift hands a retained box as `arg`).
 int fl_thread_create(pthread_t *thread, size_t stack_size, void *(*entry)(void *), void *arg);
+/* pthread_setname_np for the calling thread (at most 15 bytes and the NUL; longer fails with ERANGE). */
+int fl_set_current_thread_name(const char *name);
 
 // Monotonic time in nanoseconds (vDSO clock_gettime).
 uint64_t fl_now_ns(void);

@@ -708,8 +708,8 @@ enum WireValidation {
     }
 
     static func checkRequest(pageIndex: UInt64, count: UInt32) throws(WireError) {
-        guard count > 0, !pageIndex.addingReportingOverflow(UInt64(count)).overflow else {
-            throw .malformed("page request for \(count) pages at \(pageIndex)")
+        guard count > 0, count <= WireProtocol.maxPagesPerRequest, !pageIndex.addingReportingOverflow(UInt64(count)).overflow else {
+            throw .malformed("page request for \(count) pages at \(pageIndex) (1...\(WireProtocol.maxPagesPerRequest) per request)")
         }
     }
 }

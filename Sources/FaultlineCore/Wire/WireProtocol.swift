@@ -21,6 +21,9 @@ public enum WireProtocol {
     public static let pageSizes: ClosedRange<UInt32> = 4096...(2 << 20)
     /// The most memory regions a `hello` may describe.
     public static let maxMemoryRegions = 1024
+    /// Most pages one `pageRequest` may ask for (a fault and its fault-around window): the
+    /// reply stays one small frame on the fault connection.
+    public static let maxPagesPerRequest: UInt32 = 256
     /// Size of one page descriptor in a page batch: index u64, kind u8, 3 reserved, CRC32C u32.
     public static let pageDescriptorSize = 16
 

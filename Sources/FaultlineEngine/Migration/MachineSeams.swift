@@ -32,6 +32,10 @@ public protocol DestinationMachine: AnyObject, Sendable {
     /// Starts the vCPUs; `handler` resolves vcpu-exit faults on the vCPU's own thread.
     func startGuest(faultHandler: RAMFaultHandler?, niceness: Int32) throws
     func setVcpuNiceness(_ value: Int32)
+    /// Parks every vCPU (the guest keeps its state) until ``resumeGuest()``: the plain TCP
+    /// copy that serves as the yardstick is timed with the guest quiet.
+    func pauseGuest()
+    func resumeGuest()
     /// Stops and joins every vCPU thread; the first vCPU error, if any.
     func stopGuest() -> String?
     /// Pages the guest itself wrote since the last call (KVM's dirty log on the destination,

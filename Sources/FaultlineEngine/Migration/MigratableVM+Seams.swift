@@ -51,6 +51,8 @@ extension MigratableVM: SourceMachine, DestinationMachine {
     }
 
     public func stopGuest() -> String? { stop() }
+    public func pauseGuest() { pause() }
+    public func resumeGuest() { resume() }
 
     /// Needs the VM created with `dirtyLogging: true` (both slots).
     public func collectGuestWrites(into pages: PageBitmap) throws {

@@ -54,6 +54,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         self.prepared = prepared
         faultCPU = options.faultPathCPU.resolved
         report.faultMode = options.faultMode
+        report.faultAround = options.faultAround
         vcpuExitMechanism = options.faultMode == .vcpuExit
             ? (options.machineFactory == nil ? FaultModeSelection.vcpuExitMechanism(probe: .current) ?? .sigbusExit : .sigbusExit)
             : nil
@@ -96,7 +97,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                                   exclusiveInstalls: options.faultMode == .uffdMinor)
         installer.damageAfterInstall = options.damageInstalledPage
         if options.faultMode == .vcpuExit { installer.afterBatch = { [waiters] in waiters.broadcast() } }
-        requester = try FaultRequester(table: table, book: book, failures: failures, faultPathCPU: faultCPU)
+        requester = try FaultRequester(table: table, book: book, failures: failures, faultPathCPU: faultCPU, faultAround: options.faultAround)
         failures.onFailure = { [weak self] in self?.abortOnThreadFailure() }
         // Post-copy's background stream: ready before the switch-over, so that starting it costs
         // nothing between the pause and the guest running. MINOR: a fault on a page staged for
@@ -561,11 +562,17 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
 
     // MARK: the yardstick
 
-    /// The source may ask to time a plain TCP copy on the same link.
+    /// The source may ask to time a plain TCP copy on the same link. The guest is parked
+    /// meanwhile: the yardstick is a copy with nothing else running (the source's guest is
+    /// stopped by now too), as fast as a plain copy can be here - timed while this guest's
+    /// vCPUs ran at full priority, it took up to 2-3x longer on two CPUs and flattered the
+    /// migration's ratio to it.
     func measureBaselineIfAsked() {
         bulk.socket.setReceiveTimeout(seconds: 5)
-        guard case .ack(SessionAck.baselineFollows)? = try? bulk.receive(),
-              let socket = try? destination.listener.accept(timeoutSeconds: 10) else { return }
+        guard case .ack(SessionAck.baselineFollows)? = try? bulk.receive() else { return }
+        machine.pauseGuest()
+        defer { machine.resumeGuest() }
+        guard let socket = try? destination.listener.accept(timeoutSeconds: 10) else { return }
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
         defer { buffer.deallocate() }
         var total: UInt64 = 0

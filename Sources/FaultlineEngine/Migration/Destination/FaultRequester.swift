@@ -10,6 +10,9 @@ final class FaultRequester: @unchecked Sendable {
     let book: FaultBook
     let failures: FailureSlot
     let faultPathCPU: Int32?
+    /// Pages asked for per fault: the faulting page and up to `faultAround - 1` that follow it
+    /// and are not installed yet (``MigrationDestination/Options/faultAround``).
+    let faultAround: Int
     private let channel = Locked<WireChannel?>(nil)
     private let stopping = ManagedAtomic<Bool>(false)
     private var threads: [OSThread] = []
@@ -19,7 +22,8 @@ final class FaultRequester: @unchecked Sendable {
     private let pending = Locked<[(page: Int, vcpu: Int, time: UInt64)]>([])
     private let wakeRequester: EventFD
 
-    init(table: DestinationPageTable, book: FaultBook, failures: FailureSlot, faultPathCPU: Int32?) throws {
+    init(table: DestinationPageTable, book: FaultBook, failures: FailureSlot, faultPathCPU: Int32?, faultAround: Int = 1) throws {
+        self.faultAround = max(faultAround, 1)
         self.table = table
         self.book = book
         self.failures = failures
@@ -35,10 +39,16 @@ final class FaultRequester: @unchecked Sendable {
     var currentChannel: WireChannel? { channel.withLock { $0 } }
 
     /// Sends a request unless one is outstanding. Thread-safe; never waits for the page.
+    /// The request covers the pages after `page` up to the fault-around window, stopping at
+    /// the first one already installed: a guest that walks memory faults once per window,
+    /// not once per page. Only `page` counts as a fault (latency, requested set); the others
+    /// are read ahead, and the source leaves out any it has sent already.
     func request(_ page: Int, vcpu: Int, faultTime: UInt64 = MonotonicClock.nanoseconds(), encoder: inout WireEncoder) {
         guard book.noteRequest(page, vcpu: vcpu, at: faultTime), let channel = currentChannel else { return }
+        var count = 1
+        while count < faultAround && page + count < table.count && !table.installed.contains(page + count) { count += 1 }
         do {
-            try encoder.encode(.pageRequest(requestID: UInt64(page), pageIndex: UInt64(page), count: 1))
+            try encoder.encode(.pageRequest(requestID: UInt64(page), pageIndex: UInt64(page), count: UInt32(count)))
             try channel.flush(&encoder)
         } catch {
             encoder.removeAll()  // the connection is down: re-sent after the reconnect

@@ -27,6 +27,10 @@ public struct DestinationOptions: Sendable {
     public var preFault = false
     /// Populate this much memory before the source connects (like QEMU's -mem-prealloc).
     public var preallocBytes: UInt64 = 0
+    /// Pages asked for per post-copy fault: the faulting page and the ones after it that are
+    /// not here yet, up to this many (1: the faulting page only). A guest that walks memory
+    /// ahead of the stream then faults once per window instead of once per page.
+    public var faultAround = 16
     /// The CPU the fault-path threads share (requests out, replies in, uffd readers).
     public var faultPathCPU: FaultPathCPU = .automatic
     /// Test hook: after this page is installed in post-copy, damage one byte of it in guest memory.
@@ -44,6 +48,9 @@ public struct DestinationOptions: Sendable {
     public init(listen: SocketEndpoint) { self.listen = listen }
 
     public func validate() throws {
+        guard faultAround >= 1 && faultAround <= Int(WireProtocol.maxPagesPerRequest) else {
+            throw DemandPagingConfig.Invalid("--fault-around must be 1...\(WireProtocol.maxPagesPerRequest) pages (got \(faultAround))")
+        }
         guard [.vcpuExit, .uffdMissing, .uffdMinor].contains(faultMode) else {
             throw DemandPagingConfig.Invalid("--fault-mode must be vcpu-exit, uffd-missing or uffd-minor")
         }
@@ -77,6 +84,8 @@ public struct DestinationReport: Sendable {
     public var backgroundPages = 0
     public var zeroPages = 0
     public var faults = 0
+    /// Pages asked for per fault (``DestinationOptions/faultAround``).
+    public var faultAround = 1
     public var corruptPagesRejected = 0
     public var reconnects = 0
     public var bytesReceived: UInt64 = 0

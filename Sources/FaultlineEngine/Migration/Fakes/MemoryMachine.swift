@@ -82,6 +82,8 @@ public final class MemoryMachine: SourceMachine, DestinationMachine, @unchecked 
     }
 
     public func setVcpuNiceness(_ value: Int32) {}
+    public func pauseGuest() {}
+    public func resumeGuest() {}
 
     public func stopGuest() -> String? {
         faultThread?.join()
