@@ -65,6 +65,33 @@ struct MigrationTests {
         #expect(reason.hasPrefix(expectedPrefix), "\(reason)")
     }
 
+    @Test func theYardstickCopyParksTheGuestAndTheGuestRunsOnAfterIt() throws {
+        // --baseline: the destination parks its guest for the plain TCP copy, then resumes it;
+        // the guest must still complete passes afterwards. The post-copy knobs are reported.
+        let r = try run(["demo", "--memory", "32M", "--json", "--precopy-rounds", "0", "--baseline",
+                         "--fault-around", "4", "--postcopy-vcpu-nice", "15", "--run-after", "0.5"], timeout: 300)
+        #expect(r.status == 0, "\(r.stderr)")
+        let j = lastJSON(r.stdout)
+        #expect((j?["tcp_baseline_seconds"] as? Double ?? 0) > 0, "no yardstick copy was timed")
+        #expect(j?["fault_around_pages"] as? Int == 4)
+        #expect(j?["digest_match"] as? Bool == true)
+        #expect(j?["guest_check"] as? Bool == true)
+        #expect((j?["passes_after_migration"] as? Int ?? 0) > 0, "the guest did not run on after the copy")
+    }
+
+    @Test(arguments: [
+        (["demo", "--fault-around", "0"], "--fault-around must be 1...256"),
+        (["demo", "--fault-around", "257"], "--fault-around must be 1...256"),
+        (["demo", "--postcopy-vcpu-nice", "20"], "--postcopy-vcpu-nice must be 0...19"),
+        (["receive", "--listen", "127.0.0.1:0", "--fault-around", "0"], "--fault-around must be 1...256"),
+        (["receive", "--listen", "127.0.0.1:0", "--postcopy-vcpu-nice=-1"], "--postcopy-vcpu-nice must be 0...19"),
+    ])
+    func postcopyKnobsOutOfRangeAreRefused(args: [String], message: String) throws {
+        let r = try run(args, timeout: 60)
+        #expect(r.status != 0)
+        #expect(r.stderr.contains(message), "\(args): \(r.stderr)")
+    }
+
     @Test func aCutConnectionResumesAndCompletes() throws {
         let r = try run(["demo", "--memory", "64M", "--json", "--precopy-rounds", "0", "--inject-disconnect-after-pages", "3000"],
                         timeout: 300)
