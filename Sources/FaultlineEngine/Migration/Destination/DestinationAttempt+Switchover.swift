@@ -1,0 +1,78 @@
+import FaultlineCore
+import FaultlineLinux
+
+/// The switch-over on the destination: owed pages, the guest started, a commit awaited.
+extension DestinationAttempt {
+    // MARK: switch-over
+
+    /// Everything but starting the vCPUs: drop stale copies, arm faults, start the fault path.
+    func prepareSwitchover(owed: [Range<UInt64>]) throws {
+        let ranges = try ramRanges(owed, named: "owed")
+        switchPart("owed_set")
+        for stale in table.switchOver(owed: ranges) { try mapper.discard(stale) }
+        switchPart("drop_stale")
+        // Pages that never arrived (none was sent, or a round was cut short) are owed too.
+        report.postcopy = !table.isComplete
+        // Write-tracked RAM (a guest_memfd VM) keeps its readers even when nothing is missing:
+        // they serve the guest's write-protect faults until the digest is taken.
+        let tracking = tracksWritesWithUserfaultfd
+        if !report.postcopy && !tracking { mapper.disarmFaults() }  // armed early for pre-copy (MISSING modes); nothing is missing
+        if report.postcopy || tracking {
+            try mapper.armFaults()
+            if options.faultMode == .vcpuExit {
+                try requester.startVcpuExitRequester()
+            }
+            // uffd modes, and the userfaultfd behind KVM Userfault (non-vCPU accesses).
+            if options.faultMode != .vcpuExit || vcpuExitMechanism == .kvmUserfault,
+               let uffdMapper = mapper as? UffdPageMapper, let vm = machine as? MigratableVM {
+                try requester.startReaders(uffdMapper.uffds, perUffd: options.readers, ramBase: vm.ram.hostAddress.rawValue,
+                                           lowPages: layout.lowPages, mapper: mapper, writeLog: uffdMapper.writeLog,
+                                           vcpuForThread: { [weak vm] in vm?.vcpu(forThread: $0) ?? -1 })
+            }
+        }
+        try startFaultReceiver()
+        switchPart("fault_path")
+        if options.preFault, let vm = machine as? MigratableVM {
+            // The installed RAM pages, into KVM's page tables before the guest touches them.
+            var installed: [Range<Int>] = []
+            var runStart = -1
+            for page in layout.lowPages...layout.totalPages {
+                let present = page < layout.totalPages && table.installed.contains(page)
+                if present && runStart < 0 { runStart = page }
+                if !present && runStart >= 0 {
+                    installed.append((runStart - layout.lowPages)..<(page - layout.lowPages))
+                    runStart = -1
+                }
+            }
+            report.preFaultAtSwitchover = vm.preFaultRAM(installed, through: vm.vcpus[0])
+            switchPart("pre_fault")
+        }
+    }
+
+    /// MINOR installs stay exclusive, so a fault on a page of a bulk run waits for the whole
+    /// run (written into the file, then mapped): keep those runs short.
+    var bulkRunPages: Int { options.faultMode == .uffdMinor ? 32 : 256 }
+
+    func startGuest() throws {
+        phase = .postcopy
+        awaitingCommit = false
+        guestStarted = true
+        try machine.startGuest(faultHandler: report.postcopy && options.faultMode == .vcpuExit ? self : nil,
+                               niceness: report.postcopy ? options.vcpuNicenessDuringPostcopy : 0)
+    }
+
+    /// After losing the connection between `ready` and `commit`.
+    func awaitCommitAfterLoss(_ cause: Error) throws {
+        closeChannels()
+        let pair: SessionAcceptor.Pair
+        do {
+            pair = try sessions.acceptPair(timeout: options.reconnectSeconds, session: sessionID, orNewSession: true)
+        } catch {
+            throw AttemptAbandoned(cause: cause)
+        }
+        guard pair.hello.sessionID == sessionID else { throw AttemptAbandoned(cause: cause, next: pair) }
+        FaultlineLog.note("faultline receive: the source reconnected after the commit; starting the guest")
+        try startGuest()
+        try resume(pair)
+    }
+}
