@@ -40,13 +40,13 @@ final class FaultServer: @unchecked Sendable {
                         }
                         encoder.beginPages(pageSize: 4096, replyingTo: requestID)
                         let end = min(first &+ UInt64(count), UInt64(total))
-                        // The requested page always; the pages after it (the destination's
-                        // fault-around window) only where the stream has not sent them yet.
+                        // The requested page and the rest of the destination's fault-around
+                        // window, even pages the stream has sent already: a vCPU that walks
+                        // into pages still in flight would otherwise get them one fault at a
+                        // time (measured: 4x the faults and longer totals; docs/benchmarks.md).
                         for page in Int(first)..<Int(end) {
-                            let fresh = done.insert(page)
-                            guard fresh || page == Int(first) else { continue }
                             _ = sender.encode(page, into: &encoder)
-                            if fresh { demandServed.wrappingIncrement(ordering: .relaxed) }
+                            if done.insert(page) { demandServed.wrappingIncrement(ordering: .relaxed) }
                         }
                         cursor.store(Int(end) < total ? Int(end) : 0, ordering: .relaxed)
                         encoder.endPages()
