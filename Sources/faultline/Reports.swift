@@ -97,6 +97,9 @@ extension DestinationReport {
             "\"fault_latency_log2_us\":{\"buckets\":\(intList(faultLatencyLog2)),\"per_vcpu\":["
                 + faultLatencyLog2PerVcpu.map(intList).joined(separator: ",") + "]}",
             "\"vcpu_stall_ms\":[" + vcpuStallMilliseconds.map { fmt($0, 3) }.joined(separator: ",") + "]",
+            "\"slow_faults\":{\"count\":\(slowFaultCount),\"first\":[" + slowFaults.map {
+                "{\"at_ms\":\(fmt($0.atMilliseconds, 3)),\"us\":\(fmt($0.microseconds, 1)),\"vcpu\":\($0.vcpu),\"page\":\($0.page)}"
+            }.joined(separator: ",") + "]}",
             "\"installed_demand_pages\":\(demandPages)", "\"installed_background_pages\":\(backgroundPages)",
             "\"corrupt_pages_rejected\":\(corruptPagesRejected)", "\"destination_reconnects\":\(reconnects)",
             "\"bytes_received\":\(bytesReceived)", "\"digest_match\":\(digestMatch)", "\"guest_check\":\(guestCheck)",

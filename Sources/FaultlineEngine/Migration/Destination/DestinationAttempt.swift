@@ -305,6 +305,8 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         report.faultLatencyMicroseconds = book.latencyMicroseconds
         report.vcpuStallMilliseconds = book.stallMilliseconds
         report.faultLatencyLog2 = book.latencyLog2.buckets()
+        report.slowFaultCount = book.slowCount.load(ordering: .relaxed)
+        report.slowFaults = book.slowFaults.map { (Double($0.sinceFirstFault) / 1e6, Double($0.waited) / 1e3, Int($0.vcpu), $0.page) }
         report.faultLatencyLog2PerVcpu = (0..<layout.vcpus).map { book.latencyLog2.buckets(vcpu: $0) }
         report.guestMismatches = machine.counters.mismatches.load(ordering: .relaxed)
         report.firstMismatch = machine.counters.firstMismatch

@@ -17,6 +17,14 @@ final class FaultBook: @unchecked Sendable {
     let vcpusAccountOwnStall: Bool
     /// Power-of-two buckets in microseconds, overall and per vCPU (QEMU 10.1's form).
     let latencyLog2: Log2Histogram
+    /// Faults that waited at least ``slowNanoseconds``: how many, and the first
+    /// ``slowKept`` of them (when, how long, which vCPU and page) - where a tail comes from.
+    static let slowNanoseconds: UInt64 = 1_000_000
+    static let slowKept = 16
+    let slowCount = ManagedAtomic<Int>(0)
+    private let slowRecords: UnsafeMutablePointer<SlowFault>
+    /// The first fault's time: slow faults are placed relative to it.
+    private let origin = ManagedAtomic<UInt64>(0)
     private let latency = Locked(Histogram<UInt32>(lowestDiscernibleValue: 1, highestTrackableValue: 120_000_000_000,
                                                   numberOfSignificantValueDigits: .two))
 
@@ -31,9 +39,12 @@ final class FaultBook: @unchecked Sendable {
         self.vcpus = vcpus
         latencyLog2 = Log2Histogram(vcpus: vcpus)
         self.vcpusAccountOwnStall = vcpusAccountOwnStall
+        slowRecords = .allocate(capacity: Self.slowKept)
+        slowRecords.initialize(repeating: SlowFault(), count: Self.slowKept)
     }
 
     deinit {
+        slowRecords.deallocate()
         requestTime.deallocate()
         requestVcpu.deallocate()
         stallNanoseconds.deallocate()
@@ -44,6 +55,7 @@ final class FaultBook: @unchecked Sendable {
         guard requested.insert(page) else { return false }
         requestVcpu[page] = Int32(vcpu)
         requestTime[page] = time
+        _ = origin.compareExchange(expected: 0, desired: time, ordering: .relaxed)
         faults.wrappingIncrement(ordering: .relaxed)
         return true
     }
@@ -57,7 +69,25 @@ final class FaultBook: @unchecked Sendable {
         let v = Int(requestVcpu[page])
         latencyLog2.record(nanoseconds: waited, vcpu: v)
         if v >= 0 && v < vcpus && !vcpusAccountOwnStall { addStall(vcpu: v, nanoseconds: waited) }
+        if waited >= Self.slowNanoseconds {
+            let i = slowCount.loadThenWrappingIncrement(ordering: .relaxed)
+            if i < Self.slowKept {
+                slowRecords[i] = SlowFault(sinceFirstFault: asked &- origin.load(ordering: .relaxed), waited: waited,
+                                           vcpu: Int32(v), page: page)
+            }
+        }
     }
+
+    /// One fault that waited at least ``slowNanoseconds``.
+    struct SlowFault {
+        var sinceFirstFault: UInt64 = 0
+        var waited: UInt64 = 0
+        var vcpu: Int32 = -1
+        var page = 0
+    }
+
+    /// The slow faults kept (read once the fault path has stopped).
+    var slowFaults: [SlowFault] { (0..<min(slowCount.load(ordering: .relaxed), Self.slowKept)).map { slowRecords[$0] } }
 
     func addStall(vcpu: Int, nanoseconds: UInt64) {
         UnsafeAtomic<UInt64>(at: stallNanoseconds + vcpu).wrappingIncrement(by: nanoseconds, ordering: .relaxed)

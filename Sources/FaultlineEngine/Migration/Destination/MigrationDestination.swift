@@ -94,6 +94,10 @@ public struct DestinationReport: Sendable {
     /// Demand-fault latency in power-of-two microsecond buckets ([2^N, 2^(N+1)) us), all
     /// faults and per vCPU.
     public var faultLatencyLog2: [UInt64] = []
+    /// Faults that waited 1 ms or more, and the first 16 of them: ms after the first fault,
+    /// how long (us), vCPU, page.
+    public var slowFaultCount = 0
+    public var slowFaults: [(atMilliseconds: Double, microseconds: Double, vcpu: Int, page: Int)] = []
     public var faultLatencyLog2PerVcpu: [[UInt64]] = []
     /// Attempts that failed before the commit (their state was discarded) before this one.
     public var abandonedAttempts: [String] = []
