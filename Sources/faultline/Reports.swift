@@ -36,7 +36,7 @@ extension SourceReport {
             "\"total_seconds\":\(fmt(totalSeconds, 6))", "\"downtime_ms\":\(fmt(downtimeMilliseconds, 3))",
             "\"precopy_rounds\":\(precopyRounds.count)", "\"precopy_pages\":\(precopyPages)", "\"demand_pages\":\(demandPages)",
             "\"precopy\":[" + precopyRounds.map {
-                "{\"pages\":\($0.pages),\"data_pages\":\($0.dataPages),\"seconds\":\(fmt($0.seconds, 6)),\"dirty_after\":\($0.dirtyAfter)}"
+                "{\"pages\":\($0.pages),\"data_pages\":\($0.dataPages),\"seconds\":\(fmt($0.seconds, 6)),\"dirty_after\":\($0.dirtyAfter),\"cut_short\":\($0.cutShort)}"
             }.joined(separator: ",") + "]",
             "\"precopy_stop\":\"\(jsonEscape(precopyStop))\"", "\"mode\":\"\(mode)\"", "\"stop_and_copy_pages\":\(stopAndCopyPages)",
             "\"downtime_parts_ms\":{" + downtimeParts.map { "\"\($0.name)\":\(fmt($0.milliseconds, 3))" }.joined(separator: ",") + "}",

@@ -7,6 +7,15 @@ struct MigrationPolicyTests {
         PrecopyRound(pagesSent: 1000, bytesSent: UInt64(mb * 1e6), seconds: seconds, dirtyAfter: dirty)
     }
 
+    @Test func aRoundIsCutShortAtTheTimeLimitOnlyWherePostcopyCanTakeTheRest() {
+        for postcopy in [PostcopyPolicy.auto, .always] {
+            let p = ConvergencePolicy(postcopy: postcopy, maxRounds: 5, maxSeconds: 2)
+            #expect(!p.cutsRoundShort(elapsed: 1.999))
+            #expect(p.cutsRoundShort(elapsed: 2))
+        }
+        #expect(!ConvergencePolicy(postcopy: .never, maxRounds: 5, maxSeconds: 2).cutsRoundShort(elapsed: 60))
+    }
+
     @Test func noRoundsMeansPostcopyRightAway() {
         #expect(ConvergencePolicy(postcopy: .auto, maxRounds: 0).decide(rounds: [], elapsed: 0) == .postcopy(.roundLimit(0)))
         #expect(ConvergencePolicy(postcopy: .never, maxRounds: 0).decide(rounds: [], elapsed: 0) == .fail(.roundLimit(0)))

@@ -87,6 +87,37 @@ struct MigrationWithFakesTests {
         #expect(d.digestPagesFromMemory == pair.layout.totalPages)
     }
 
+    @Test(arguments: [PostcopyPolicy.always, .auto])
+    func theTimeLimitCutsARoundShortAndPostcopySendsTheRest(postcopy: PostcopyPolicy) throws {
+        // A time limit of a nanosecond: the policy lets the first round start (0 s elapsed)
+        // and the round stops at its first check, after 255 of 8192+ pages. A page written in
+        // the part that was sent must arrive in its new version too.
+        let pair = try FakePair(ramPages: 8192)
+        let low = pair.layout.lowPages
+        pair.source.onCollect = { m, n in if n == 0 { m.write(page: low + 3, byte: 0xC3) } }
+        // (auto: a downtime target nothing fits, or the rest would be stop-and-copied.)
+        let r = try pair.migrate(source: { $0.precopyRounds = 5; $0.precopySeconds = 1e-9; $0.postcopy = postcopy
+                                           $0.maxDowntimeMilliseconds = 0.000_001 })
+        let s = try r.source.get(), d = try r.destination.get()
+        #expect(s.precopyRounds.count == 1)
+        #expect(s.precopyRounds.first?.cutShort == true)
+        #expect(s.precopyRounds.first?.pages == 255)
+        #expect(s.mode == "postcopy", "\(postcopy): the rest goes in post-copy")
+        #expect(d.postcopy)
+        #expect(d.digestMatch && pair.memoriesMatch())
+        #expect(pair.destinationMapper!.bytes(of: low + 3).load(as: UInt8.self) == 0xC3)
+    }
+
+    @Test func withoutPostcopyARoundIsNotCutShort() throws {
+        let pair = try FakePair(ramPages: 2048)
+        let r = try pair.migrate(source: { $0.precopyRounds = 1; $0.precopySeconds = 1e-9; $0.postcopy = .never
+                                           $0.maxDowntimeMilliseconds = 10_000 })
+        let s = try r.source.get(), d = try r.destination.get()
+        #expect(s.precopyRounds.first?.cutShort == false)
+        #expect(s.precopyRounds.first?.pages == pair.layout.ramPages)
+        #expect(d.digestMatch && pair.memoriesMatch())
+    }
+
     @Test func pureStopAndCopyNeedsNoPostcopy() throws {
         let pair = try FakePair()
         pair.source.onCollect = { m, n in if n == 0 { m.write(page: m.layout.lowPages + 5, byte: 7) } }

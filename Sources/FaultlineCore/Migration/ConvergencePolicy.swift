@@ -107,6 +107,12 @@ public struct ConvergencePolicy: Sendable, Equatable {
         return Double(pages * pageSize) / bw * 1000
     }
 
+    /// Whether a round still sending at `elapsed` seconds stops there: at the time limit, when
+    /// post-copy can take what the round has not sent (as QEMU's switch to post-copy does not
+    /// wait for an iteration to end). With `never` the rest would be copied while the guest is
+    /// paused, so the round runs to its end.
+    public func cutsRoundShort(elapsed: Double) -> Bool { postcopy != .never && elapsed >= maxSeconds }
+
     /// Decides after `rounds` (empty: before the first round), `elapsed` seconds into pre-copy.
     public func decide(rounds: [PrecopyRound], elapsed: Double) -> PrecopyDecision {
         if let last = rounds.last, postcopy != .always,

@@ -76,6 +76,8 @@ public struct PrecopyRoundReport: Sendable, Equatable {
     public var dataPages: Int
     public var seconds: Double
     public var dirtyAfter: Int
+    /// The time limit stopped the round before it had sent every page it started with.
+    public var cutShort = false
 }
 
 /// What the source saw.

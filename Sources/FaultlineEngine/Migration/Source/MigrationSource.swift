@@ -151,8 +151,15 @@ public final class MigrationSource: @unchecked Sendable {
             encoder.removeAll()
             encoder.beginPages(pageSize: 4096)
             var dataPages = 0
-            let sentCount = toSend.count
-            for page in toSend {
+            var sentCount = toSend.count
+            var unsent: ArraySlice<Int> = []
+            for (i, page) in toSend.enumerated() {
+                // At the time limit a round stops where it is (post-copy sends the rest).
+                if i & 255 == 255, policy.cutsRoundShort(elapsed: Double(MonotonicClock.nanoseconds() - t0) / 1e9) {
+                    unsent = toSend[i...]
+                    sentCount = i
+                    break
+                }
                 let corrupt = options.corruptOnePrecopyPage && !injectedCorruption
                 if try sender.append(page, to: &encoder, channel: bulk, corrupt: corrupt) {
                     dataPages += 1
@@ -170,6 +177,7 @@ public final class MigrationSource: @unchecked Sendable {
             if let failure = failures.failure { throw failure }
             let dirty = PageBitmap(count: layout.totalPages)
             try machine.collectDirty(into: dirty)
+            for page in unsent { dirty.insert(page) }  // still owed: sent with the final dirty set or in post-copy
             let seconds = Double(MonotonicClock.nanoseconds() - tRound) / 1e9
             toSend = []
             dirty.forEachSetPage { toSend.append($0) }
@@ -177,7 +185,7 @@ public final class MigrationSource: @unchecked Sendable {
             rounds.append(PrecopyRound(pagesSent: sentCount, bytesSent: UInt64(dataPages) * 4096, seconds: seconds,
                                        dirtyAfter: toSend.count))
             report.precopyRounds.append(PrecopyRoundReport(pages: sentCount, dataPages: dataPages, seconds: seconds,
-                                                           dirtyAfter: toSend.count))
+                                                           dirtyAfter: toSend.count, cutShort: !unsent.isEmpty))
             report.precopyPages += sentCount
             decision = policy.decide(rounds: rounds, elapsed: Double(MonotonicClock.nanoseconds() - t0) / 1e9)
         }
