@@ -44,10 +44,11 @@ struct Demo: ParsableCommand {
             let (backend, why) = BackendSelection.resolve(nil)
             guard backend == .kvm else { throw CLIError(description: "the migration demo needs KVM: \(why)") }
             let (mode, modeReason) = try FaultModeSelection.resolve(requested: faultMode)
-            guard (1...Int(WireProtocol.maxPagesPerRequest)).contains(faultAround) else {
-                throw CLIError(description: "--fault-around must be 1...\(WireProtocol.maxPagesPerRequest) pages (got \(faultAround))")
-            }
-            guard (0...19).contains(postcopyVcpuNice) else { throw CLIError(description: "--postcopy-vcpu-nice must be 0...19 (got \(postcopyVcpuNice))") }
+            // The destination's post-copy knobs, checked as `receive` checks them, before it is spawned.
+            var knobs = DestinationOptions(listen: SocketEndpoint(host: "127.0.0.1", port: 0))
+            knobs.faultAround = faultAround
+            knobs.vcpuNicenessDuringPostcopy = postcopyVcpuNice
+            try knobs.validate()
             guard let size = parseSize(memory) else { throw CLIError(description: "cannot read --memory '\(memory)'") }
             let layout = try MachineLayout(vcpus: vcpus, ramSize: size)
             let wl = try RunningWorkload(kind: workload, pagesPerVcpu: layout.pagesPerVcpu, workingSetPages: workingSet)

@@ -25,10 +25,10 @@ extension FaultPathCPU: ExpressibleByArgument {
 /// `--fault-cpu`, shared by run, receive and demo.
 let faultCPUHelp: ArgumentHelp = "CPU for the fault-path threads: auto (the last CPU allowed), none, or a number"
 
-/// `--fault-mode`, shared by receive and demo.
 let faultAroundHelp: ArgumentHelp = "Pages asked for per post-copy fault: the faulting page and the missing ones after it (1 = the faulting page only)"
 let postcopyNiceHelp: ArgumentHelp = "Niceness of the vCPU threads while post-copy runs (0-19; higher leaves more CPU to the page stream)"
 let preFaultHelp: ArgumentHelp = "KVM_PRE_FAULT_MEMORY (TDP hosts): map installed pages at the switch-over and all RAM after post-copy"
+/// `--fault-mode`, shared by receive and demo.
 let faultModeHelp: ArgumentHelp = "auto | vcpu-exit | uffd-missing | uffd-minor (auto: the best mode that works on this kernel)"
 
 /// The source's hidden fault-injection flags (for tests), shared by `run` and `demo`.
@@ -238,7 +238,6 @@ struct Receive: ParsableCommand {
             options.exitDuringPrecopyAfterPages = exitDuringPrecopy
             options.preFault = preFault
             options.faultAround = faultAround
-            guard (0...19).contains(postcopyVcpuNice) else { throw CLIError(description: "--postcopy-vcpu-nice must be 0...19 (got \(postcopyVcpuNice))") }
             options.vcpuNicenessDuringPostcopy = postcopyVcpuNice
             if let prealloc {
                 guard let bytes = parseSize(prealloc) else { throw CLIError(description: "cannot read --prealloc '\(prealloc)'") }

@@ -239,6 +239,12 @@ struct MigrationWithFakesTests {
         }
         d.faultAround = Int(WireProtocol.maxPagesPerRequest)
         try d.validate()
+        for bad: Int32 in [-1, 20] {
+            d.vcpuNicenessDuringPostcopy = bad
+            #expect(throws: DemandPagingConfig.Invalid.self) { try d.validate() }
+        }
+        d.vcpuNicenessDuringPostcopy = 0
+        try d.validate()
     }
 
     @Test func demandFaultsAreServedOnTheFaultConnection() throws {

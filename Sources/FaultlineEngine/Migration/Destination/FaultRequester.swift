@@ -11,7 +11,7 @@ final class FaultRequester: @unchecked Sendable {
     let failures: FailureSlot
     let faultPathCPU: Int32?
     /// Pages asked for per fault: the faulting page and up to `faultAround - 1` that follow it
-    /// and are not installed yet (``MigrationDestination/Options/faultAround``).
+    /// and are not installed yet (``DestinationOptions/faultAround``).
     let faultAround: Int
     private let channel = Locked<WireChannel?>(nil)
     private let stopping = ManagedAtomic<Bool>(false)
@@ -42,7 +42,7 @@ final class FaultRequester: @unchecked Sendable {
     /// The request covers the pages after `page` up to the fault-around window, stopping at
     /// the first one already installed: a guest that walks memory faults once per window,
     /// not once per page. Only `page` counts as a fault (latency, requested set); the others
-    /// are read ahead, and the source leaves out any it has sent already.
+    /// are read ahead (the source sends them even where its stream already did).
     func request(_ page: Int, vcpu: Int, faultTime: UInt64 = MonotonicClock.nanoseconds(), encoder: inout WireEncoder) {
         guard book.noteRequest(page, vcpu: vcpu, at: faultTime), let channel = currentChannel else { return }
         var count = 1

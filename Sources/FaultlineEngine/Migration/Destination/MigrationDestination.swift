@@ -51,6 +51,9 @@ public struct DestinationOptions: Sendable {
         guard faultAround >= 1 && faultAround <= Int(WireProtocol.maxPagesPerRequest) else {
             throw DemandPagingConfig.Invalid("--fault-around must be 1...\(WireProtocol.maxPagesPerRequest) pages (got \(faultAround))")
         }
+        guard (0...19).contains(vcpuNicenessDuringPostcopy) else {
+            throw DemandPagingConfig.Invalid("--postcopy-vcpu-nice must be 0...19 (got \(vcpuNicenessDuringPostcopy))")
+        }
         guard [.vcpuExit, .uffdMissing, .uffdMinor].contains(faultMode) else {
             throw DemandPagingConfig.Invalid("--fault-mode must be vcpu-exit, uffd-missing or uffd-minor")
         }
