@@ -2,6 +2,8 @@
 #include "faultline_shim.h"
 
 #include <errno.h>
+#include <malloc.h>
+#include <stdlib.h>
 #include <signal.h>
 #include <string.h>
 #include <fcntl.h>
@@ -108,6 +110,27 @@ int fl_thread_create(pthread_t *thread, size_t stack_size, void *(*entry)(void *
 
 int fl_gettid(void) { return (int)syscall(SYS_gettid); }
 
+void fl_malloc_warm_thread(void) {
+    void *volatile p = malloc(64);
+    free(p);
+}
+
+size_t fl_malloc_mapped_chunks(void) { return mallinfo2().hblks; }
+
+int fl_thread_allows_cpu(int tid, int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(tid, sizeof(set), &set) != 0) return -1;
+    return cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &set) ? 1 : 0;
+}
+
+int fl_malloc_keep_heap(size_t top_pad) {
+    if (!mallopt(M_MMAP_MAX, 0)) return -1;
+    if (!mallopt(M_TRIM_THRESHOLD, -1)) return -1;
+    if (!mallopt(M_TOP_PAD, (int)top_pad)) return -1;
+    return 0;
+}
+
 int fl_set_current_thread_name(const char *name) { return pthread_setname_np(pthread_self(), name); }
 
 int fl_last_allowed_cpu(void) {
@@ -116,6 +139,14 @@ int fl_last_allowed_cpu(void) {
     if (sched_getaffinity(0, sizeof(set), &set) != 0) return -1;
     for (int cpu = CPU_SETSIZE - 1; cpu >= 0; cpu--) if (CPU_ISSET(cpu, &set)) return cpu;
     return -1;
+}
+
+int fl_thread_avoid_cpu(int tid, int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(getpid(), sizeof(set), &set) != 0) return -1;
+    if (cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &set) && CPU_COUNT(&set) > 1) CPU_CLR(cpu, &set);
+    return sched_setaffinity(tid, sizeof(set), &set);
 }
 
 int fl_pin_current_thread(int cpu) {

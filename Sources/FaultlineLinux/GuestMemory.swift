@@ -52,8 +52,10 @@ public final class GuestMemoryRegion: @unchecked Sendable {
     /// The file behind the mapping (memfd, hugetlb memfd, guest_memfd), if any.
     public let file: FileDescriptor?
     public let guestMemfd: GuestMemfd?
-    /// hugetlbfs has no write(): a second, unregistered mapping of the same file is where
-    /// contents are written before UFFDIO_CONTINUE maps them in the registered one.
+    /// A second, unregistered mapping of the same file, where contents can be written before
+    /// UFFDIO_CONTINUE maps them in the registered one. hugetlbfs has no write(); on shmem,
+    /// write() takes the file's inode lock, so one writer preempted in the middle of a run
+    /// holds up every other (see ``storeThroughAlias(at:from:length:)``).
     @usableFromInline let alias: UnsafeMutableRawPointer?
 
     public var hostAddress: HostAddress { HostAddress(base) }
@@ -105,7 +107,7 @@ public final class GuestMemoryRegion: @unchecked Sendable {
             throw SystemError("mmap \(size) bytes of \(backing) for \(label)", errno: fl_errno())
         }
         var alias: UnsafeMutableRawPointer?
-        if backing == .hugetlb, let file {
+        if backing == .hugetlb || backing == .memfd, let file {
             let a = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED, file.rawValue, 0)
             guard let a, a != MAP_FAILED else {
                 munmap(mapping, Int(size))
@@ -136,7 +138,7 @@ public final class GuestMemoryRegion: @unchecked Sendable {
     @inlinable
     public func writeFile(at offset: UInt64, from source: UnsafeRawPointer, length: Int) throws(SystemError) {
         guard let file else { throw SystemError("pwrite: \(backing) memory has no file", errno: EINVAL) }
-        if let alias {
+        if backing == .hugetlb, let alias {
             (alias + Int(offset)).copyMemory(from: source, byteCount: length)
             return
         }
@@ -147,6 +149,15 @@ public final class GuestMemoryRegion: @unchecked Sendable {
             }
             done += n
         }
+    }
+
+    /// Stores `length` bytes into the backing file at `offset` through the second mapping,
+    /// without touching this one: no file-wide lock is taken (write() takes the inode lock),
+    /// but each page new to the file costs a fault in that mapping.
+    @inlinable
+    public func storeThroughAlias(at offset: UInt64, from source: UnsafeRawPointer, length: Int) throws(SystemError) {
+        guard let alias else { throw SystemError("store: \(backing) memory has no second mapping", errno: EINVAL) }
+        (alias + Int(offset)).copyMemory(from: source, byteCount: length)
     }
 
     /// MADV_DONTNEED over a range: drops the pages so they fault again.

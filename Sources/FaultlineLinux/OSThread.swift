@@ -18,10 +18,21 @@ public final class OSThread: @unchecked Sendable {
                 _ body: @escaping () -> Void) throws(SystemError) {
         // The kernel's thread name (15 bytes; `top -H`, perf and /proc show it).
         let shortName = String(decoding: Array(name.utf8.prefix(15)), as: UTF8.self)
+        // The new thread settles before `init` returns: named, pinned (a move to another CPU
+        // waits for that CPU's migration thread), at its priority, with its allocator arena
+        // (glibc maps one on a thread's first allocation). Each of these costs time and most
+        // take the mmap lock for writing; started at a switch-over, none of it may happen once
+        // the guest runs and faults (see HeapPolicy).
+        let settled = TimedCondition()
+        var startedID: Int32 = 0
         let run: () -> Void = {
             _ = fl_set_current_thread_name(shortName)
             if let cpu { try? ThreadScheduling.pinCurrentThread(to: cpu) }
             if niceness != 0 { OSThread.setCurrentNiceness(niceness) }
+            fl_malloc_warm_thread()
+            let tid = ThreadScheduling.currentThreadID()
+            settled.withLock { startedID = tid }
+            settled.broadcast()
             body()
         }
         let box = Unmanaged.passRetained(Box(run)).toOpaque()
@@ -34,7 +45,12 @@ public final class OSThread: @unchecked Sendable {
             Unmanaged<Box>.fromOpaque(box).release()
             throw SystemError("pthread_create \(name)", errno: rc)
         }
+        settled.wait { startedID != 0 }
+        threadID = settled.withLock { startedID }
     }
+
+    /// The kernel's id of the thread (gettid), known once `init` has returned.
+    public private(set) var threadID: Int32 = 0
 
     public func join() { pthread_join(thread, nil) }
 
@@ -61,5 +77,10 @@ public final class OSThread: @unchecked Sendable {
         /// A vCPU thread while it waits for a page it faulted on (vcpu-exit): woken, it must
         /// run at once, not after the stream's threads have had their slices.
         public static let vcpuWaitingForPage: Int32 = -10
+        /// The destination's post-copy installer thread (maps what the bulk stream brought):
+        /// ahead of the stream's other threads, behind the fault path. A vCPU whose page it has
+        /// claimed waits for it (uffd-minor: installs are exclusive), and at nice 0 it was
+        /// preempted in the middle of a run for up to 15 ms (docs/benchmarks.md, session 7).
+        public static let postcopyInstaller: Int32 = -5
     }
 }

@@ -15,6 +15,21 @@ public enum ThreadScheduling {
         try systemCall("sched_setaffinity cpu \(cpu)") { fl_pin_current_thread(cpu) }
     }
 
+    /// Lets thread `tid` run on every CPU the process may use except `cpu` (nil: every one);
+    /// `cpu` stays allowed when it is the only one.
+    public static func avoidCPU(_ cpu: Int32?, ofThread tid: Int32) throws(SystemError) {
+        try systemCall("sched_setaffinity tid \(tid) avoiding cpu \(cpu.map(String.init) ?? "none")") {
+            fl_thread_avoid_cpu(tid, cpu ?? -1)
+        }
+    }
+
+    /// Whether thread `tid` may run on `cpu`.
+    public static func allows(_ cpu: Int32, thread tid: Int32) throws(SystemError) -> Bool {
+        let rc = fl_thread_allows_cpu(tid, cpu)
+        if rc < 0 { throw SystemError("sched_getaffinity tid \(tid)", errno: fl_errno()) }
+        return rc == 1
+    }
+
     /// The highest-numbered CPU the calling thread may run on, or nil.
     public static func lastAllowedCPU() -> Int32? {
         let cpu = fl_last_allowed_cpu()

@@ -32,6 +32,7 @@ struct Demo: ParsableCommand {
     @Flag(name: .customLong("pre-fault"), help: preFaultHelp) var preFault = false
     @Option(name: .customLong("fault-around"), help: faultAroundHelp) var faultAround = 16
     @Option(name: .customLong("postcopy-vcpu-nice"), help: postcopyNiceHelp) var postcopyVcpuNice = OSThread.Niceness.vcpuDuringPostcopy
+    @Flag(name: .customLong("postcopy-vcpus-off-fault-cpu"), inversion: .prefixedNo, help: offFaultCPUHelp) var vcpusOffFaultCPU = true
     @Flag(help: "One JSON line with both sides' figures") var json = false
     @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
     @OptionGroup var injection: SourceFaultInjection
@@ -41,6 +42,7 @@ struct Demo: ParsableCommand {
 
     func run() {
         do {
+            try HeapPolicy.keepHeapForFaultPath()
             let (backend, why) = BackendSelection.resolve(nil)
             guard backend == .kvm else { throw CLIError(description: "the migration demo needs KVM: \(why)") }
             let (mode, modeReason) = try FaultModeSelection.resolve(requested: faultMode)
@@ -70,6 +72,7 @@ struct Demo: ParsableCommand {
                              "--uffd", uffd.rawValue, "--run-after", String(runAfter), "--accept-seconds", "60",
                              "--fault-cpu", faultCPU.argument, "--fault-around", String(faultAround),
                              "--postcopy-vcpu-nice", String(postcopyVcpuNice)]
+            if !vcpusOffFaultCPU { arguments.append("--no-postcopy-vcpus-off-fault-cpu") }
             if prealloc { arguments += ["--prealloc", String(size)] }
             if preFault { arguments.append("--pre-fault") }
             if let damagePage { arguments += ["--inject-damage-installed-page", String(damagePage)] }

@@ -27,6 +27,7 @@ let faultCPUHelp: ArgumentHelp = "CPU for the fault-path threads: auto (the last
 
 let faultAroundHelp: ArgumentHelp = "Pages asked for per post-copy fault: the faulting page and the missing ones after it (1 = the faulting page only)"
 let postcopyNiceHelp: ArgumentHelp = "Niceness of the vCPU threads while post-copy runs (0-19; higher leaves more CPU to the page stream)"
+let offFaultCPUHelp: ArgumentHelp = "While post-copy runs, keep the vCPU threads off the fault path's CPU (--fault-cpu), where another CPU is left"
 let preFaultHelp: ArgumentHelp = "KVM_PRE_FAULT_MEMORY (TDP hosts): map installed pages at the switch-over and all RAM after post-copy"
 /// `--fault-mode`, shared by receive and demo.
 let faultModeHelp: ArgumentHelp = "auto | vcpu-exit | uffd-missing | uffd-minor (auto: the best mode that works on this kernel)"
@@ -162,6 +163,7 @@ struct Run: ParsableCommand {
 
     func run() {
         do {
+            try HeapPolicy.keepHeapForFaultPath()
             guard let size = parseSize(memory) else { throw CLIError(description: "cannot read --memory '\(memory)'") }
             let layout = try MachineLayout(vcpus: vcpus, ramSize: size)
             let wl = try RunningWorkload(kind: workload, pagesPerVcpu: layout.pagesPerVcpu, workingSetPages: workingSet,
@@ -215,6 +217,7 @@ struct Receive: ParsableCommand {
     @Flag(name: .customLong("pre-fault"), help: preFaultHelp) var preFault = false
     @Option(name: .customLong("fault-around"), help: faultAroundHelp) var faultAround = 16
     @Option(name: .customLong("postcopy-vcpu-nice"), help: postcopyNiceHelp) var postcopyVcpuNice = OSThread.Niceness.vcpuDuringPostcopy
+    @Flag(name: .customLong("postcopy-vcpus-off-fault-cpu"), inversion: .prefixedNo, help: offFaultCPUHelp) var vcpusOffFaultCPU = true
     @Flag(help: "One JSON line") var json = false
     @Option(name: .customLong("inject-damage-installed-page"), help: .hidden) var damagePage: Int?
     @Flag(name: .customLong("inject-fault-thread-failure"), help: .hidden) var failFaultThread = false
@@ -222,6 +225,7 @@ struct Receive: ParsableCommand {
 
     func run() {
         do {
+            try HeapPolicy.keepHeapForFaultPath()
             guard let endpoint = SocketEndpoint(parsing: listen) else { throw CLIError(description: "cannot read --listen '\(listen)'") }
             let (mode, modeReason) = try FaultModeSelection.resolve(requested: faultMode)
             var options = DestinationOptions(listen: endpoint)
@@ -239,6 +243,7 @@ struct Receive: ParsableCommand {
             options.preFault = preFault
             options.faultAround = faultAround
             options.vcpuNicenessDuringPostcopy = postcopyVcpuNice
+            options.vcpusOffFaultCPU = vcpusOffFaultCPU
             if let prealloc {
                 guard let bytes = parseSize(prealloc) else { throw CLIError(description: "cannot read --prealloc '\(prealloc)'") }
                 options.preallocBytes = bytes

@@ -98,7 +98,10 @@ extension DestinationReport {
                 + faultLatencyLog2PerVcpu.map(intList).joined(separator: ",") + "]}",
             "\"vcpu_stall_ms\":[" + vcpuStallMilliseconds.map { fmt($0, 3) }.joined(separator: ",") + "]",
             "\"slow_faults\":{\"count\":\(slowFaultCount),\"first\":[" + slowFaults.map {
-                "{\"at_ms\":\(fmt($0.atMilliseconds, 3)),\"us\":\(fmt($0.microseconds, 1)),\"vcpu\":\($0.vcpu),\"page\":\($0.page)}"
+                "{\"at_ms\":\(fmt($0.atMilliseconds, 3)),\"us\":\(fmt($0.microseconds, 1)),\"vcpu\":\($0.vcpu),\"page\":\($0.page),"
+                    + "\"request_sent_us\":\($0.requestSentMicroseconds.map { fmt($0, 1) } ?? "null"),"
+                    + "\"reply_us\":\($0.replyMicroseconds.map { fmt($0, 1) } ?? "null"),"
+                    + "\"installed_by\":\"\($0.installedByReply ? "reply" : "stream")\"}"
             }.joined(separator: ",") + "]}",
             "\"installed_demand_pages\":\(demandPages)", "\"installed_background_pages\":\(backgroundPages)",
             "\"corrupt_pages_rejected\":\(corruptPagesRejected)", "\"destination_reconnects\":\(reconnects)",

@@ -205,6 +205,39 @@ private func decodeAll(_ bytes: [UInt8], chunk: Int = .max) -> (messages: [WireM
         #expect(messages == sampleMessages)
     }
 
+    @Test func aDecoderAtItsSteadyCapacityNeverGrows() throws {
+        // Full-window replies (the largest frames), read 1 MiB at a time as WireChannel does.
+        let readBytes = 1 << 20
+        let pages = (0..<Int(WireProtocol.maxPagesPerRequest)).map { (UInt64($0), Optional(page(UInt8($0 & 0x7F) | 1))) }
+        let frame = try WireEncoder.encode(.pageReply(requestID: 5, pages: PageBatch(pageSize: 4096, pages: pages)))
+        var stream: [UInt8] = []
+        for _ in 0..<9 { stream += frame }
+        stream += Array(frame.prefix(1000))  // a frame cut short stays buffered
+        // Feeds the stream; returns the replies decoded and the capacities seen after each read.
+        func feed(_ decoder: inout WireDecoder) throws -> (replies: Int, capacities: Set<Int>) {
+            var offset = 0, replies = 0
+            var capacities: Set<Int> = []
+            while offset < stream.count {
+                offset += decoder.append(upTo: readBytes) { window in
+                    let n = min(window.count, stream.count - offset)
+                    stream[offset..<offset + n].withUnsafeBytes { window.copyMemory(from: $0) }
+                    return n
+                }
+                while case .pageReply? = try decoder.nextMessage() { replies += 1 }
+                capacities.insert(decoder.capacity)
+            }
+            return (replies, capacities)
+        }
+        var steady = WireDecoder(initialCapacity: WireDecoder.steadyCapacity(readBytes: readBytes))
+        let fed = try feed(&steady)
+        #expect(fed.replies == 9)
+        #expect(fed.capacities == [WireDecoder.steadyCapacity(readBytes: readBytes)], "the buffer grew")
+        var grown = WireDecoder()
+        let fedGrown = try feed(&grown)
+        #expect(fedGrown.replies == 9)
+        #expect(fedGrown.capacities.count > 1, "without the initial capacity the same reads grow the buffer")
+    }
+
     @Test func heldBatchSurvivesLaterAppends() throws {
         let first = try WireEncoder.encode(.pages(sampleBatch))
         var decoder = WireDecoder()

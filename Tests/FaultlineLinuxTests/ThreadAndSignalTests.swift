@@ -39,6 +39,53 @@ struct ThreadAndSignalTests {
         #expect(mine != 5, "the caller's niceness is untouched")
     }
 
+    @Test func aThreadHasSettledWhenItsInitReturns() throws {
+        // Named, at its niceness, with its id known: none of it is left for later, when it
+        // could take locks a running guest needs (see HeapPolicy).
+        let gate = TimedCondition()
+        var open = false
+        let thread = try OSThread(name: "settles first", niceness: 7) { gate.wait { open } }
+        defer {
+            gate.withLock { open = true }
+            gate.broadcast()
+            thread.join()
+        }
+        let tid = thread.threadID
+        #expect(tid > 0 && tid != ThreadScheduling.currentThreadID())
+        errno = 0
+        #expect(getpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(tid)) == 7)
+        let comm = try String(contentsOfFile: "/proc/self/task/\(tid)/comm", encoding: .utf8)
+        #expect(comm.trimmingCharacters(in: .whitespacesAndNewlines) == "settles first")
+    }
+
+    @Test(.enabled(if: (ThreadScheduling.lastAllowedCPU() ?? 0) > 0, "needs two CPUs"))
+    func aThreadKeepsOffACPUAndComesBack() throws {
+        let cpu = try #require(ThreadScheduling.lastAllowedCPU())
+        let gate = TimedCondition()
+        var open = false
+        let thread = try OSThread(name: "keeps off") { gate.wait { open } }
+        defer {
+            gate.withLock { open = true }
+            gate.broadcast()
+            thread.join()
+        }
+        #expect(try ThreadScheduling.allows(cpu, thread: thread.threadID))
+        try ThreadScheduling.avoidCPU(cpu, ofThread: thread.threadID)
+        #expect(try !ThreadScheduling.allows(cpu, thread: thread.threadID))
+        #expect(try ThreadScheduling.allows(0, thread: thread.threadID), "the other CPUs stay allowed")
+        try ThreadScheduling.avoidCPU(nil, ofThread: thread.threadID)
+        #expect(try ThreadScheduling.allows(cpu, thread: thread.threadID))
+    }
+
+    @Test func theHeapPolicyServesLargeAllocationsWithoutMappings() throws {
+        try HeapPolicy.keepHeapForFaultPath()
+        let before = HeapPolicy.mappedChunks
+        let big = UnsafeMutableRawPointer.allocate(byteCount: 40 << 20, alignment: 16)  // above glibc's largest mmap threshold
+        big.storeBytes(of: 1, as: UInt8.self)
+        #expect(HeapPolicy.mappedChunks == before, "a 40 MiB allocation came from the heap, not its own mmap")
+        big.deallocate()
+    }
+
     @Test func theKickSignalCanBeBlockedAndUnblocked() throws {
         let signal = try KickSignal.install()
         let again = try KickSignal.install()

@@ -330,8 +330,21 @@ void fl_sigbus_set_thread_resolver(fl_sigbus_resolver resolver, void *context);
 
 // Spawning an OS thread with a plain C entry (Swift hands a retained box as `arg`).
 int fl_thread_create(pthread_t *thread, size_t stack_size, void *(*entry)(void *), void *arg);
+/* glibc malloc: no mmap-backed chunks (M_MMAP_MAX 0), never give memory back (M_TRIM_THRESHOLD
+ * -1), grow the heap by `top_pad` extra bytes at a time (M_TOP_PAD). 0, or -1 if mallopt refused. */
+int fl_malloc_keep_heap(size_t top_pad);
+/* One malloc and free on the calling thread: glibc gives a thread its arena (mmap, mprotect)
+ * on its first allocation; this makes that happen now. */
+void fl_malloc_warm_thread(void);
+/* glibc malloc: chunks currently served by their own mmap (mallinfo2().hblks). */
+size_t fl_malloc_mapped_chunks(void);
+/* 1 when thread `tid` (0: the caller) may run on `cpu`, 0 when not, -1 with errno. */
+int fl_thread_allows_cpu(int tid, int cpu);
 /* pthread_setname_np for the calling thread (at most 15 bytes and the NUL; longer fails with ERANGE). */
 int fl_set_current_thread_name(const char *name);
+/* Lets thread `tid` (0: the caller) run on the CPUs the process may use, except `cpu` (when
+ * another is left; -1: none excepted). 0, or -1 with errno. */
+int fl_thread_avoid_cpu(int tid, int cpu);
 
 // Monotonic time in nanoseconds (vDSO clock_gettime).
 uint64_t fl_now_ns(void);

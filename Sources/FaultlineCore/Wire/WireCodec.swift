@@ -399,8 +399,23 @@ public struct WireDecoder: Sendable {
     /// Frames announcing a longer payload are rejected with `payloadTooLarge`.
     public let maxPayloadLength: Int
 
-    public init(maxPayloadLength: Int = WireProtocol.maxPayloadLength) {
+    /// `initialCapacity`: bytes of receive buffer allocated now, so that a decoder fed in
+    /// bounded reads never allocates while it runs (see ``WireChannel``).
+    public init(maxPayloadLength: Int = WireProtocol.maxPayloadLength, initialCapacity: Int = 0) {
         self.maxPayloadLength = min(max(maxPayloadLength, 0), WireProtocol.maxPayloadLength)
+        if initialCapacity > 0 { storage = [UInt8](repeating: 0, count: initialCapacity) }
+    }
+
+    /// Bytes of receive buffer allocated (grows only when a read and the unread bytes do not fit).
+    public var capacity: Int { storage.count }
+
+    /// The capacity at which reads of up to `readBytes` never grow the buffer while no frame
+    /// is longer than a page reply of ``WireProtocol/maxPagesPerRequest`` 4 KiB pages (the
+    /// unread part of a frame, plus a read).
+    public static func steadyCapacity(readBytes: Int) -> Int {
+        let largestFrame = WireProtocol.headerSize + 8 + 4096
+            + Int(WireProtocol.maxPagesPerRequest) * (WireProtocol.pageDescriptorSize + 4096)
+        return readBytes + largestFrame
     }
 
     /// Bytes received but not yet decoded.

@@ -29,9 +29,11 @@ public protocol DestinationMachine: AnyObject, Sendable {
     var counters: GuestCounters { get }
     var vcpuError: String? { get }
     func loadVcpuState(_ id: Int, blob: [UInt8]) throws
-    /// Starts the vCPUs; `handler` resolves vcpu-exit faults on the vCPU's own thread.
-    func startGuest(faultHandler: RAMFaultHandler?, niceness: Int32) throws
-    func setVcpuNiceness(_ value: Int32)
+    /// Starts the vCPUs; `handler` resolves vcpu-exit faults on the vCPU's own thread. The
+    /// vCPU threads run at `scheduling` (post-copy's, or the normal one).
+    func startGuest(faultHandler: RAMFaultHandler?, scheduling: VcpuScheduling) throws
+    /// Changes how every vCPU thread is scheduled (a thread still starting gets it too).
+    func setVcpuScheduling(_ scheduling: VcpuScheduling)
     /// Parks every vCPU (the guest keeps its state) until ``resumeGuest()``: the plain TCP
     /// copy that serves as the yardstick is timed with the guest quiet.
     func pauseGuest()
@@ -47,3 +49,19 @@ public protocol DestinationMachine: AnyObject, Sendable {
 
 /// Builds the destination's guest and its page mapper for a layout (the seam tests replace).
 public typealias DestinationMachineFactory = @Sendable (MachineLayout) throws -> (DestinationMachine, PageMapper)
+
+/// How a guest's vCPU threads are scheduled: their niceness, and a CPU they keep off.
+public struct VcpuScheduling: Sendable, Equatable {
+    /// 0 normal; higher leaves more of the CPUs to other threads.
+    public var niceness: Int32
+    /// A CPU the vCPU threads do not run on (nil: any the process may use).
+    public var avoidedCPU: Int32?
+
+    public init(niceness: Int32 = 0, avoidedCPU: Int32? = nil) {
+        self.niceness = niceness
+        self.avoidedCPU = avoidedCPU
+    }
+
+    /// Every CPU, nice 0.
+    public static let normal = VcpuScheduling()
+}

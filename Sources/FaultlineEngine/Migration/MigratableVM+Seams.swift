@@ -44,9 +44,9 @@ extension MigratableVM: SourceMachine, DestinationMachine {
         (try? ram.residency(into: bytes)) != nil
     }
 
-    public func startGuest(faultHandler: RAMFaultHandler?, niceness: Int32) throws {
+    public func startGuest(faultHandler: RAMFaultHandler?, scheduling: VcpuScheduling) throws {
         self.faultHandler = faultHandler
-        startNiceness = niceness
+        startScheduling = scheduling
         try start()
     }
 

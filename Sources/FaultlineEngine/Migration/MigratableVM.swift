@@ -114,15 +114,15 @@ public final class MigratableVM: @unchecked Sendable {
     public var guestWriteLog: PageBitmap?
     /// The source's dirty log for a guest_memfd VM's RAM (userfaultfd write-protect).
     var writeProtectLog: WriteProtectDirtyLog?
-    /// The niceness vCPU threads run at: each gives it itself when it starts, and
-    /// `setVcpuNiceness` changes it for running ones. One lock orders the two, so a change
+    /// How vCPU threads are scheduled: each applies it itself when it starts, and
+    /// `setVcpuScheduling` changes it for running ones. One lock orders the two, so a change
     /// made while a thread is starting is never lost (a reset to 0 that missed a thread still
     /// starting left it at post-copy niceness for good: on a loaded machine such a guest made
     /// no progress after the migration - the matrix's 0-pass failures).
-    private let niceness = Locked<Int32>(0)
-    public var startNiceness: Int32 {
-        get { niceness.withLock { $0 } }
-        set { niceness.withLock { $0 = newValue } }
+    private let scheduling = Locked(VcpuScheduling.normal)
+    public var startScheduling: VcpuScheduling {
+        get { scheduling.withLock { $0 } }
+        set { scheduling.withLock { $0 = newValue } }
     }
     /// KVM Userfault: the RAM memslot's userfault bitmap (one bit per RAM page, stored with a
     /// set bit = missing). The memslot has KVM_MEM_USERFAULT from its creation and keeps it
@@ -233,9 +233,10 @@ public final class MigratableVM: @unchecked Sendable {
 
     private func vcpuLoop(_ id: Int) {
         let vcpu = vcpus[id]
-        niceness.withLock { value in
+        scheduling.withLock { value in
             threadIDs[id] = ThreadScheduling.currentThreadID()
-            if value != 0 { OSThread.setCurrentNiceness(value) }
+            if value.niceness != 0 { OSThread.setCurrentNiceness(value.niceness) }
+            if let cpu = value.avoidedCPU { try? ThreadScheduling.avoidCPU(cpu, ofThread: threadIDs[id]) }
         }
         vcpu.bindToCurrentThread()
         defer { vcpu.unbindThread() }
@@ -281,9 +282,9 @@ public final class MigratableVM: @unchecked Sendable {
     /// (8-16 ms measured on two busy CPUs), which is exactly the fault latency post-copy must
     /// keep short. Unprivileged, the boost is refused quietly and nothing changes.
     private func waitingForPage<T>(_ body: () throws -> T) rethrows -> T {
-        guard niceness.withLock({ $0 }) > OSThread.Niceness.vcpuWaitingForPage else { return try body() }
+        guard scheduling.withLock({ $0.niceness }) > OSThread.Niceness.vcpuWaitingForPage else { return try body() }
         try? ThreadScheduling.setCurrentNiceness(OSThread.Niceness.vcpuWaitingForPage)
-        defer { niceness.withLock { value in try? ThreadScheduling.setCurrentNiceness(value) } }
+        defer { scheduling.withLock { value in try? ThreadScheduling.setCurrentNiceness(value.niceness) } }
         return try body()
     }
 
@@ -350,14 +351,16 @@ public final class MigratableVM: @unchecked Sendable {
         return error
     }
 
-    /// Sets the scheduling niceness of every vCPU thread (0 normal, higher yields the CPU
-    /// to other threads - during post-copy the page stream is what the guest waits for).
-    /// Refused (unprivileged, negative values) quietly.
-    public func setVcpuNiceness(_ value: Int32) {
-        niceness.withLock { current in
+    /// Sets how every vCPU thread is scheduled (niceness 0 normal, higher yields the CPU to
+    /// other threads - during post-copy the page stream is what the guest waits for; a CPU
+    /// to keep off). Refused (unprivileged, negative values, a cpuset) quietly.
+    public func setVcpuScheduling(_ value: VcpuScheduling) {
+        scheduling.withLock { current in
+            let placementChanged = current.avoidedCPU != value.avoidedCPU
             current = value
             for i in 0..<layout.vcpus where threadIDs[i] != 0 {
-                try? ThreadScheduling.setNiceness(value, ofThread: threadIDs[i])
+                try? ThreadScheduling.setNiceness(value.niceness, ofThread: threadIDs[i])
+                if placementChanged { try? ThreadScheduling.avoidCPU(value.avoidedCPU, ofThread: threadIDs[i]) }
             }
         }
     }

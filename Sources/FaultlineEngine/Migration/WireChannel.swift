@@ -7,11 +7,18 @@ import FaultlineLinux
 public final class WireChannel: @unchecked Sendable {
     public let socket: StreamSocket
     public internal(set) var role: ConnectionRole
-    private var decoder = WireDecoder()
+    private var decoder = WireDecoder(initialCapacity: WireChannel.receiveBufferBytes)
     private let sendLock = Locked(())
     private let sent = ManagedAtomic<UInt64>(0)
     public private(set) var bytesReceived: UInt64 = 0
     public private(set) var messagesReceived = 0
+
+    /// Bytes read from the socket per call.
+    static let readBytes = 1 << 20
+    /// The receive buffer, allocated with the channel: a read, plus the unread part of a frame
+    /// of the largest page batch, fit without growing it - growing it in the middle of
+    /// post-copy (an allocation, a copy, a free) cost a fault 3 ms (see HeapPolicy).
+    static let receiveBufferBytes = WireDecoder.steadyCapacity(readBytes: readBytes)
 
     public init(socket: StreamSocket, role: ConnectionRole) {
         self.socket = socket
@@ -32,7 +39,7 @@ public final class WireChannel: @unchecked Sendable {
                     return m
                 }
                 var closed = false
-                let n = try decoder.append(upTo: 1 << 20) { buffer in
+                let n = try decoder.append(upTo: Self.readBytes) { buffer in
                     let got = try socket.receive(into: buffer)
                     closed = got == 0
                     return got

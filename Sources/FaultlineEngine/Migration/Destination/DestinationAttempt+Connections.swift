@@ -57,7 +57,8 @@ extension DestinationAttempt {
             while true {
                 do {
                     switch try channel.receive() {
-                    case .pageReply(_, let batch):
+                    case .pageReply(let requestID, let batch):
+                        book.noteReply(Int(truncatingIfNeeded: requestID), at: MonotonicClock.nanoseconds())
                         if !injected && batch.count > 0 {
                             injected = true
                             throw MigrationError.protocolViolation("injected: the fault receiver fails on its first reply")

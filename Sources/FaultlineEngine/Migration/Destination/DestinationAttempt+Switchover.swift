@@ -53,12 +53,21 @@ extension DestinationAttempt {
     /// run (written into the file, then mapped): keep those runs short.
     var bulkRunPages: Int { options.faultMode == .uffdMinor ? 32 : 256 }
 
+    /// While post-copy runs the vCPU threads are nice (the stream they wait for goes first)
+    /// and keep off the fault path's CPU: a thread in guest mode there held a woken fault-path
+    /// thread off the CPU until the next scheduler tick, up to 4-5 ms on this machine
+    /// (docs/benchmarks.md, session 7).
+    var postcopyVcpuScheduling: VcpuScheduling {
+        VcpuScheduling(niceness: options.vcpuNicenessDuringPostcopy,
+                       avoidedCPU: options.vcpusOffFaultCPU ? faultCPU : nil)
+    }
+
     func startGuest() throws {
         phase = .postcopy
         awaitingCommit = false
         guestStarted = true
         try machine.startGuest(faultHandler: report.postcopy && options.faultMode == .vcpuExit ? self : nil,
-                               niceness: report.postcopy ? options.vcpuNicenessDuringPostcopy : 0)
+                               scheduling: report.postcopy ? postcopyVcpuScheduling : .normal)
     }
 
     /// After losing the connection between `ready` and `commit`.

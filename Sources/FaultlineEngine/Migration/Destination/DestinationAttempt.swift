@@ -212,7 +212,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                         finishPostcopy()
                         // The vCPUs keep their post-copy niceness while memory is read back: at
                         // the same priority four guest threads left the check a fraction of a CPU.
-                        defer { if report.postcopy && options.vcpuNicenessDuringPostcopy != 0 { machine.setVcpuNiceness(0) } }
+                        defer { if report.postcopy { machine.setVcpuScheduling(.normal) } }
                         try verify(expected: expected)
                         guard report.digestMatch else {
                             let cause = MigrationError.digestMismatch(source: expected, destination: report.destinationDigest)
@@ -306,7 +306,11 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         report.vcpuStallMilliseconds = book.stallMilliseconds
         report.faultLatencyLog2 = book.latencyLog2.buckets()
         report.slowFaultCount = book.slowCount.load(ordering: .relaxed)
-        report.slowFaults = book.slowFaults.map { (Double($0.sinceFirstFault) / 1e6, Double($0.waited) / 1e3, Int($0.vcpu), $0.page) }
+        report.slowFaults = book.slowFaults.map {
+            SlowFaultRecord(atMilliseconds: Double($0.sinceFirstFault) / 1e6, microseconds: Double($0.waited) / 1e3, vcpu: Int($0.vcpu),
+                            page: $0.page, requestSentMicroseconds: $0.untilSent.map { Double($0) / 1e3 },
+                            replyMicroseconds: $0.untilReply.map { Double($0) / 1e3 }, installedByReply: $0.byReply)
+        }
         report.faultLatencyLog2PerVcpu = (0..<layout.vcpus).map { book.latencyLog2.buckets(vcpu: $0) }
         report.guestMismatches = machine.counters.mismatches.load(ordering: .relaxed)
         report.firstMismatch = machine.counters.firstMismatch

@@ -10,6 +10,10 @@ final class FaultBook: @unchecked Sendable {
     let requested: PageBitmap
     let requestTime: UnsafeMutablePointer<UInt64>
     let requestVcpu: UnsafeMutablePointer<Int32>
+    /// When the request for a faulting page left, and when the source's reply to it arrived
+    /// (0: not yet): where a slow fault's wait went.
+    let sentTime: UnsafeMutablePointer<UInt64>
+    let replyTime: UnsafeMutablePointer<UInt64>
     let stallNanoseconds: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
     let vcpus: Int
     let faults = ManagedAtomic<Int>(0)
@@ -34,6 +38,10 @@ final class FaultBook: @unchecked Sendable {
         requestTime.initialize(repeating: 0, count: max(pages, 1))
         requestVcpu = .allocate(capacity: max(pages, 1))
         requestVcpu.initialize(repeating: -1, count: max(pages, 1))
+        sentTime = .allocate(capacity: max(pages, 1))
+        sentTime.initialize(repeating: 0, count: max(pages, 1))
+        replyTime = .allocate(capacity: max(pages, 1))
+        replyTime.initialize(repeating: 0, count: max(pages, 1))
         stallNanoseconds = .allocate(capacity: max(vcpus, 1))
         stallNanoseconds.initialize(repeating: .init(0), count: max(vcpus, 1))
         self.vcpus = vcpus
@@ -47,6 +55,8 @@ final class FaultBook: @unchecked Sendable {
         slowRecords.deallocate()
         requestTime.deallocate()
         requestVcpu.deallocate()
+        sentTime.deallocate()
+        replyTime.deallocate()
         stallNanoseconds.deallocate()
     }
 
@@ -60,8 +70,17 @@ final class FaultBook: @unchecked Sendable {
         return true
     }
 
-    /// A requested page was installed: record how long its fault waited.
-    func noteInstalled(_ page: Int, now: UInt64) {
+    /// The request for `page` was handed to the fault connection.
+    @inline(__always) func noteSent(_ page: Int, at time: UInt64) { sentTime[page] = time }
+
+    /// The source's reply to the request for `page` arrived (before it is installed).
+    @inline(__always) func noteReply(_ page: Int, at time: UInt64) {
+        if page >= 0 && page < requested.count && requested.contains(page) && replyTime[page] == 0 { replyTime[page] = time }
+    }
+
+    /// A requested page was installed (`byReply`: from the source's reply to its request, not
+    /// from the stream): record how long its fault waited.
+    func noteInstalled(_ page: Int, now: UInt64, byReply: Bool) {
         let asked = requestTime[page]
         guard asked != 0 else { return }
         let waited = now &- asked
@@ -72,18 +91,26 @@ final class FaultBook: @unchecked Sendable {
         if waited >= Self.slowNanoseconds {
             let i = slowCount.loadThenWrappingIncrement(ordering: .relaxed)
             if i < Self.slowKept {
+                let sent = sentTime[page], reply = replyTime[page]
                 slowRecords[i] = SlowFault(sinceFirstFault: asked &- origin.load(ordering: .relaxed), waited: waited,
-                                           vcpu: Int32(v), page: page)
+                                           vcpu: Int32(v), page: page,
+                                           untilSent: sent >= asked ? sent &- asked : nil,
+                                           untilReply: reply >= asked ? reply &- asked : nil, byReply: byReply)
             }
         }
     }
 
-    /// One fault that waited at least ``slowNanoseconds``.
+    /// One fault that waited at least ``slowNanoseconds``, and where the wait went: until its
+    /// request left, until the source's reply arrived (nil: it had not when the page went in),
+    /// and whether that reply or the stream installed the page.
     struct SlowFault {
         var sinceFirstFault: UInt64 = 0
         var waited: UInt64 = 0
         var vcpu: Int32 = -1
         var page = 0
+        var untilSent: UInt64?
+        var untilReply: UInt64?
+        var byReply = false
     }
 
     /// The slow faults kept (read once the fault path has stopped).

@@ -50,6 +50,7 @@ final class FaultRequester: @unchecked Sendable {
         do {
             try encoder.encode(.pageRequest(requestID: UInt64(page), pageIndex: UInt64(page), count: UInt32(count)))
             try channel.flush(&encoder)
+            book.noteSent(page, at: MonotonicClock.nanoseconds())
         } catch {
             encoder.removeAll()  // the connection is down: re-sent after the reconnect
         }

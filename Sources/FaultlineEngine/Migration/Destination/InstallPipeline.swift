@@ -40,7 +40,9 @@ final class InstallPipeline: @unchecked Sendable {
         free = Array(scratches.indices)
         queued.reserveCapacity(scratches.count)
         for i in 0..<(stage == .precopy ? 1 : max(installers, 1)) {
-            threads.append(try OSThread(name: "installer \(i)") { [self] in installLoop() })
+            threads.append(try OSThread(name: "installer \(i)", niceness: stage == .postcopy ? OSThread.Niceness.postcopyInstaller : 0) { [self] in
+                installLoop()
+            })
         }
     }
 

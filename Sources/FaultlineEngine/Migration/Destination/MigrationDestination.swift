@@ -17,6 +17,9 @@ public struct DestinationOptions: Sendable {
     /// Niceness of the vCPU threads while post-copy runs (the stream they wait for goes
     /// first); back to 0 once every page is in.
     public var vcpuNicenessDuringPostcopy: Int32 = OSThread.Niceness.vcpuDuringPostcopy
+    /// While post-copy runs, the vCPU threads keep off the fault path's CPU (where there is
+    /// one and another CPU is left).
+    public var vcpusOffFaultCPU = true
     /// With `preallocBytes`: install MISSING-mode bulk runs by UFFDIO_MOVE from the
     /// pre-populated pool (when the kernel has MOVE). Without it every page goes in with
     /// UFFDIO_COPY (the kernel allocates it; nothing is populated up front).
@@ -100,7 +103,7 @@ public struct DestinationReport: Sendable {
     /// Faults that waited 1 ms or more, and the first 16 of them: ms after the first fault,
     /// how long (us), vCPU, page.
     public var slowFaultCount = 0
-    public var slowFaults: [(atMilliseconds: Double, microseconds: Double, vcpu: Int, page: Int)] = []
+    public var slowFaults: [SlowFaultRecord] = []
     public var faultLatencyLog2PerVcpu: [[UInt64]] = []
     /// Attempts that failed before the commit (their state was discarded) before this one.
     public var abandonedAttempts: [String] = []
@@ -191,4 +194,18 @@ public final class MigrationDestination: @unchecked Sendable {
 struct AttemptAbandoned: Error {
     let cause: Error
     var next: SessionAcceptor.Pair?
+}
+
+/// A fault that waited 1 ms or more: when (ms after the first fault), how long (us), which
+/// vCPU and page, and where the wait went: until its request left and until the source's
+/// reply arrived (us after the fault; nil: not before the page went in), and whether that
+/// reply or the stream installed the page.
+public struct SlowFaultRecord: Sendable, Equatable {
+    public var atMilliseconds: Double
+    public var microseconds: Double
+    public var vcpu: Int
+    public var page: Int
+    public var requestSentMicroseconds: Double?
+    public var replyMicroseconds: Double?
+    public var installedByReply: Bool
 }

@@ -239,7 +239,7 @@ final class PageInstaller: @unchecked Sendable {
             // copy-on-write fault, a page allocation and a TLB-flush IPI on its first write.
             let runData: UnsafeRawPointer? = run.zero && !run.inPool ? nil : UnsafeRawPointer(run.data)
             do {
-                if try mapper.map(first: run.first, count: run.count, data: runData, fromPool: run.inPool) {
+                if try mapper.map(first: run.first, count: run.count, data: runData, fromPool: run.inPool, demand: demand) {
                     for i in 0..<run.count { finishPage(run.first + i, crc: scratch.crc[run.crcStart + i], counter: counter) }
                 } else {
                     // Raced with another installer: page by page. A page that turns out to be mapped
@@ -248,7 +248,7 @@ final class PageInstaller: @unchecked Sendable {
                     for i in 0..<run.count {
                         let page = run.first + i
                         if table.installed.contains(page) { continue }
-                        _ = try mapper.map(first: page, count: 1, data: runData.map { $0 + i * 4096 }, fromPool: run.inPool)
+                        _ = try mapper.map(first: page, count: 1, data: runData.map { $0 + i * 4096 }, fromPool: run.inPool, demand: demand)
                         finishPage(page, crc: scratch.crc[run.crcStart + i], counter: counter)
                     }
                 }
@@ -266,7 +266,7 @@ final class PageInstaller: @unchecked Sendable {
         guard table.markInstalled(page, crc: crc) else { return }
         counter.wrappingIncrement(ordering: .relaxed)
         if crc == MemoryDigest.zeroPageCRC { zeroCount.wrappingIncrement(ordering: .relaxed) }
-        if book.requested.contains(page) { book.noteInstalled(page, now: MonotonicClock.nanoseconds()) }
+        if book.requested.contains(page) { book.noteInstalled(page, now: MonotonicClock.nanoseconds(), byReply: counter === demandCount) }
         if page == damageAfterInstall {
             // The injection: a page that arrived intact but is wrong in guest memory.
             let p = UnsafeMutableRawPointer(mutating: mapper.bytes(of: page))

@@ -16,8 +16,9 @@ public protocol PageMapper: AnyObject, Sendable {
     func armFaults() throws
     /// After the switch-over: maps `count` consecutive pages from contiguous `data` (nil:
     /// zero pages). False when some page was mapped already (the caller goes page by page).
-    /// `fromPool`: `data` is pool memory that may be moved rather than copied.
-    func map(first page: Int, count: Int, data: UnsafeRawPointer?, fromPool: Bool) throws -> Bool
+    /// `fromPool`: `data` is pool memory that may be moved rather than copied. `demand`: a
+    /// vCPU waits for these pages - take no lock that a bulk install may hold meanwhile.
+    func map(first page: Int, count: Int, data: UnsafeRawPointer?, fromPool: Bool, demand: Bool) throws -> Bool
     /// Contiguous zeroed pool pages that runs may be written into, or nil.
     func takePool(_ pages: Int) -> UnsafeMutableRawPointer?
     /// Pages in one group may be mapped by one call (one userfaultfd each): the group of `page`.

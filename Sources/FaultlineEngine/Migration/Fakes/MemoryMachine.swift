@@ -70,7 +70,7 @@ public final class MemoryMachine: SourceMachine, DestinationMachine, @unchecked 
         loadedStates[id] = blob
     }
 
-    public func startGuest(faultHandler: RAMFaultHandler?, niceness: Int32) throws {
+    public func startGuest(faultHandler: RAMFaultHandler?, scheduling: VcpuScheduling) throws {
         guestStarted = true
         guard let faultHandler, !simulatedFaults.isEmpty else { return }
         let offsets = simulatedFaults
@@ -81,7 +81,7 @@ public final class MemoryMachine: SourceMachine, DestinationMachine, @unchecked 
         }
     }
 
-    public func setVcpuNiceness(_ value: Int32) {}
+    public func setVcpuScheduling(_ scheduling: VcpuScheduling) {}
     public func pauseGuest() {}
     public func resumeGuest() {}
 

@@ -40,7 +40,7 @@ public final class MemoryPageMapper: PageMapper, @unchecked Sendable {
 
     public func armFaults() throws { armed = true }
 
-    public func map(first page: Int, count: Int, data: UnsafeRawPointer?, fromPool: Bool) throws -> Bool {
+    public func map(first page: Int, count: Int, data: UnsafeRawPointer?, fromPool: Bool, demand: Bool) throws -> Bool {
         let call = calls.withLock { n -> Int in n += 1; return n }
         if call == failMapCall { throw SystemError("UFFDIO_COPY (fake) page \(page)", errno: 12) }
         guard armed else {

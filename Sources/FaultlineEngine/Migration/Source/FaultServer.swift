@@ -28,8 +28,10 @@ final class FaultServer: @unchecked Sendable {
         self.channel = channel
         broken.store(false, ordering: .sequentiallyConsistent)
         let total = sender.layout.totalPages
+        // Room for the largest reply (a request's whole window), allocated here: the thread
+        // never grows it.
+        var encoder = WireEncoder(reservingCapacity: Int(WireProtocol.maxPagesPerRequest) * 4200 + 4096)
         thread = try OSThread(name: "fault server", niceness: OSThread.Niceness.faultPath, cpu: cpu) { [self] in
-            var encoder = WireEncoder(reservingCapacity: 64 * 4200)
             do {
                 while true {
                     switch try channel.receive() {
