@@ -14,21 +14,8 @@ extension Vcpu {
     /// descriptors the GDT holds (KVM takes them from here, the guest never reloads them).
     public func enterLongMode(_ tables: LongModePageTables) throws(SystemError) {
         var s = try specialRegisters()
-        var code = fl_kvm_segment()
-        code.base = 0
-        code.limit = 0xffff_ffff
-        code.selector = LongModePageTables.codeSelector
-        code.type = 11          // execute/read, accessed
-        code.present = 1
-        code.s = 1
-        code.l = 1              // 64-bit code: D must be 0
-        code.g = 1
-        var data = code
-        data.type = 3           // read/write, accessed
-        data.l = 0
-        data.db = 1
-        data.selector = LongModePageTables.dataSelector
-        s.cs = code
+        s.cs = Self.flatSegment(selector: LongModePageTables.codeSelector, type: 11, db: 0, l: 1)   // 64-bit code: D = 0
+        let data = Self.flatSegment(selector: LongModePageTables.dataSelector, type: 3, db: 1)
         s.ds = data; s.es = data; s.fs = data; s.gs = data; s.ss = data
         s.gdt.base = LongModePageTables.gdtAddress
         s.gdt.limit = LongModePageTables.gdtLimit

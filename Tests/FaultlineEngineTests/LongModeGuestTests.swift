@@ -11,13 +11,18 @@ import Testing
 struct LongModeGuestTests {
     static let pages = 256   // 1 MiB per vCPU
 
-    /// A booted and started 2-vCPU long-mode guest.
-    func start(_ kind: RunningWorkloadKind, vcpus: Int = 2) throws -> MigratableVM {
-        let layout = try MachineLayout(vcpus: vcpus, ramSize: UInt64(vcpus * Self.pages) * 4096, mode: .long64)
+    /// Boots a 2-vCPU long-mode guest, lets every vCPU make 3 passes, pauses it, runs `body`
+    /// on it, and stops it.
+    func afterThreePasses(_ kind: RunningWorkloadKind, _ body: (MigratableVM) throws -> Void) throws {
+        let layout = try MachineLayout(vcpus: 2, ramSize: UInt64(2 * Self.pages) * 4096, mode: .long64)
         let vm = try MigratableVM(layout: layout, backing: .anonymous)
         try vm.boot(workload: try RunningWorkload(kind: kind, pagesPerVcpu: layout.pagesPerVcpu, mode: .long64))
         try vm.start()
-        return vm
+        defer { vm.stop() }
+        try wait(vm, for: "3 passes of every vCPU") { (0..<2).allSatisfy { vm.counters.passes(of: $0) >= 3 } }
+        vm.pause()
+        #expect(vm.error == nil)
+        try body(vm)
     }
 
     /// Waits (at most 20 s) until `done` holds, or the VM failed.
@@ -46,12 +51,7 @@ struct LongModeGuestTests {
         return r
     }
 
-    @Test func aDirtierWritesItsTagsAbove4GiB() throws {
-        let vm = try start(.dirtier)
-        defer { vm.stop() }
-        try wait(vm, for: "3 passes of every vCPU") { (0..<2).allSatisfy { vm.counters.passes(of: $0) >= 3 } }
-        vm.pause()
-        #expect(vm.error == nil)
+    @Test func aDirtierWritesItsTagsAbove4GiB() throws { try afterThreePasses(.dirtier) { vm in
         for id in 0..<2 {
             let r = try expectLongMode(vm, vcpu: id)
             let pass = UInt32(truncatingIfNeeded: r.rbp)
@@ -67,14 +67,9 @@ struct LongModeGuestTests {
         let low = UnsafeRawBufferPointer(start: vm.low.base + tablesEnd, count: Int(vm.layout.lowSize) - tablesEnd)
         #expect(low.allSatisfy { $0 == 0 })
         #expect(vm.counters.mismatches.load(ordering: .relaxed) == 0)
-    }
+    } }
 
-    @Test func aSelfcheckHoldsItsInvariantAndNamesACorruptWordByItsFullAddress() throws {
-        let vm = try start(.selfcheck)
-        defer { vm.stop() }
-        try wait(vm, for: "3 passes of every vCPU") { (0..<2).allSatisfy { vm.counters.passes(of: $0) >= 3 } }
-        vm.pause()
-        #expect(vm.error == nil)
+    @Test func aSelfcheckHoldsItsInvariantAndNamesACorruptWordByItsFullAddress() throws { try afterThreePasses(.selfcheck) { vm in
         let workload = try RunningWorkload(kind: .selfcheck, pagesPerVcpu: Self.pages, mode: .long64)
         var corruptAt: UInt64 = 0
         for id in 0..<2 {
@@ -99,5 +94,5 @@ struct LongModeGuestTests {
         try wait(vm, for: "the guest's mismatch report") { vm.counters.mismatches.load(ordering: .relaxed) > 0 }
         #expect(vm.counters.firstMismatch == "vcpu 1: read 0xdeadbeef at GPA 0x\(String(corruptAt, radix: 16))")
         #expect(corruptAt > 1 << 32)
-    }
+    } }
 }
