@@ -19,7 +19,7 @@ public enum RunningWorkloadError: Error, Equatable, Sendable, CustomStringConver
         case .invalidPageCount(let count):
             "running workload: pages per vCPU must be at least 1 (got \(count))"
         case .tooManyPages(let count, let limit):
-            "running workload: \(count) pages per vCPU exceeds the limit of \(limit) (a chunk must fit between the code page and 4 GiB)"
+            "running workload: \(count) pages per vCPU exceeds the limit of \(limit) (a chunk must fit the guest's address range)"
         case .invalidWorkingSet(let pages, let chunk):
             "running workload: working set must be 1...\(chunk) pages, the size of the chunk (got \(pages))"
         case .selfcheckNeedsWholeChunk(let pages, let chunk):
@@ -72,9 +72,15 @@ public struct RunningWorkloadRegisters: Equatable, Sendable {
 /// ``RunningWorkloadKind/selfcheck``, verifying) its vCPU's chunk until the VMM stops it.
 ///
 /// The VMM loads ``program()`` at ``GuestWorkload/codeAddress`` (one code page shared by every
-/// vCPU) and starts each vCPU there in 32-bit protected mode (flat segments, paging off,
-/// `rflags = 0x2`: interrupts stay disabled, and no stack is used) with every general register
-/// from ``initialRegisters(vcpu:chunkBase:)``. The chunk must be zero-filled at start.
+/// vCPU) and starts each vCPU there in ``mode``: 32-bit protected mode (flat segments, paging
+/// off) or long mode (identity-mapped, ``LongModePageTables``), `rflags = 0x2` (interrupts stay
+/// disabled, and no stack is used), with every general register from
+/// ``initialRegisters(vcpu:chunkBase:)`` (``startRegisters(vcpu:chunkBase:)`` in either mode).
+/// The chunk must be zero-filled at start.
+///
+/// In long mode the program is the same, with the pointer registers (`esi`, `edi`, `edx` and
+/// `eax` while it holds an address) used at their full 64 bits (`rsi`, ...), so the chunk may
+/// lie anywhere below the mode's RAM limit; tags, passes and offsets stay 32-bit.
 ///
 /// All loop state lives in the general registers, `eip`, `rflags` and guest memory, so the
 /// vCPU may be paused after any instruction, its registers and memory copied to another
@@ -93,8 +99,8 @@ public struct RunningWorkloadRegisters: Equatable, Sendable {
 /// Port exits (`out imm8, eax`, so the 4 bytes of I/O data equal `eax`):
 /// - ``progressPort`` after every full pass: `eax` = `ebp` = the pass just completed
 ///   (1, 2, …, wrapping at 2^32). For selfcheck, every page now holds `ebx` in both words.
-/// - ``mismatchPort`` (selfcheck only): `eax` = the wrong value read, `edx` = the guest-physical
-///   address of that word, `ecx` = the value expected, `ebp` = the pass. The VMM reads `edx`
+/// - ``mismatchPort`` (selfcheck only): `eax` = the wrong value read, `edx` (`rdx` in long mode)
+///   = the guest-physical address of that word, `ecx` = the value expected, `ebp` = the pass. The VMM reads `edx`
 ///   (and `ecx`, `ebp` if it wants them) with `KVM_GET_REGS` during the exit. The guest then
 ///   goes on (overwriting the word) when resumed; whether to stop is the VMM's decision.
 public struct RunningWorkload: Sendable {
@@ -105,6 +111,8 @@ public struct RunningWorkload: Sendable {
     public let workingSetPages: Int
     /// Busy-loop iterations (`dec eax; jne`) after each page, 0 for none: sets the dirty rate.
     public let spinIterations: UInt32
+    /// The CPU mode the program is assembled for.
+    public let mode: GuestMode
 
     /// Port written after each full pass, with `eax` = the pass number.
     public static let progressPort: UInt8 = 0x10
@@ -115,6 +123,13 @@ public struct RunningWorkload: Sendable {
     /// Largest ``pagesPerVcpu``: a chunk from `0x2000`, just above the code page, to
     /// `0xFFFF_F000`, so that its exclusive end still fits in a 32-bit register.
     public static let maxPagesPerVcpu = (1 << 20) - 3
+    /// Largest ``pagesPerVcpu`` in long mode: a chunk as large as that mode's RAM.
+    public static let maxLongModePagesPerVcpu = Int(GuestMode.long64.maxRAM) / GuestWorkload.pageSize
+
+    /// Largest ``pagesPerVcpu`` in `mode`.
+    public static func maxPagesPerVcpu(_ mode: GuestMode) -> Int {
+        mode == .long64 ? maxLongModePagesPerVcpu : maxPagesPerVcpu
+    }
 
     /// Tags cycle through `1...tagCycle` in their low 24 bits, so they are never 0 after pass 0.
     static let tagCycle: UInt32 = 0xFF_FFFF
@@ -122,10 +137,11 @@ public struct RunningWorkload: Sendable {
     /// - Parameter workingSetPages: defaults to the whole chunk; selfcheck accepts nothing else.
     /// - Throws: ``RunningWorkloadError`` if `pagesPerVcpu` is not in `1...maxPagesPerVcpu` or
     ///   the working set is not in `1...pagesPerVcpu` (or, for selfcheck, not all of it).
-    public init(kind: RunningWorkloadKind, pagesPerVcpu: Int, workingSetPages: Int? = nil, spinIterations: UInt32 = 0) throws {
+    public init(kind: RunningWorkloadKind, pagesPerVcpu: Int, workingSetPages: Int? = nil, spinIterations: UInt32 = 0,
+                mode: GuestMode = .protected32) throws {
         guard pagesPerVcpu >= 1 else { throw RunningWorkloadError.invalidPageCount(pagesPerVcpu) }
-        guard pagesPerVcpu <= Self.maxPagesPerVcpu else {
-            throw RunningWorkloadError.tooManyPages(pagesPerVcpu, limit: Self.maxPagesPerVcpu)
+        guard pagesPerVcpu <= Self.maxPagesPerVcpu(mode) else {
+            throw RunningWorkloadError.tooManyPages(pagesPerVcpu, limit: Self.maxPagesPerVcpu(mode))
         }
         let workingSet = workingSetPages ?? pagesPerVcpu
         guard (1...pagesPerVcpu).contains(workingSet) else {
@@ -138,6 +154,7 @@ public struct RunningWorkload: Sendable {
         self.pagesPerVcpu = pagesPerVcpu
         self.workingSetPages = workingSet
         self.spinIterations = spinIterations
+        self.mode = mode
     }
 
     /// Bytes of one vCPU's chunk (`edi - esi`).
@@ -184,7 +201,7 @@ public struct RunningWorkload: Sendable {
 
     /// Machine code for ``GuestWorkload/codeAddress`` (position independent, well under a page).
     public func program() throws -> [UInt8] {
-        var asm = X86Assembler()
+        var asm = X86Assembler(mode: mode)
         switch kind {
         case .dirtier: emitDirtier(into: &asm)
         case .selfcheck: emitSelfcheck(into: &asm)
@@ -198,15 +215,21 @@ public struct RunningWorkload: Sendable {
     private func emitDirtier(into asm: inout X86Assembler) {
         let page = asm.makeLabel()
         asm.bind(page)
-        asm.store(.ebx, to: .edx)                   // first word
-        asm.mov(.eax, .edx)
-        asm.add(.eax, .ecx)
-        asm.store(.ebx, to: .eax)                   // second word, at this pass's offset
-        asm.add(.edx, imm: UInt32(GuestWorkload.pageSize))
+        asm.storePointed(.ebx, to: .edx)            // first word
+        asm.movPointer(.eax, .edx)
+        asm.addPointer(.eax, .ecx)
+        asm.storePointed(.ebx, to: .eax)            // second word, at this pass's offset
+        asm.addPointer(.edx, imm: Int32(GuestWorkload.pageSize))
         emitSpin(into: &asm)
-        asm.mov(.eax, .esi)
-        asm.add(.eax, imm: UInt32(workingSetPages * GuestWorkload.pageSize))
-        asm.cmp(.edx, .eax)
+        let workingSetBytes = UInt64(workingSetPages) * UInt64(GuestWorkload.pageSize)
+        if mode == .long64 {                        // may exceed a sign-extended imm32
+            asm.mov(.rax, imm: workingSetBytes)
+            asm.add(.rax, .rsi)
+        } else {
+            asm.mov(.eax, .esi)
+            asm.add(.eax, imm: UInt32(workingSetBytes))
+        }
+        asm.cmpPointer(.edx, .eax)
         asm.jb(page)                                // while edx < end of the working set
         emitPassEnd(into: &asm)
         asm.inc(.ebp)
@@ -216,7 +239,7 @@ public struct RunningWorkload: Sendable {
         asm.shl(.ecx, by: 6)
         asm.and(.ecx, imm: 0xFC0)
         asm.add(.ecx, imm: 4)                       // ecx = dirtierSecondWordOffset(ebp)
-        asm.mov(.edx, .esi)
+        asm.movPointer(.edx, .esi)
         asm.jmp(page)
     }
 
@@ -225,32 +248,32 @@ public struct RunningWorkload: Sendable {
     /// checked), which is what ``expectedSelfcheckWords(vcpu:registers:page:)`` relies on.
     private func emitSelfcheck(into asm: inout X86Assembler) {
         let page = asm.makeLabel(), firstOK = asm.makeLabel(), lastOK = asm.makeLabel()
-        let lastWord = UInt32(Self.lastWordOffset)
+        let lastWord = Int32(Self.lastWordOffset)
         asm.bind(page)
-        asm.load(.eax, from: .edx)
+        asm.loadPointed(.eax, from: .edx)
         asm.cmp(.eax, .ecx)
         asm.je(firstOK)
         asm.out(port: Self.mismatchPort)            // eax = bad value, edx = its address
         asm.bind(firstOK)
-        asm.add(.edx, imm: lastWord)
-        asm.load(.eax, from: .edx)
+        asm.addPointer(.edx, imm: lastWord)
+        asm.loadPointed(.eax, from: .edx)
         asm.cmp(.eax, .ecx)
         asm.je(lastOK)
         asm.out(port: Self.mismatchPort)
         asm.bind(lastOK)
-        asm.store(.ebx, to: .edx)                   // last word
-        asm.mov(.eax, .edx)
-        asm.sub(.eax, imm: lastWord)
-        asm.store(.ebx, to: .eax)                   // first word
-        asm.add(.edx, imm: 4)                       // next page: this one is done
+        asm.storePointed(.ebx, to: .edx)            // last word
+        asm.movPointer(.eax, .edx)
+        asm.subPointer(.eax, imm: lastWord)
+        asm.storePointed(.ebx, to: .eax)            // first word
+        asm.addPointer(.edx, imm: 4)                // next page: this one is done
         emitSpin(into: &asm)
-        asm.cmp(.edx, .edi)
+        asm.cmpPointer(.edx, .edi)
         asm.jb(page)
         emitPassEnd(into: &asm)
         emitNextTag(into: &asm)                     // edx = edi, so ecx is unused here
         // The order keeps every page's expected value in ebx (before edx) or ecx (from edx on).
         asm.mov(.ecx, .ebx)                         // expected = tag(k)
-        asm.mov(.edx, .esi)                         // rewind: every page now "after" the cursor
+        asm.movPointer(.edx, .esi)                  // rewind: every page now "after" the cursor
         asm.mov(.ebx, .eax)                         // write tag(k + 1)
         asm.inc(.ebp)
         asm.jmp(page)

@@ -1,5 +1,6 @@
-/// A tiny assembler for 32-bit x86 protected mode (flat segments, paging off), just big
-/// enough for the guest workloads.
+/// A tiny assembler for x86 guest programs, just big enough for the guest workloads: 32-bit
+/// protected mode (flat segments, paging off), or 64-bit long mode (``GuestMode/long64``),
+/// where the 64-bit forms of X86Assembler+Long.swift do the pointer arithmetic.
 ///
 /// Instructions are appended in program order; jumps name a ``Label`` that may be bound
 /// before or after the jump. ``assemble()`` lays the code out and resolves every jump,
@@ -59,9 +60,14 @@ public struct X86Assembler: Sendable {
     private var bindings: [Int?] = []
     /// The first misuse seen while building; reported by `assemble()`.
     private var deferredError: X86AssemblerError?
+    /// The mode the code runs in. In long mode `40`-`4F` are REX prefixes, so `inc`/`dec`
+    /// use their `FF /0`, `FF /1` forms, and a 32-bit register as an address gets the `67`
+    /// address-size prefix (the address is then truncated to 32 bits, as written).
+    public let mode: GuestMode
 
-    public init(prefersShortImmediates: Bool = false) {
+    public init(prefersShortImmediates: Bool = false, mode: GuestMode = .protected32) {
         self.prefersShortImmediates = prefersShortImmediates
+        self.mode = mode
     }
 
     // MARK: Labels
@@ -136,10 +142,14 @@ public struct X86Assembler: Sendable {
         emit([0x69, Self.modRM(3, dst.rawValue, src.rawValue)] + Self.littleEndian(UInt32(bitPattern: imm)))
     }
 
-    /// `inc reg` (`40+r`, the 32-bit-mode short form).
-    public mutating func inc(_ reg: Register32) { emit([0x40 + reg.rawValue]) }
-    /// `dec reg` (`48+r`, the 32-bit-mode short form).
-    public mutating func dec(_ reg: Register32) { emit([0x48 + reg.rawValue]) }
+    /// `inc reg` (`40+r`, the 32-bit-mode short form; `FF /0` in long mode).
+    public mutating func inc(_ reg: Register32) {
+        emit(mode == .long64 ? [0xFF, Self.modRM(3, 0, reg.rawValue)] : [0x40 + reg.rawValue])
+    }
+    /// `dec reg` (`48+r`, the 32-bit-mode short form; `FF /1` in long mode).
+    public mutating func dec(_ reg: Register32) {
+        emit(mode == .long64 ? [0xFF, Self.modRM(3, 1, reg.rawValue)] : [0x48 + reg.rawValue])
+    }
 
     // MARK: Control flow
 
@@ -221,11 +231,11 @@ public struct X86Assembler: Sendable {
 
     // MARK: Private helpers
 
-    private mutating func record(_ error: X86AssemblerError) {
+    mutating func record(_ error: X86AssemblerError) {
         if deferredError == nil { deferredError = error }
     }
 
-    private mutating func emit(_ bytes: [UInt8]) { items.append(.code(bytes)) }
+    mutating func emit(_ bytes: [UInt8]) { items.append(.code(bytes)) }
 
     private mutating func appendJump(_ condition: Condition?, _ label: Label) {
         items.append(.jump(condition, label))
@@ -251,9 +261,9 @@ public struct X86Assembler: Sendable {
         offsets[bindings[label.id]!] - offsets[index + 1]
     }
 
-    private static func modRM(_ mod: UInt8, _ reg: UInt8, _ rm: UInt8) -> UInt8 { mod << 6 | reg << 3 | rm }
+    static func modRM(_ mod: UInt8, _ reg: UInt8, _ rm: UInt8) -> UInt8 { mod << 6 | reg << 3 | rm }
 
-    private static func littleEndian(_ value: UInt32) -> [UInt8] {
+    static func littleEndian(_ value: UInt32) -> [UInt8] {
         (0..<4).map { UInt8(truncatingIfNeeded: value >> (8 * $0)) }
     }
 
@@ -261,13 +271,22 @@ public struct X86Assembler: Sendable {
         emit([opcode, Self.modRM(3, reg.rawValue, rm.rawValue)])
     }
 
-    /// `opcode` with a `[base]` memory operand. `esp` as a base needs a SIB byte (`24`), and
-    /// `ebp` with mod 00 would mean `disp32`, so it is encoded as `[ebp + 0]` (mod 01, disp8 0).
+    /// `67` in long mode, before a 32-bit register used as an address; nothing in protected mode.
+    private var addressSizePrefix: [UInt8] { mode == .long64 ? [0x67] : [] }
+
+    /// `opcode` with a `[base]` memory operand (`67` first in long mode: a 32-bit address).
     private mutating func emitIndirect(_ opcode: UInt8, reg: Register32, base: Register32) {
+        emit(addressSizePrefix + Self.indirect(opcode, reg: reg.rawValue, base: base.rawValue))
+    }
+
+    /// `opcode` with a `[base]` memory operand, the address size the mode's default. `esp`
+    /// (`rsp`) as a base needs a SIB byte (`24`), and `ebp` with mod 00 would mean `disp32`,
+    /// so it is encoded as `[ebp + 0]` (mod 01, disp8 0).
+    static func indirect(_ opcode: UInt8, reg: UInt8, base: UInt8) -> [UInt8] {
         switch base {
-        case .esp: emit([opcode, Self.modRM(0, reg.rawValue, 4), 0x24])
-        case .ebp: emit([opcode, Self.modRM(1, reg.rawValue, 5), 0x00])
-        default: emit([opcode, Self.modRM(0, reg.rawValue, base.rawValue)])
+        case 4: [opcode, modRM(0, reg, 4), 0x24]
+        case 5: [opcode, modRM(1, reg, 5), 0x00]
+        default: [opcode, modRM(0, reg, base)]
         }
     }
 
@@ -276,7 +295,7 @@ public struct X86Assembler: Sendable {
     private mutating func emitIndirect(_ opcode: UInt8, reg: Register32, base: Register32, displacement: Int32) {
         let short = Int8(exactly: displacement)
         let mod: UInt8 = short != nil ? 1 : 2
-        var bytes = [opcode, Self.modRM(mod, reg.rawValue, base == .esp ? 4 : base.rawValue)]
+        var bytes = addressSizePrefix + [opcode, Self.modRM(mod, reg.rawValue, base == .esp ? 4 : base.rawValue)]
         if base == .esp { bytes.append(0x24) }
         if let short { bytes.append(UInt8(bitPattern: short)) } else { bytes += Self.littleEndian(UInt32(bitPattern: displacement)) }
         emit(bytes)
@@ -305,12 +324,15 @@ public enum X86AssemblerError: Error, Equatable, Sendable, CustomStringConvertib
     case labelBoundTwice(X86Assembler.Label)
     /// The label was not made by this assembler's ``X86Assembler/makeLabel()``.
     case unknownLabel(X86Assembler.Label)
+    /// A 64-bit instruction (named) in an assembler for 32-bit protected mode.
+    case needsLongMode(String)
 
     public var description: String {
         switch self {
         case .unboundLabel(let label): "x86 assembler: jump to label \(label), which was never bound"
         case .labelBoundTwice(let label): "x86 assembler: label \(label) is bound more than once"
         case .unknownLabel(let label): "x86 assembler: label \(label) was not made by this assembler"
+        case .needsLongMode(let instruction): "x86 assembler: \(instruction) is a 64-bit instruction, and this code is for 32-bit protected mode"
         }
     }
 }

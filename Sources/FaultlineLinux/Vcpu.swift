@@ -144,25 +144,30 @@ public final class Vcpu: @unchecked Sendable {
     }
 
     /// 32-bit protected mode, flat 4 GiB code and data segments, paging off - the mode
-    /// of Faultline's guest programs.
+    /// of Faultline's 32-bit guest programs (long mode: Vcpu+LongMode.swift).
     public func enterFlatProtectedMode() throws(SystemError) {
         var s = try specialRegisters()
-        var code = fl_kvm_segment()
-        code.base = 0
-        code.limit = 0xffff_ffff
-        code.selector = 8
-        code.type = 11
-        code.present = 1
-        code.db = 1
-        code.s = 1
-        code.g = 1
-        var data = code
-        data.type = 3
-        data.selector = 16
-        s.cs = code
+        s.cs = Self.flatSegment(selector: 8, type: 11, db: 1)
+        let data = Self.flatSegment(selector: 16, type: 3, db: 1)
         s.ds = data; s.es = data; s.fs = data; s.gs = data; s.ss = data
         s.cr0 |= 1
         try setSpecialRegisters(s)
+    }
+
+    /// A flat segment: base 0, 4 GiB limit (page granular), present, DPL 0, code or data
+    /// (`type` 11: execute/read, 3: read/write, both accessed); `l` = 1 for 64-bit code.
+    static func flatSegment(selector: UInt16, type: UInt8, db: UInt8, l: UInt8 = 0) -> fl_kvm_segment {
+        var segment = fl_kvm_segment()
+        segment.base = 0
+        segment.limit = 0xffff_ffff
+        segment.selector = selector
+        segment.type = type
+        segment.present = 1
+        segment.db = db
+        segment.l = l
+        segment.s = 1
+        segment.g = 1
+        return segment
     }
 
     // MARK: pre-fault: PreFault.swift

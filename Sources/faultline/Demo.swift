@@ -11,6 +11,7 @@ struct Demo: ParsableCommand {
 
     @Option(help: "Number of vCPUs") var vcpus = 2
     @Option(help: "Guest RAM") var memory = "512M"
+    @Option(name: .customLong("guest-mode"), help: guestModeHelp) var guestMode: GuestModeChoice = .auto
     @Option(help: "dirtier | selfcheck") var workload: RunningWorkloadKind = .selfcheck
     @Option(name: .customLong("working-set"), help: "dirtier: pages per vCPU rewritten each pass (default: all)") var workingSet: Int?
     @Option(name: .customLong("fault-mode"), help: faultModeHelp) var faultMode: FaultModeChoice = .auto
@@ -51,9 +52,9 @@ struct Demo: ParsableCommand {
             knobs.faultAround = faultAround
             knobs.vcpuNicenessDuringPostcopy = postcopyVcpuNice
             try knobs.validate()
-            guard let size = parseSize(memory) else { throw CLIError(description: "cannot read --memory '\(memory)'") }
-            let layout = try MachineLayout(vcpus: vcpus, ramSize: size)
-            let wl = try RunningWorkload(kind: workload, pagesPerVcpu: layout.pagesPerVcpu, workingSetPages: workingSet)
+            let (layout, wl) = try migrationGuest(vcpus: vcpus, memory: memory, mode: guestMode, workload: workload,
+                                                  workingSet: workingSet)
+            let size = layout.ramSize
             let gmem = vmType == .swProtected
             guard privatePages == 0 || gmem else { throw CLIError(description: "--private-pages needs --vm-type sw-protected") }
 
@@ -93,7 +94,7 @@ struct Demo: ParsableCommand {
                 throw CLIError(description: "unexpected destination output: \(firstLine)")
             }
             if !json {
-                print("backend: kvm; demo: \(vcpus) vCPU(s), \(size >> 20) MiB, workload \(workload), fault mode \(mode) "
+                print("backend: kvm; demo: \(vcpus) vCPU(s), \(size >> 20) MiB, \(layout.mode) mode, workload \(workload), fault mode \(mode) "
                       + "(\(modeReason)), "
                       + "\(precopyRounds) pre-copy round(s); destination pid \(child.processIdentifier) on \(endpoint)")
                 if let plan { print(plan.human) }

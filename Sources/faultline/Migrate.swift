@@ -136,8 +136,10 @@ func parseSize(_ text: String) -> UInt64? {
     let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30]
     var t = text.uppercased()
     if t.hasSuffix("IB") { t.removeLast(2) } else if t.hasSuffix("B") { t.removeLast() }
-    if let last = t.last, let unit = units[last] { return UInt64(t.dropLast()).map { $0 * unit } }
-    return UInt64(t)
+    guard let last = t.last, let unit = units[last] else { return UInt64(t) }
+    guard let count = UInt64(t.dropLast()) else { return nil }
+    let (bytes, overflow) = count.multipliedReportingOverflow(by: unit)
+    return overflow ? nil : bytes
 }
 
 struct Run: ParsableCommand {
@@ -146,6 +148,7 @@ struct Run: ParsableCommand {
 
     @Option(help: "Number of vCPUs") var vcpus = 2
     @Option(help: "Guest RAM, e.g. 512M or 1G") var memory = "512M"
+    @Option(name: .customLong("guest-mode"), help: guestModeHelp) var guestMode: GuestModeChoice = .auto
     @Option(help: "dirtier | selfcheck") var workload: RunningWorkloadKind = .selfcheck
     @Option(name: .customLong("working-set"), help: "dirtier: pages per vCPU rewritten each pass (default: all)") var workingSet: Int?
     @Option(help: "Busy-loop iterations between page writes (lower = faster dirtying)") var spin: UInt32 = 0
@@ -164,10 +167,9 @@ struct Run: ParsableCommand {
     func run() {
         do {
             try HeapPolicy.keepHeapForFaultPath()
-            guard let size = parseSize(memory) else { throw CLIError(description: "cannot read --memory '\(memory)'") }
-            let layout = try MachineLayout(vcpus: vcpus, ramSize: size)
-            let wl = try RunningWorkload(kind: workload, pagesPerVcpu: layout.pagesPerVcpu, workingSetPages: workingSet,
-                                         spinIterations: spin)
+            let (layout, wl) = try migrationGuest(vcpus: vcpus, memory: memory, mode: guestMode, workload: workload,
+                                                  workingSet: workingSet, spin: spin)
+            let size = layout.ramSize
             var target: SocketEndpoint?
             if let migrateTo {
                 guard let e = SocketEndpoint(parsing: migrateTo) else { throw CLIError(description: "cannot read --migrate-to '\(migrateTo)' (HOST:PORT)") }
@@ -175,7 +177,7 @@ struct Run: ParsableCommand {
             }
             let (backend, why) = BackendSelection.resolve(nil)
             guard backend == .kvm else { throw CLIError(description: "`run` needs KVM: \(why)") }
-            if !json { print("backend: kvm; guest: \(vcpus) vCPU(s), \(size >> 20) MiB, workload \(workload)") }
+            if !json { print("backend: kvm; guest: \(vcpus) vCPU(s), \(size >> 20) MiB, \(layout.mode) mode, workload \(workload)") }
             let vm = try MigratableVM(layout: layout, backing: .anonymous)
             try vm.boot(workload: wl)
             try vm.start()

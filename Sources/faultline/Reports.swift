@@ -66,6 +66,7 @@ extension DestinationReport {
         return [
             "migration complete (destination, fault mode \(faultMode))",
             "  fault mode            \(faultMode): \(faultModeReason)",
+            "  guest mode            \(guestMode?.rawValue ?? "unknown") (from the announced layout)",
             "  switch-over           \(ms(switchoverMilliseconds)) ms from the first vCPU state to running: "
                 + switchoverParts.map { "\($0.name) \(ms($0.milliseconds))" }.joined(separator: ", "),
             "  post-copy             \(fmt(postcopySeconds, 3)) s: \(demandPages) pages on demand, \(backgroundPages) in background, \(zeroPages) zero",
@@ -88,6 +89,7 @@ extension DestinationReport {
         let l = faultLatencyMicroseconds
         return [
             "\"fault_mode\":\"\(faultMode)\"", "\"fault_mode_reason\":\"\(jsonEscape(faultModeReason))\"",
+            "\"guest_mode\":\"\(guestMode?.rawValue ?? "unknown")\"",
             "\"vcpu_exit_via\":" + (vcpuExitMechanism.map { "\"\($0.rawValue)\"" } ?? "null"), "\"vcpu_exit_faults\":\(vcpuExitFaults)",
             "\"pre_fault\":{\"switchover\":\(preFaultJSON(preFaultAtSwitchover)),\"after_postcopy\":\(preFaultJSON(preFaultAfterPostcopy))}",
             "\"switchover_ms\":\(fmt(switchoverMilliseconds, 3))",

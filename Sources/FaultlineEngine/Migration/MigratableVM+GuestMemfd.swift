@@ -19,7 +19,7 @@ extension MigratableVM {
         guard pages.lowerBound >= 0, pages.upperBound <= layout.ramPages, !pages.isEmpty else {
             throw MachineLayout.Invalid(description: "private pages \(pages) outside RAM's \(layout.ramPages) pages")
         }
-        let range = GuestMemoryRange(start: GuestPhysicalAddress(MachineLayout.ramBase + UInt64(pages.lowerBound) * 4096),
+        let range = GuestMemoryRange(start: GuestPhysicalAddress(layout.ramBase + UInt64(pages.lowerBound) * 4096),
                                      size: UInt64(pages.count) * 4096)!
         try privateRAM.setAttributes(range, private: isPrivate)
         privateRanges.set(UInt64(pages.lowerBound)..<UInt64(pages.upperBound), to: isPrivate ? true : nil)

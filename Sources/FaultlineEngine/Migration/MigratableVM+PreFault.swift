@@ -23,7 +23,7 @@ extension MigratableVM {
         var summary = PreFaultSummary()
         let t0 = MonotonicClock.nanoseconds()
         for r in ranges where !r.isEmpty {
-            let range = GuestMemoryRange(start: GuestPhysicalAddress(MachineLayout.ramBase + UInt64(r.lowerBound) * 4096),
+            let range = GuestMemoryRange(start: GuestPhysicalAddress(layout.ramBase + UInt64(r.lowerBound) * 4096),
                                          size: UInt64(r.count) * 4096)!
             let outcome = vcpu.preFault(range)
             summary.bytesMapped += outcome.bytesMapped
@@ -42,7 +42,7 @@ extension MigratableVM {
     /// guest's own vCPUs are in KVM_RUN.
     public func makePreFaultVcpu() throws -> Vcpu {
         let vcpu = try vm.createVcpu(id: layout.vcpus)
-        try vcpu.enterFlatProtectedMode()
+        try enterGuestMode(vcpu)
         return vcpu
     }
 }

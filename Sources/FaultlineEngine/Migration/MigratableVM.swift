@@ -2,56 +2,6 @@ import Atomics
 import FaultlineCore
 import FaultlineLinux
 
-/// The machine layout every Faultline VM shares, so source and destination agree on it:
-/// 64 KiB of low memory at GPA 0 (the guest program at 0x1000) and RAM at 0x10000000,
-/// split evenly between the vCPUs.
-public struct MachineLayout: Sendable, Equatable {
-    public static let lowSize: UInt64 = 0x10000
-    public static let ramBase: UInt64 = DemandPagingConfig.ramBase
-    public static let pageSize: UInt64 = 4096
-
-    public let vcpus: Int
-    public let ramSize: UInt64
-    public let memory: GuestMemoryLayout
-
-    public struct Invalid: Error, CustomStringConvertible { public let description: String }
-
-    public init(vcpus: Int, ramSize: UInt64) throws {
-        guard vcpus >= 1, vcpus <= DemandPagingConfig.maxVcpus else {
-            throw Invalid(description: "--vcpus must be between 1 and \(DemandPagingConfig.maxVcpus) (got \(vcpus))")
-        }
-        guard ramSize > 0, ramSize % (UInt64(vcpus) * Self.pageSize) == 0 else {
-            throw Invalid(description: "memory size \(ramSize) must be a positive multiple of \(vcpus) x 4096 bytes")
-        }
-        guard ramSize <= DemandPagingConfig.ramLimit - Self.ramBase else {
-            throw Invalid(description: "memory of \(ramSize >> 20) MiB does not fit below 0xF0000000 in this 32-bit guest "
-                          + "(at most \((DemandPagingConfig.ramLimit - Self.ramBase) >> 20) MiB)")
-        }
-        self.vcpus = vcpus
-        self.ramSize = ramSize
-        self.memory = try GuestMemoryLayout(regions: [
-            GuestMemoryRange(start: GuestPhysicalAddress(0), size: Self.lowSize)!,
-            GuestMemoryRange(start: GuestPhysicalAddress(Self.ramBase), size: ramSize)!,
-        ])
-    }
-
-    /// Rebuilds (and checks) a layout received from a peer.
-    public init(vcpus: Int, memory: GuestMemoryLayout) throws {
-        guard memory.pageSize == Self.pageSize, memory.regions.count == 2,
-              memory.regions[0] == GuestMemoryRange(start: GuestPhysicalAddress(0), size: Self.lowSize),
-              memory.regions[1].start == GuestPhysicalAddress(Self.ramBase) else {
-            throw Invalid(description: "the peer's memory layout is not a Faultline machine layout: \(memory.regions)")
-        }
-        try self.init(vcpus: vcpus, ramSize: memory.regions[1].size)
-    }
-
-    public var lowPages: Int { Int(Self.lowSize / Self.pageSize) }
-    public var ramPages: Int { Int(ramSize / Self.pageSize) }
-    public var totalPages: Int { lowPages + ramPages }
-    public var bytesPerVcpu: UInt64 { ramSize / UInt64(vcpus) }
-    public var pagesPerVcpu: Int { Int(bytesPerVcpu / Self.pageSize) }
-}
-
 /// Counters a running guest reports through its I/O ports.
 public final class GuestCounters: @unchecked Sendable {
     public let passes: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
@@ -152,7 +102,7 @@ public final class MigratableVM: @unchecked Sendable {
             // Memslot 1 is created here, with KVM_MEM_GUEST_MEMFD (and KVM_MEM_USERFAULT when
             // asked), and never changed (6.12 refuses any change to a guest_memfd memslot but
             // its deletion; toggling KVM_MEM_USERFAULT there is the series' hazard).
-            let privateRAM = try PrivateMemoryVM(kvm: KVM(), gpa: GuestPhysicalAddress(MachineLayout.ramBase), size: layout.ramSize,
+            let privateRAM = try PrivateMemoryVM(kvm: KVM(), gpa: GuestPhysicalAddress(layout.ramBase), size: layout.ramSize,
                                                  slot: 1, sharedBacking: backing,
                                                  userfaultBitmap: userfaultBitmap.map { UnsafeRawPointer($0.words) })
             vm = privateRAM.vm
@@ -163,7 +113,7 @@ public final class MigratableVM: @unchecked Sendable {
             ram = try prepared ?? GuestMemoryRegion(backing: backing, size: layout.ramSize, vm: vm, label: "guest-ram")
             privateRAM = nil
         }
-        low = try GuestMemoryRegion(backing: .anonymous, size: MachineLayout.lowSize, label: "guest-low")
+        low = try GuestMemoryRegion(backing: .anonymous, size: layout.lowSize, label: "guest-low")
         counters = GuestCounters(vcpus: layout.vcpus)
         threadIDs = .allocate(capacity: layout.vcpus)
         threadIDs.initialize(repeating: 0, count: layout.vcpus)
@@ -182,7 +132,7 @@ public final class MigratableVM: @unchecked Sendable {
         if privateRAM != nil { flags.insert(.guestMemfd) }  // a change the kernel refuses: kept honest, not hidden
         if userfaultBitmap != nil { flags.insert(.userfault) }
         try vm.setMemoryRegion(slot: 1, flags: flags,
-                               guestPhysicalAddress: GuestPhysicalAddress(MachineLayout.ramBase), memory: ram,
+                               guestPhysicalAddress: GuestPhysicalAddress(layout.ramBase), memory: ram,
                                guestMemfd: privateRAM?.guestMemfd ?? ram.guestMemfd,
                                userfaultBitmap: userfaultBitmap.map { UnsafeRawPointer($0.words) })
     }
@@ -205,20 +155,38 @@ public final class MigratableVM: @unchecked Sendable {
         try vcpus[id].loadStateBlob(blob)
     }
 
-    /// Boots the guest program: code into low memory, flat protected mode, registers.
+    /// Boots the guest program: code (and in long mode the GDT and page tables) into low
+    /// memory, the layout's CPU mode, registers. The workload must be assembled for that mode.
     public func boot(workload: RunningWorkload) throws {
+        guard workload.mode == layout.mode else {
+            throw MachineLayout.Invalid(description: "a \(workload.mode)-mode workload cannot boot in a \(layout.mode)-mode machine")
+        }
         let code = try workload.program()
         code.withUnsafeBytes { (low.base + Int(GuestWorkload.codeAddress)).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        if let tables = try longModeTables() {
+            tables.write(into: UnsafeMutableRawBufferPointer(start: low.base, count: Int(layout.lowSize)))
+        }
         for (id, vcpu) in vcpus.enumerated() {
-            try vcpu.enterFlatProtectedMode()
-            let r = workload.initialRegisters(vcpu: id, chunkBase: MachineLayout.ramBase + UInt64(id) * layout.bytesPerVcpu)
+            try enterGuestMode(vcpu)
+            let r = workload.startRegisters(vcpu: id, chunkBase: layout.chunkBase(vcpu: id))
             var regs = VcpuRegisters()
             regs.rip = GuestWorkload.codeAddress
             regs.rflags = 2
-            regs.rax = UInt64(r.eax); regs.rbx = UInt64(r.ebx); regs.rcx = UInt64(r.ecx); regs.rdx = UInt64(r.edx)
-            regs.rsi = UInt64(r.esi); regs.rdi = UInt64(r.edi); regs.rbp = UInt64(r.ebp)
+            (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (r.rax, r.rbx, r.rcx, r.rdx)
+            (regs.rsi, regs.rdi, regs.rbp) = (r.rsi, r.rdi, r.rbp)
             try vcpu.setRegisters(regs)
         }
+    }
+
+    /// The identity map of everything below RAM's end, for a long-mode layout; nil otherwise.
+    func longModeTables() throws -> LongModePageTables? {
+        guard layout.mode == .long64 else { return nil }
+        return try LongModePageTables(mapping: layout.ramBase + layout.ramSize, lowSize: layout.lowSize)
+    }
+
+    /// Puts `vcpu` in the layout's CPU mode (long mode: its tables must be in low memory).
+    func enterGuestMode(_ vcpu: Vcpu) throws {
+        if let tables = try longModeTables() { try vcpu.enterLongMode(tables) } else { try vcpu.enterFlatProtectedMode() }
     }
 
     // MARK: running
@@ -240,7 +208,7 @@ public final class MigratableVM: @unchecked Sendable {
         }
         vcpu.bindToCurrentThread()
         defer { vcpu.unbindThread() }
-        let ramBase = MachineLayout.ramBase, ramSize = layout.ramSize
+        let ramBase = layout.ramBase, ramSize = layout.ramSize
         do {
             while true {
                 let exit = try vcpu.runOnce()

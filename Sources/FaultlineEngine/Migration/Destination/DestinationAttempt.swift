@@ -65,6 +65,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
 
     func build(_ hello: WireMessage.Hello) throws {
         layout = try MachineLayout(vcpus: Int(hello.vcpuCount), memory: try hello.memoryLayout())
+        report.guestMode = layout.mode
         if let factory = options.machineFactory {
             (machine, mapper) = try factory(layout)
         } else {

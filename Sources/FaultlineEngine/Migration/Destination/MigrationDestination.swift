@@ -72,6 +72,8 @@ public struct DestinationOptions: Sendable {
 
 public struct DestinationReport: Sendable {
     public var faultMode: FaultMode = .vcpuExit
+    /// The guest's CPU mode, as the destination read it from the announced layout.
+    public var guestMode: GuestMode?
     /// vcpu-exit: how faults reached the vCPU threads (uffd-sigbus or kvm-userfault).
     public var vcpuExitMechanism: VcpuExitMechanism?
     /// vcpu-exit: faults that came back from KVM_RUN as exits (the rest of `faults`, if any,
