@@ -242,15 +242,23 @@ public final class MigratableVM: @unchecked Sendable {
         }
     }
 
-    /// Runs `body` - a vCPU thread waiting for a page - at the fault path's niceness, then
-    /// puts the thread back at the niceness the VM's vCPUs have now (read under the same lock
-    /// as ``setVcpuNiceness(_:)``, so a change made meanwhile is kept). During post-copy the
+    /// Runs `body` - a vCPU thread waiting for a page - at the fault path's priority, then
+    /// puts the thread back as the VM's vCPUs run now (read under the same lock as
+    /// ``setVcpuScheduling(_:)``, so a change made meanwhile is kept). During post-copy the
     /// vCPUs run at +19 so the page stream gets the CPUs; a vCPU woken at +19 when its page
     /// has arrived waits behind the stream's nice-0 threads for several scheduler slices
     /// (8-16 ms measured on two busy CPUs), which is exactly the fault latency post-copy must
-    /// keep short. Unprivileged, the boost is refused quietly and nothing changes.
+    /// keep short. The thread is SCHED_FIFO while it sends its request and waits (it runs no
+    /// guest code then); at nice -10 it still lost the CPU for a millisecond now and then
+    /// between its fault and its request (docs/benchmarks.md, session 7). Unprivileged,
+    /// it asks for nice -10 instead, and without that nothing changes.
     private func waitingForPage<T>(_ body: () throws -> T) rethrows -> T {
         guard scheduling.withLock({ $0.niceness }) > OSThread.Niceness.vcpuWaitingForPage else { return try body() }
+        let tid = ThreadScheduling.currentThreadID()
+        if (try? ThreadScheduling.setRealtimeFIFO(true, ofThread: tid)) != nil {
+            defer { try? ThreadScheduling.setRealtimeFIFO(false, ofThread: tid) }  // its niceness was kept
+            return try body()
+        }
         try? ThreadScheduling.setCurrentNiceness(OSThread.Niceness.vcpuWaitingForPage)
         defer { scheduling.withLock { value in try? ThreadScheduling.setCurrentNiceness(value.niceness) } }
         return try body()

@@ -19,9 +19,6 @@ extension DestinationAttempt {
         if !report.postcopy && !tracking { mapper.disarmFaults() }  // armed early for pre-copy (MISSING modes); nothing is missing
         if report.postcopy || tracking {
             try mapper.armFaults()
-            if options.faultMode == .vcpuExit {
-                try requester.startVcpuExitRequester()
-            }
             // uffd modes, and the userfaultfd behind KVM Userfault (non-vCPU accesses).
             if options.faultMode != .vcpuExit || vcpuExitMechanism == .kvmUserfault,
                let uffdMapper = mapper as? UffdPageMapper, let vm = machine as? MigratableVM {

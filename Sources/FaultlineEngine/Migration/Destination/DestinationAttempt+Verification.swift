@@ -63,7 +63,7 @@ extension DestinationAttempt {
         if table.installed.contains(page) { return }
         vcpuExitFaults.wrappingIncrement(ordering: .relaxed)
         let t0 = MonotonicClock.nanoseconds()
-        requester.enqueue(page, vcpu: vcpu, time: t0)
+        requester.requestFromVcpu(page, vcpu: vcpu, time: t0)
         while !table.installed.contains(page) && !stopping.load(ordering: .relaxed) && failures.failure == nil {
             waiters.wait(timeoutNanoseconds: 50_000_000) {
                 table.installed.contains(page) || stopping.load(ordering: .relaxed) || failures.failure != nil

@@ -17,10 +17,11 @@ final class FaultRequester: @unchecked Sendable {
     private let stopping = ManagedAtomic<Bool>(false)
     private var threads: [OSThread] = []
     private let stopEvent: EventFD
-    // vcpu-exit: vCPU threads hand their faults to the requester thread, so a vCPU thread
-    // (low priority during post-copy) never holds the fault connection's send lock.
-    private let pending = Locked<[(page: Int, vcpu: Int, time: UInt64)]>([])
-    private let wakeRequester: EventFD
+    // vcpu-exit: each vCPU thread sends its own request, with its own encoder (a vCPU waiting
+    // for a page is boosted to nice -10 first, so it does not hold the send lock at +19).
+    // A requester thread in between cost a wake-up on the fault-path CPU per fault, and that
+    // wake-up now and then waited a millisecond for the CPU (docs/benchmarks.md, session 7).
+    private let vcpuEncoders: UnsafeMutablePointer<WireEncoder>
 
     init(table: DestinationPageTable, book: FaultBook, failures: FailureSlot, faultPathCPU: Int32?, faultAround: Int = 1) throws {
         self.faultAround = max(faultAround, 1)
@@ -29,11 +30,16 @@ final class FaultRequester: @unchecked Sendable {
         self.failures = failures
         self.faultPathCPU = faultPathCPU
         stopEvent = try EventFD()
-        wakeRequester = try EventFD()
-        pending.withLock { $0.reserveCapacity(book.vcpus * 2) }
+        vcpuEncoders = .allocate(capacity: max(book.vcpus, 1))
+        vcpuEncoders.initialize(repeating: WireEncoder(reservingCapacity: 4096), count: max(book.vcpus, 1))
+        for v in 0..<max(book.vcpus, 1) { vcpuEncoders[v] = WireEncoder(reservingCapacity: 4096) }  // one buffer each
     }
 
-    deinit { stop() }
+    deinit {
+        stop()
+        vcpuEncoders.deinitialize(count: max(book.vcpus, 1))
+        vcpuEncoders.deallocate()
+    }
 
     func setChannel(_ c: WireChannel?) { channel.withLock { $0 = c } }
     var currentChannel: WireChannel? { channel.withLock { $0 } }
@@ -71,27 +77,10 @@ final class FaultRequester: @unchecked Sendable {
 
     // MARK: vcpu-exit
 
-    func startVcpuExitRequester() throws {
-        threads.append(try OSThread(name: "fault requester", niceness: OSThread.Niceness.faultPath, cpu: faultPathCPU) { [self] in
-            var encoder = WireEncoder(reservingCapacity: 4096)
-            var batch: [(page: Int, vcpu: Int, time: UInt64)] = []
-            batch.reserveCapacity(book.vcpus * 2)
-            do {
-                while try wakeRequester.wait() > 0 && !stopping.load(ordering: .relaxed) {
-                    pending.withLock { swap(&batch, &$0) }
-                    for r in batch { request(r.page, vcpu: r.vcpu, faultTime: r.time, encoder: &encoder) }
-                    batch.removeAll(keepingCapacity: true)
-                }
-            } catch {
-                failures.record("fault requester", error)
-            }
-        })
-    }
-
-    /// Called on a vCPU thread: queue the page for the requester thread.
-    func enqueue(_ page: Int, vcpu: Int, time: UInt64) {
-        pending.withLock { $0.append((page, vcpu, time)) }
-        wakeRequester.signal()
+    /// Called on vCPU thread `vcpu` (only there: the encoder is that thread's): asks for the
+    /// page it faulted on.
+    func requestFromVcpu(_ page: Int, vcpu: Int, time: UInt64) {
+        request(page, vcpu: vcpu, faultTime: time, encoder: &vcpuEncoders[min(max(vcpu, 0), max(book.vcpus, 1) - 1)])
     }
 
     // MARK: userfaultfd readers
@@ -143,7 +132,6 @@ final class FaultRequester: @unchecked Sendable {
     func stop() {
         stopping.store(true, ordering: .relaxed)
         stopEvent.signal()
-        wakeRequester.signal()
         for t in threads { t.join() }
         threads = []
     }
