@@ -13,8 +13,10 @@ public final class WireChannel: @unchecked Sendable {
     public private(set) var bytesReceived: UInt64 = 0
     public private(set) var messagesReceived = 0
 
-    /// Bytes read from the socket per call.
-    static let readBytes = 1 << 20
+    /// Bytes read from the socket per call: short enough that a fault-path thread woken on
+    /// the CPU of a bulk receive does not wait long for it (this kernel does not preempt
+    /// system calls; see DestinationAttempt.bulkRunPages).
+    static let readBytes = 256 << 10
     /// The receive buffer, allocated with the channel: a read, plus the unread part of a frame
     /// of the largest page batch, fit without growing it - growing it in the middle of
     /// post-copy (an allocation, a copy, a free) cost a fault 3 ms (see HeapPolicy).
