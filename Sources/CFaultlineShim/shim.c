@@ -98,11 +98,18 @@ void fl_sigbus_set_thread_resolver(fl_sigbus_resolver resolver, void *context) {
     tls_resolver = resolver;
 }
 
-int fl_thread_create(pthread_t *thread, size_t stack_size, void *(*entry)(void *), void *arg) {
+int fl_thread_create(pthread_t *thread, size_t stack_size, int avoid_cpu, void *(*entry)(void *), void *arg) {
     pthread_attr_t attr;
     int rc = pthread_attr_init(&attr);
     if (rc) return rc;
     if (stack_size) pthread_attr_setstacksize(&attr, stack_size);
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (avoid_cpu >= 0 && avoid_cpu < CPU_SETSIZE && sched_getaffinity(getpid(), sizeof(set), &set) == 0
+        && CPU_ISSET(avoid_cpu, &set) && CPU_COUNT(&set) > 1) {
+        CPU_CLR(avoid_cpu, &set);
+        pthread_attr_setaffinity_np(&attr, sizeof(set), &set);  /* best effort: started elsewhere, moved later */
+    }
     rc = pthread_create(thread, &attr, entry, arg);
     pthread_attr_destroy(&attr);
     return rc;

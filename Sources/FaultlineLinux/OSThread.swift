@@ -14,7 +14,9 @@ public final class OSThread: @unchecked Sendable {
     /// it orders the fault path before the bulk stream before running vCPUs, it is not
     /// needed for correctness).
     /// With `cpu`, the thread runs on that CPU only (refused, e.g. by a cpuset: it runs unpinned).
-    public init(name: String, stackSize: Int = 1 << 20, niceness: Int32 = 0, cpu: Int32? = nil,
+    /// With `avoidingCPU`, the thread starts on the other CPUs the process may use (moving a
+    /// running thread off a CPU waits for that CPU's stopper thread).
+    public init(name: String, stackSize: Int = 1 << 20, niceness: Int32 = 0, cpu: Int32? = nil, avoidingCPU: Int32? = nil,
                 _ body: @escaping () -> Void) throws(SystemError) {
         // The kernel's thread name (15 bytes; `top -H`, perf and /proc show it).
         let shortName = String(decoding: Array(name.utf8.prefix(15)), as: UTF8.self)
@@ -36,7 +38,7 @@ public final class OSThread: @unchecked Sendable {
             body()
         }
         let box = Unmanaged.passRetained(Box(run)).toOpaque()
-        let rc = fl_thread_create(&thread, stackSize, { arg in
+        let rc = fl_thread_create(&thread, stackSize, avoidingCPU ?? -1, { arg in
             let box = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
             box.body()
             return nil

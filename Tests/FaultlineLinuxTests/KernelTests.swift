@@ -36,7 +36,7 @@ final class TestThread: @unchecked Sendable {
     init(_ body: @escaping () -> Void) {
         let done = finished
         let box = Unmanaged.passRetained(Box({ body(); done.signal() })).toOpaque()
-        _ = fl_thread_create(&thread, 0, { arg in
+        _ = fl_thread_create(&thread, 0, -1, { arg in
             Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue().body()
             return nil
         }, box)

@@ -75,6 +75,20 @@ struct ThreadAndSignalTests {
         #expect(try ThreadScheduling.allows(0, thread: thread.threadID), "the other CPUs stay allowed")
         try ThreadScheduling.avoidCPU(nil, ofThread: thread.threadID)
         #expect(try ThreadScheduling.allows(cpu, thread: thread.threadID))
+
+        // Started off the CPU: never placed there, not even before its first instruction.
+        let seen = Seen()
+        let hold = TimedCondition()
+        var go = false
+        let started = try OSThread(name: "starts off", avoidingCPU: cpu) {
+            hold.wait { go }
+            seen.cpu = ThreadScheduling.currentCPU()
+        }
+        #expect(try !ThreadScheduling.allows(cpu, thread: started.threadID))
+        hold.withLock { go = true }
+        hold.broadcast()
+        started.join()
+        #expect(seen.cpu != nil && seen.cpu != cpu)
     }
 
     @Test func theHeapPolicyServesLargeAllocationsWithoutMappings() throws {

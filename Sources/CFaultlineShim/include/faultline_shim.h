@@ -328,8 +328,9 @@ typedef int (*fl_sigbus_resolver)(void *context, uint64_t address);
 int fl_sigbus_install(void);
 void fl_sigbus_set_thread_resolver(fl_sigbus_resolver resolver, void *context);
 
-// Spawning an OS thread with a plain C entry (Swift hands a retained box as `arg`).
-int fl_thread_create(pthread_t *thread, size_t stack_size, void *(*entry)(void *), void *arg);
+// Spawning an OS thread with a plain C entry (Swift hands a retained box as `arg`). With
+// `avoid_cpu` >= 0 the thread starts on the process's other CPUs (when there are any).
+int fl_thread_create(pthread_t *thread, size_t stack_size, int avoid_cpu, void *(*entry)(void *), void *arg);
 /* glibc malloc: no mmap-backed chunks (M_MMAP_MAX 0), never give memory back (M_TRIM_THRESHOLD
  * -1), grow the heap by `top_pad` extra bytes at a time (M_TOP_PAD). 0, or -1 if mallopt refused. */
 int fl_malloc_keep_heap(size_t top_pad);

@@ -194,17 +194,22 @@ public final class MigratableVM: @unchecked Sendable {
     /// Starts every vCPU on its own thread.
     public func start() throws {
         state.store(RunState.running.rawValue, ordering: .sequentiallyConsistent)
+        let avoided = startScheduling.avoidedCPU
         for id in vcpus.indices {
-            threads.append(try OSThread(name: "vcpu \(id)") { [self] in vcpuLoop(id) })
+            threads.append(try OSThread(name: "vcpu \(id)", avoidingCPU: avoided) { [self] in vcpuLoop(id, startedAvoiding: avoided) })
         }
     }
 
-    private func vcpuLoop(_ id: Int) {
+    private func vcpuLoop(_ id: Int, startedAvoiding: Int32?) {
         let vcpu = vcpus[id]
         scheduling.withLock { value in
             threadIDs[id] = ThreadScheduling.currentThreadID()
             if value.niceness != 0 { OSThread.setCurrentNiceness(value.niceness) }
-            if let cpu = value.avoidedCPU { try? ThreadScheduling.avoidCPU(cpu, ofThread: threadIDs[id]) }
+            // Started off that CPU already (OSThread, best effort); this catches a change made
+            // since, or a start where the placement was refused.
+            if value.avoidedCPU != startedAvoiding || (value.avoidedCPU != nil && ThreadScheduling.currentCPU() == value.avoidedCPU) {
+                try? ThreadScheduling.avoidCPU(value.avoidedCPU, ofThread: threadIDs[id])
+            }
         }
         vcpu.bindToCurrentThread()
         defer { vcpu.unbindThread() }
