@@ -40,6 +40,13 @@ public enum DemandPagingError: Error, CustomStringConvertible {
         case .kernelLacks(let s): return s
         }
     }
+
+    /// `error` as raised on vCPU `vcpu`'s thread, named once ("vcpu 1: ..."): an error that
+    /// names its vCPU already is not prefixed again.
+    public static func onVcpu(_ vcpu: Int, _ error: Error) -> String {
+        let text = "\(error)"
+        return text.hasPrefix("vcpu \(vcpu): ") ? text : "vcpu \(vcpu): \(text)"
+    }
 }
 
 /// Collects the first error raised by any thread of a run and tells the others to stop.
@@ -212,7 +219,7 @@ public final class DemandPagingBenchmark {
                         checksums[id] = try Self.runKVMVcpu(vcpu, id: id, config: cfg, workload: workload, region: region,
                                                             resolver: resolver, exitUffd: exitUffd, state: state, control: control)
                     } catch {
-                        control.fail("vcpu \(id): \(error)")
+                        control.fail(DemandPagingError.onVcpu(id, error))
                     }
                 }
             } else {

@@ -142,6 +142,18 @@ struct RefusalTests {
     }
 }
 
+@Suite("vCPU errors")
+struct VcpuErrorTests {
+    @Test func aVcpuErrorNamesItsVcpuOnce() {
+        let exit = DemandPagingError.unexpectedExit(vcpu: 1, exit: .hlt)
+        #expect(DemandPagingError.onVcpu(1, exit) == "vcpu 1: unexpected exit \(VcpuExit.hlt)")
+        let plain = SystemError("KVM_RUN", errno: 14)
+        #expect(DemandPagingError.onVcpu(2, plain) == "vcpu 2: \(plain)")
+        #expect(DemandPagingError.onVcpu(12, DemandPagingError.unexpectedExit(vcpu: 1, exit: .hlt)).hasPrefix("vcpu 12: vcpu 1: "),
+                "another vCPU's name is not this one's")
+    }
+}
+
 @Suite("Migration plumbing")
 struct MigrationPlumbingTests {
     @Test func faultPathCPUParsesAndResolves() throws {

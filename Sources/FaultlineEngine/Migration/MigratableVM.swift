@@ -243,7 +243,7 @@ public final class MigratableVM: @unchecked Sendable {
                 }
             }
         } catch {
-            parking.withLock { if failure == nil { failure = "vcpu \(id): \(error)" } }
+            parking.withLock { if failure == nil { failure = DemandPagingError.onVcpu(id, error) } }
         }
     }
 
