@@ -98,18 +98,22 @@ void fl_sigbus_set_thread_resolver(fl_sigbus_resolver resolver, void *context) {
     tls_resolver = resolver;
 }
 
+/* The CPUs the process may use, less `cpu` when another is left (-1: none taken out). */
+static int cpus_avoiding(int cpu, cpu_set_t *set) {
+    CPU_ZERO(set);
+    if (sched_getaffinity(getpid(), sizeof(*set), set) != 0) return -1;
+    if (cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, set) && CPU_COUNT(set) > 1) CPU_CLR(cpu, set);
+    return 0;
+}
+
 int fl_thread_create(pthread_t *thread, size_t stack_size, int avoid_cpu, void *(*entry)(void *), void *arg) {
     pthread_attr_t attr;
     int rc = pthread_attr_init(&attr);
     if (rc) return rc;
     if (stack_size) pthread_attr_setstacksize(&attr, stack_size);
     cpu_set_t set;
-    CPU_ZERO(&set);
-    if (avoid_cpu >= 0 && avoid_cpu < CPU_SETSIZE && sched_getaffinity(getpid(), sizeof(set), &set) == 0
-        && CPU_ISSET(avoid_cpu, &set) && CPU_COUNT(&set) > 1) {
-        CPU_CLR(avoid_cpu, &set);
+    if (avoid_cpu >= 0 && cpus_avoiding(avoid_cpu, &set) == 0)
         pthread_attr_setaffinity_np(&attr, sizeof(set), &set);  /* best effort: started elsewhere, moved later */
-    }
     rc = pthread_create(thread, &attr, entry, arg);
     pthread_attr_destroy(&attr);
     return rc;
@@ -150,9 +154,7 @@ int fl_last_allowed_cpu(void) {
 
 int fl_thread_avoid_cpu(int tid, int cpu) {
     cpu_set_t set;
-    CPU_ZERO(&set);
-    if (sched_getaffinity(getpid(), sizeof(set), &set) != 0) return -1;
-    if (cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &set) && CPU_COUNT(&set) > 1) CPU_CLR(cpu, &set);
+    if (cpus_avoiding(cpu, &set) != 0) return -1;
     return sched_setaffinity(tid, sizeof(set), &set);
 }
 

@@ -31,8 +31,7 @@ final class FaultRequester: @unchecked Sendable {
         self.faultPathCPU = faultPathCPU
         stopEvent = try EventFD()
         vcpuEncoders = .allocate(capacity: max(book.vcpus, 1))
-        vcpuEncoders.initialize(repeating: WireEncoder(reservingCapacity: 4096), count: max(book.vcpus, 1))
-        for v in 0..<max(book.vcpus, 1) { vcpuEncoders[v] = WireEncoder(reservingCapacity: 4096) }  // one buffer each
+        for v in 0..<max(book.vcpus, 1) { (vcpuEncoders + v).initialize(to: WireEncoder(reservingCapacity: 4096)) }  // a buffer each
     }
 
     deinit {
