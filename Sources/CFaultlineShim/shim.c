@@ -152,6 +152,13 @@ int fl_last_allowed_cpu(void) {
     return -1;
 }
 
+int fl_allowed_cpu_count(void) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof(set), &set) != 0) return -1;
+    return CPU_COUNT(&set);
+}
+
 int fl_thread_avoid_cpu(int tid, int cpu) {
     cpu_set_t set;
     if (cpus_avoiding(cpu, &set) != 0) return -1;

@@ -30,6 +30,9 @@ public enum ThreadScheduling {
         return rc == 1
     }
 
+    /// How many CPUs this process may run on (at least 1).
+    public static func allowedCPUCount() -> Int { max(Int(fl_allowed_cpu_count()), 1) }
+
     /// The highest-numbered CPU the calling thread may run on, or nil.
     public static func lastAllowedCPU() -> Int32? {
         let cpu = fl_last_allowed_cpu()

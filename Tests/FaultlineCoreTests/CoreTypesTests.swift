@@ -206,6 +206,36 @@ struct CRCHardwareTests {
         #expect(pieces.value == long.withUnsafeBytes { CRC32C.softwareChecksum($0) })
         #expect(Array("123456789".utf8).withUnsafeBytes { CRC32C.checksum($0) } == 0xE306_9283)
     }
+
+    /// The folding path (AVX-512 VPCLMULQDQ, inputs of 256 bytes and more) against the crc32
+    /// instruction and the tables: every length from 240 to 600 (each step of its tail: 256-
+    /// byte blocks, 64- and 16-byte folds, 8-byte and single-byte ends), pages, and lengths
+    /// past several blocks, from unaligned starts, on random bytes and on runs of zeros and
+    /// ones (carry-less products of all-zero and all-one lanes).
+    @Test(.enabled(if: CRC32C.usesHardware, "the CPU has no SSE4.2 crc32 instruction"))
+    func foldingAgreesWithTheInstructionAndTheTables() {
+        var rng = SystemRandomNumberGenerator()
+        let lengths = Array(240...600) + [1023, 1024, 1025, 4095, 4096, 4097, 8191, 65_536 + 77]
+        let random = (0..<65_536 + 77 + 64).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        let patterns: [[UInt8]] = [random, [UInt8](repeating: 0, count: random.count), [UInt8](repeating: 0xFF, count: random.count)]
+        for bytes in patterns {
+            bytes.withUnsafeBytes { all in
+                for length in lengths {
+                    for offset in [0, 1, 13, 63] {
+                        let raw = UnsafeRawBufferPointer(rebasing: all[offset..<offset + length])
+                        let soft = CRC32C.softwareChecksum(raw)
+                        #expect(CRC32C.checksum(raw) == soft, "length \(length) at +\(offset)")
+                        #expect(CRC32C.instructionChecksum(raw) == soft, "length \(length) at +\(offset)")
+                    }
+                }
+            }
+        }
+        // A running register that is not the initial one enters the first block.
+        var pieces = CRC32C()
+        pieces.update(random[..<300])
+        pieces.update(random[300..<5000])
+        #expect(pieces.value == random[..<5000].withUnsafeBytes { CRC32C.softwareChecksum($0) })
+    }
 }
 
 @Suite struct Log2HistogramTests {

@@ -354,6 +354,8 @@ int fl_gettid(void);
 int fl_pin_current_thread(int cpu);
 /// The highest-numbered CPU the calling thread may run on, or -1.
 int fl_last_allowed_cpu(void);
+/// How many CPUs this process may run on (sched_getaffinity), or -1.
+int fl_allowed_cpu_count(void);
 /// The CPU the calling thread runs on (sched_getcpu).
 int fl_current_cpu(void);
 

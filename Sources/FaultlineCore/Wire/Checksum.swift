@@ -1,8 +1,9 @@
 import CFaultlineCRC
 
 /// CRC-32C (Castagnoli; reflected polynomial 0x82F63B78, initial value and final XOR
-/// 0xFFFFFFFF): the SSE4.2 instruction where the CPU has it, else in software: slice-by-8 (eight table lookups per 8 input bytes), run on four
-/// independent lanes at a time for inputs of 4 KiB and more.
+/// 0xFFFFFFFF): carry-less folding (AVX-512 VPCLMULQDQ) for long inputs and the SSE4.2
+/// instruction where the CPU has them, else in software: slice-by-8 (eight table lookups
+/// per 8 input bytes), run on four independent lanes at a time for inputs of 4 KiB and more.
 ///
 /// Use the static `checksum(_:)` for a single buffer, or a `CRC32C` value to checksum
 /// data that arrives in pieces: `update` it with each piece in order, then read `value`.
@@ -37,6 +38,17 @@ public struct CRC32C: Hashable, Sendable {
 
     /// Whether the SSE4.2 instruction is used (several times faster than the tables).
     public static let usesHardware = fl_crc32c_hw_available() != 0
+
+    /// Whether long inputs (256 bytes and more) are folded with AVX-512 VPCLMULQDQ: about
+    /// four times the crc32 instruction's speed on a 4 KiB page read from memory here.
+    public static let foldsWithCarrylessMultiply = usesHardware && fl_crc32c_folds() != 0
+
+    /// The crc32 instruction alone (no folding), where the CPU has it (for tests and comparison).
+    public static func instructionChecksum(_ bytes: UnsafeRawBufferPointer) -> UInt32? {
+        guard usesHardware else { return nil }
+        guard let base = bytes.baseAddress else { return 0 }
+        return ~fl_crc32c_lanes(0xFFFF_FFFF, base, bytes.count)
+    }
 
     /// The software implementation, whatever the CPU (for tests and comparison).
     public static func softwareChecksum(_ bytes: UnsafeRawBufferPointer) -> UInt32 {

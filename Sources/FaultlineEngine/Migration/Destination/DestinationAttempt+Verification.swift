@@ -16,10 +16,7 @@ extension DestinationAttempt {
         try machine.collectGuestWrites(into: written)
         let crc = UnsafeMutablePointer<UInt32>.allocate(capacity: layout.totalPages)
         defer { crc.deallocate() }
-        for page in 0..<layout.totalPages {
-            crc[page] = written.contains(page) ? table.receivedCRC[page]
-                : CRC32C.checksum(UnsafeRawBufferPointer(start: mapper.bytes(of: page), count: 4096))
-        }
+        readBack(into: crc, skipping: written)
         let writtenDuring = PageBitmap(count: layout.totalPages)
         try machine.collectGuestWrites(into: writtenDuring)
         writtenDuring.forEachSetPage { page in
@@ -34,6 +31,29 @@ extension DestinationAttempt {
         report.destinationDigest = digest
         report.digestMatch = digest == expected
     }
+
+    /// Each page's CRC32C, from memory, on every CPU this process may use (the vCPUs run at
+    /// their post-copy niceness meanwhile); a page the guest wrote takes the CRC it arrived
+    /// with. Split in contiguous slices, one per thread; the calling thread takes the first.
+    func readBack(into crc: UnsafeMutablePointer<UInt32>, skipping written: PageBitmap) {
+        let total = layout.totalPages
+        let slices = max(1, min(ThreadScheduling.allowedCPUCount(), Self.maxReadBackThreads, total / 4096))
+        let work = { [self] (slice: Int) in
+            for page in (total * slice / slices)..<(total * (slice + 1) / slices) {
+                crc[page] = written.contains(page) ? table.receivedCRC[page]
+                    : CRC32C.checksum(UnsafeRawBufferPointer(start: mapper.bytes(of: page), count: 4096))
+            }
+        }
+        var helpers: [OSThread] = []
+        for slice in 1..<slices {
+            if let t = try? OSThread(name: "read-back \(slice)", { work(slice) }) { helpers.append(t) }
+            else { work(slice) }  // no thread: this one reads the slice
+        }
+        work(0)
+        for t in helpers { t.join() }
+    }
+
+    static let maxReadBackThreads = 4
 
     // MARK: the yardstick
 
