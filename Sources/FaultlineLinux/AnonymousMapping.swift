@@ -14,9 +14,10 @@ public final class AnonymousMapping: @unchecked Sendable {
     public let label: String
 
     /// Maps `size` bytes, read-write. `populate` faults every page in now (MAP_POPULATE), so
-    /// later accesses never fault.
-    public init(size: Int, populate: Bool = false, label: String) throws(SystemError) {
-        let flags = MAP_PRIVATE | MAP_ANONYMOUS | (populate ? MAP_POPULATE : 0)
+    /// later accesses never fault. `reserve: false` (MAP_NORESERVE) for address space that
+    /// only ever holds pages moved into it.
+    public init(size: Int, populate: Bool = false, reserve: Bool = true, label: String) throws(SystemError) {
+        let flags = MAP_PRIVATE | MAP_ANONYMOUS | (populate ? MAP_POPULATE : 0) | (reserve ? 0 : MAP_NORESERVE)
         guard size > 0 else { throw SystemError("mmap \(label): size \(size)", errno: EINVAL) }
         let p = mmap(nil, size, PROT_READ | PROT_WRITE, flags, -1, 0)
         guard let p, p != MAP_FAILED else { throw SystemError("mmap \(label) \(size) bytes", errno: fl_errno()) }
@@ -33,5 +34,10 @@ public final class AnonymousMapping: @unchecked Sendable {
     /// `bytes` holds at least `size / 4096` bytes.
     public func residency(into bytes: UnsafeMutablePointer<UInt8>) throws(SystemError) {
         try queryResidency(base: base, length: size, into: bytes, label: label)
+    }
+
+    /// The same for `length` bytes from `offset` (both page-aligned).
+    public func residency(offset: Int, length: Int, into bytes: UnsafeMutablePointer<UInt8>) throws(SystemError) {
+        try queryResidency(base: base + offset, length: length, into: bytes, label: label)
     }
 }

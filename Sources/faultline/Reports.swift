@@ -107,6 +107,7 @@ extension DestinationReport {
             }.joined(separator: ",") + "]}",
             "\"installed_demand_pages\":\(demandPages)", "\"installed_background_pages\":\(backgroundPages)",
             "\"corrupt_pages_rejected\":\(corruptPagesRejected)", "\"destination_reconnects\":\(reconnects)",
+            "\"recycled_pages\":\(recycledPages)", "\"recycled_pages_reused\":\(recycledPagesReused)",
             "\"bytes_received\":\(bytesReceived)", "\"digest_match\":\(digestMatch)", "\"guest_check\":\(guestCheck)",
             "\"digest_seconds\":\(fmt(digestSeconds, 6))", "\"digest_pages_from_memory\":\(digestPagesFromMemory)",
             "\"digest_pages_guest_written\":\(digestPagesGuestWritten)", "\"postcopy\":\(postcopy)",

@@ -1,3 +1,4 @@
+import FaultlineLinux
 import Foundation
 import Testing
 #if canImport(Glibc)
@@ -15,6 +16,9 @@ let kvmUsable: Bool = {
 }()
 
 let isRoot = getuid() == 0
+
+/// Whether the kernel has UFFDIO_MOVE (destinations then keep dropped stale pages for reuse).
+let uffdMoveAvailable = (try? Userfaultfd.availableFeatures().contains(.move)) == true
 
 /// HugePages_Free from /proc/meminfo; nil where it cannot be read.
 let freeHugePages: Int? = {

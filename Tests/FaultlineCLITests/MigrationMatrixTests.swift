@@ -23,6 +23,15 @@ struct MigrationMatrixTests {
         #expect(j?["guest_check"] as? Bool == true)
         #expect((j?["digest_pages_from_memory"] as? Int ?? 0) > 0, "the digest is read back from destination memory")
         #expect((j?["passes_after_migration"] as? Int ?? 0) > 0, "the guest kept running on the destination")
+        // The dirtier rewrites pages after each round: their stale copies are dropped and
+        // sent again. MISSING-based modes keep the dropped pages (UFFDIO_MOVE) and reuse them.
+        let kept = j?["recycled_pages"] as? Int ?? -1, reused = j?["recycled_pages_reused"] as? Int ?? -1
+        if mode != "uffd-minor" && rounds > 0 && workload == "dirtier" && uffdMoveAvailable {
+            #expect(kept > 0 && reused > 0, "stale pages kept \(kept), reused \(reused)")
+        } else if mode == "uffd-minor" || !uffdMoveAvailable {
+            #expect(kept == 0 && reused == 0, "no page is kept without MOVE on anonymous memory")
+        }
+        #expect(reused <= kept)
     }
 
     @Test(arguments: ["selfcheck", "dirtier"])

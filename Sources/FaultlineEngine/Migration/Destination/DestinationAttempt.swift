@@ -302,6 +302,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         report.faults = book.faults.load(ordering: .relaxed)
         report.vcpuExitFaults = vcpuExitFaults.load(ordering: .relaxed)
         report.corruptPagesRejected = installer.corruptCount.load(ordering: .relaxed)
+        (report.recycledPages, report.recycledPagesReused) = mapper.recycledPages
         report.bytesReceived = bytesFromClosedChannels + bulk.bytesReceived + fault.bytesReceived
         report.faultLatencyMicroseconds = book.latencyMicroseconds
         report.vcpuStallMilliseconds = book.stallMilliseconds

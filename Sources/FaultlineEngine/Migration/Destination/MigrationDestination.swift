@@ -95,6 +95,9 @@ public struct DestinationReport: Sendable {
     /// Pages asked for per fault (``DestinationOptions/faultAround``).
     public var faultAround = 1
     public var corruptPagesRejected = 0
+    /// Stale pages kept (moved out, not freed) when dropped, and how many took a new copy.
+    public var recycledPages = 0
+    public var recycledPagesReused = 0
     public var reconnects = 0
     public var bytesReceived: UInt64 = 0
     public var faultLatencyMicroseconds: (p50: Double, p90: Double, p99: Double, max: Double) = (0, 0, 0, 0)

@@ -29,9 +29,14 @@ public protocol PageMapper: AnyObject, Sendable {
     func disarmFaults()
     /// The page's bytes as guest memory holds them (reading them must not fault).
     func bytes(of page: Int) -> UnsafeRawPointer
+    /// Stale pages kept when dropped, and how many of them took a new copy (0 where pages
+    /// are not recycled).
+    var recycledPages: (kept: Int, reused: Int) { get }
 }
 
 extension PageMapper {
+    public var recycledPages: (kept: Int, reused: Int) { (0, 0) }
+
     public func storeRun(first page: Int, count: Int, data: UnsafeRawPointer) throws {
         for i in 0..<count { try store(page + i, bytes: data + i * 4096) }
     }

@@ -29,6 +29,9 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
     /// guest memory; a discarded page is marked missing again. The userfaultfd behind it
     /// (MISSING, no SIGBUS) catches accesses that do not come from a vCPU.
     let userfault: PageBitmap?
+    /// MISSING-based modes on anonymous RAM where the kernel has UFFDIO_MOVE: dropped stale
+    /// pages are kept for their replacements (see ``RecycledPages``). Set by `armFaults`.
+    private(set) var recycler: RecycledPages?
 
     init(vm: MigratableVM, faultMode: FaultMode, topology: UffdTopology, pool: DestinationPool?, writeLog: PageBitmap? = nil) {
         self.vm = vm
@@ -103,6 +106,18 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         guard faultMode != .uffdMinor else { return }  // MINOR: the file copy is overwritten before CONTINUE maps it
         let ram = pages.clamped(to: layout.lowPages..<layout.totalPages)
         guard !ram.isEmpty else { return }
+        if let recycler, armed {
+            // One userfaultfd's slice at a time: a move stays within one registration.
+            var first = ram.lowerBound
+            while first < ram.upperBound {
+                let index = (first - layout.lowPages) / pagesPerUffd
+                guard index < uffds.count else { break }
+                let end = min(ram.upperBound, layout.lowPages + (index + 1) * pagesPerUffd)
+                recycler.recycle((first - layout.lowPages)..<(end - layout.lowPages), ramBase: vm.ram.hostAddress, uffd: uffds[index])
+                first = end
+            }
+        }
+        // Always: whatever the moves left behind is dropped (a stale page must never stay).
         try vm.ram.discard(offset: ramOffset(ram.lowerBound), length: UInt64(ram.count) * 4096)
         if let userfault { for page in ram { userfault.remove(page - layout.lowPages) } }  // vCPUs exit there again
     }
@@ -120,10 +135,15 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         if writeLog != nil { mode.insert(.writeProtect) }
         let count = topology == .perVcpu && faultMode != .vcpuExit ? layout.vcpus : 1
         pagesPerUffd = layout.ramPages / count
+        let recycling = faultMode != .uffdMinor && writeLog == nil && pool == nil && vm.ram.backing == .anonymous
+            && (try? Userfaultfd.availableFeatures().contains(.move)) == true
+        recycler = recycling ? RecycledPages(ramPages: layout.ramPages) : nil
         for i in 0..<count {
-            let u = try Userfaultfd(required: features.union(pool != nil ? [.move] : []), label: "uffd \(i)")
+            let u = try Userfaultfd(required: features.union(pool != nil || recycler != nil ? [.move] : []), label: "uffd \(i)")
             try u.register(start: vm.ram.hostAddress.adding(UInt64(i * pagesPerUffd) * 4096)!,
                            length: UInt64(pagesPerUffd) * 4096, mode: mode)
+            do { try recycler?.register(first: i * pagesPerUffd, count: pagesPerUffd, with: u) }
+            catch { recycler = nil }  // stale pages are then dropped, as without MOVE
             uffds.append(u)
         }
         armed = true
@@ -164,6 +184,16 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
             if let data, fromPool {
                 outcome = try uffd.move(to: destination, from: HostAddress(data), length: length, dontWake: dontWake,
                                         skippingPresent: 4096)
+            } else if let data, !demand, let recycler, let slot = recycler.take(first: page - layout.lowPages, count: count) {
+                // The run's stale pages were kept: write the bytes into them and move them back.
+                slot.copyMemory(from: data, byteCount: count * 4096)
+                do {
+                    outcome = try uffd.move(to: destination, from: HostAddress(slot), length: length, dontWake: dontWake,
+                                            skippingPresent: 4096)
+                } catch {
+                    // A page the kernel would not move (pinned, say): copy what is still missing.
+                    outcome = try uffd.copy(to: destination, from: data, length: length, dontWake: dontWake, skippingPresent: 4096)
+                }
             } else if let data {
                 outcome = try uffd.copy(to: destination, from: data, length: length, dontWake: dontWake,
                                         writeProtect: writeLog != nil, skippingPresent: 4096)
@@ -200,6 +230,11 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
     }
 
     public func bytes(of page: Int) -> UnsafeRawPointer { UnsafeRawPointer(vm.pagePointer(page)) }
+
+    public var recycledPages: (kept: Int, reused: Int) {
+        guard let recycler else { return (0, 0) }
+        return (recycler.recycled.load(ordering: .relaxed), recycler.reused.load(ordering: .relaxed))
+    }
 }
 
 /// Pre-populated private pages for MISSING-mode installs (see ``UffdPageMapper``), kept
