@@ -19,12 +19,19 @@ enum UffdMove {
 
 @Suite("Recycled stale pages (userfaultfd MOVE)", .timeLimit(.minutes(2)), .enabled(if: UffdMove.unavailable == nil, UffdMove.reason))
 struct RecycledPagesTests {
-
-    @Test func keepsMovedPagesSkipsHolesAndMovesThemBack() throws {
-        let pages = 32
+    /// "Guest RAM" of `pages` registered MISSING with a MOVE-capable userfaultfd, and its recycler.
+    func registered(pages: Int) throws -> (AnonymousMapping, Userfaultfd, RecycledPages) {
         let ram = try AnonymousMapping(size: pages * 4096, label: "test ram")
         let uffd = try Userfaultfd(required: [.move], flags: [.nonBlocking, .userModeOnly], label: "test uffd")
         try uffd.register(start: ram.hostAddress, length: UInt64(pages * 4096), mode: .missing)
+        let recycler = try #require(RecycledPages(ramPages: pages))
+        try recycler.register(first: 0, count: pages, with: uffd)
+        return (ram, uffd, recycler)
+    }
+
+    @Test func keepsMovedPagesSkipsHolesAndMovesThemBack() throws {
+        let pages = 32
+        let (ram, uffd, recycler) = try registered(pages: pages)
         let zeros = [UInt8](repeating: 0, count: 4096)
         // Pages 0..<24 hold their index; 24..<32 are holes (never installed).
         for p in 0..<24 {
@@ -35,8 +42,6 @@ struct RecycledPagesTests {
                 try uffd.copy(to: ram.hostAddress.adding(UInt64(p * 4096))!, from: $0.baseAddress!, length: 4096)
             }
         }
-        let recycler = try #require(RecycledPages(ramPages: pages))
-        try recycler.register(first: 0, count: pages, with: uffd)
         recycler.recycle(8..<32, ramBase: ram.hostAddress, uffd: uffd)
         #expect(recycler.recycled.load(ordering: .relaxed) == 16, "pages 8..<24 were kept; 24..<32 were holes")
 
@@ -63,13 +68,9 @@ struct RecycledPagesTests {
 
     @Test func aSlotStillHoldingAPageIsNotOverwritten() throws {
         let pages = 8
-        let ram = try AnonymousMapping(size: pages * 4096, label: "test ram")
-        let uffd = try Userfaultfd(required: [.move], flags: [.nonBlocking, .userModeOnly], label: "test uffd")
-        try uffd.register(start: ram.hostAddress, length: UInt64(pages * 4096), mode: .missing)
+        let (ram, uffd, recycler) = try registered(pages: pages)
         var bytes = [UInt8](repeating: 7, count: 4096)
         _ = try bytes.withUnsafeBytes { try uffd.copy(to: ram.hostAddress, from: $0.baseAddress!, length: 4096) }
-        let recycler = try #require(RecycledPages(ramPages: pages))
-        try recycler.register(first: 0, count: pages, with: uffd)
         recycler.recycle(0..<1, ramBase: ram.hostAddress, uffd: uffd)
         // The page comes back (as a new copy would have it) and is dropped again before its
         // slot was taken: the move stops at the occupied slot, the page stays in RAM (the
