@@ -142,7 +142,7 @@ struct Demo: ParsableCommand {
             var options = MigrationOptions(destination: target, migration: migration, progress: !json,
                                            faultPathCPU: faultCPU, injection: injection)
             if let plan, plan.path == .stopAndCopy { options.immediateStopAndCopy = plan.reason }
-            if needsAFault { options.holdStreamUntilDemandPages = 1 }
+            if needsAFault { options.holdStreamUntilDemandPages = max(options.holdStreamUntilDemandPages ?? 0, 1) }
             let terminateChild = {
                 printChaos()
                 if child.isRunning { child.terminate() }

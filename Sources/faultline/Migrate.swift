@@ -40,6 +40,9 @@ struct SourceFaultInjection: ParsableArguments {
     @Flag(name: .customLong("inject-corrupt-precopy-page"), help: .hidden) var corruptPrecopyPage = false
     @Flag(name: .customLong("inject-missed-dirty-page"), help: .hidden) var missDirtyPage = false
     @Flag(name: .customLong("inject-protocol-violation"), help: .hidden) var protocolViolation = false
+    /// Post-copy's background stream waits (at most 10 s) until this many pages were served on
+    /// demand: a test of the demand path then takes it whatever the timing.
+    @Option(name: .customLong("inject-hold-stream-until-demand-pages"), help: .hidden) var holdStreamUntilDemandPages: Int?
 }
 
 /// How the source migrates: pre-copy, convergence, retries. Shared by `run` and `demo`.
@@ -76,6 +79,7 @@ extension MigrationOptions {
         corruptOnePrecopyPage = injection.corruptPrecopyPage
         missOneDirtyPage = injection.missDirtyPage
         violateProtocolAfterCommit = injection.protocolViolation
+        holdStreamUntilDemandPages = injection.holdStreamUntilDemandPages
     }
 }
 

@@ -71,6 +71,7 @@ extension DestinationReport {
                 + switchoverParts.map { "\($0.name) \(ms($0.milliseconds))" }.joined(separator: ", "),
             "  post-copy             \(fmt(postcopySeconds, 3)) s: \(demandPages) pages on demand, \(backgroundPages) in background, \(zeroPages) zero",
             "  pre-copy pages        \(precopyPages)",
+            "  stale pages kept      \(recycledPages), \(recycledPagesReused) reused for their new copies",
             "  faults                \(faults)\(vcpuExitMechanism.map { " (\(vcpuExitFaults) as vCPU exits via \($0.rawValue))" } ?? ""), up to \(faultAround) pages each, latency p50 \(fmt(l.p50, 1)) us, p90 \(fmt(l.p90, 1)) us, p99 \(fmt(l.p99, 1)) us, max \(fmt(l.max, 1)) us",
             "  fault latency (log2)  " + faultLatencyLog2.enumerated().filter { $0.element > 0 }
                 .map { "[\(1 << $0.offset), \(2 << $0.offset)) us: \($0.element)" }.joined(separator: ", "),
