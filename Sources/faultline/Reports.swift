@@ -18,7 +18,7 @@ extension SourceReport {
             "    round \(i + 1)             \(r.pages) pages (\(r.dataPages) with data) in \(fmt(r.seconds, 3)) s; \(r.dirtyAfter) dirtied meanwhile"
         } + [
             "  post-copy             \(demandPages) on demand, \(backgroundPages) in background, \(zeroPages) zero pages",
-            "  fault requests        \(faultRequests)",
+            "  fault requests        \(faultRequests) (\(faultRequestsForSentPages) for pages the stream had sent already)",
             "  bytes on the wire     \(bytesSent) (\(fmt(throughputMBps, 1)) MB/s in post-copy)",
             "  reconnects            \(reconnects)",
             "  digest                0x\(String(digest, radix: 16)) - confirmed by the destination",
@@ -35,6 +35,7 @@ extension SourceReport {
         var f = [
             "\"total_seconds\":\(fmt(totalSeconds, 6))", "\"downtime_ms\":\(fmt(downtimeMilliseconds, 3))",
             "\"precopy_rounds\":\(precopyRounds.count)", "\"precopy_pages\":\(precopyPages)", "\"demand_pages\":\(demandPages)",
+            "\"fault_requests\":\(faultRequests)", "\"fault_requests_for_sent_pages\":\(faultRequestsForSentPages)",
             "\"precopy\":[" + precopyRounds.map {
                 "{\"pages\":\($0.pages),\"data_pages\":\($0.dataPages),\"seconds\":\(fmt($0.seconds, 6)),\"dirty_after\":\($0.dirtyAfter),\"cut_short\":\($0.cutShort)}"
             }.joined(separator: ",") + "]",

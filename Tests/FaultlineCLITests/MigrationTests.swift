@@ -57,9 +57,11 @@ struct MigrationTests {
         #expect(j?["guest_mismatches"] as? Int == 0)
         #expect((j?["passes_after_migration"] as? Int ?? 0) > 0, "the guest kept running on the destination")
         for key in ["total_seconds", "downtime_ms", "precopy_pages", "demand_pages", "background_pages", "zero_pages",
-                    "bytes_sent", "faults", "fault_latency_us", "fault_mode", "fault_mode_reason"] {
+                    "bytes_sent", "faults", "fault_latency_us", "fault_mode", "fault_mode_reason", "fault_requests",
+                    "fault_requests_for_sent_pages", "recycled_pages", "recycled_pages_reused"] {
             #expect(j?[key] != nil, "missing \(key)")
         }
+        #expect((j?["fault_requests_for_sent_pages"] as? Int ?? 0) <= (j?["fault_requests"] as? Int ?? 0))
         let reason = j?["fault_mode_reason"] as? String ?? ""
         let expectedPrefix = args.contains("--fault-mode") ? "requested" : "auto: "
         #expect(reason.hasPrefix(expectedPrefix), "\(reason)")

@@ -12,6 +12,9 @@ final class FaultServer: @unchecked Sendable {
     let failures: FailureSlot
     let demandServed = ManagedAtomic<Int>(0)
     let requests = ManagedAtomic<Int>(0)
+    /// Requests whose page the background stream had sent already (in flight or queued at the
+    /// destination when the vCPU touched it): how much of a fault storm is pages in transit.
+    let requestsForSentPages = ManagedAtomic<Int>(0)
     /// The fault connection is gone (the stream notices and reconnects).
     let broken = ManagedAtomic<Bool>(false)
     private var thread: OSThread?
@@ -40,6 +43,7 @@ final class FaultServer: @unchecked Sendable {
                         guard first < UInt64(total), count >= 1 else {
                             throw MigrationError.protocolViolation("page request for \(first)+\(count) outside guest memory (\(total) pages)")
                         }
+                        if done.contains(Int(first)) { requestsForSentPages.wrappingIncrement(ordering: .relaxed) }
                         encoder.beginPages(pageSize: 4096, replyingTo: requestID)
                         let end = min(first &+ UInt64(count), UInt64(total))
                         // The requested page and the rest of the destination's fault-around

@@ -103,6 +103,8 @@ public struct SourceReport: Sendable {
     public var bytesSent: UInt64 = 0
     public var nonZeroBytes: UInt64 = 0
     public var faultRequests = 0
+    /// Of those, requests for a page the stream had already sent.
+    public var faultRequestsForSentPages = 0
     public var reconnects = 0
     public var digest: UInt64 = 0
     public var postcopySeconds = 0.0

@@ -114,6 +114,7 @@ public final class MigrationSource: @unchecked Sendable {
         report.demandPages = faultServer.demandServed.load(ordering: .relaxed)
         report.zeroPages = sender.zeroCount.load(ordering: .relaxed)
         report.faultRequests = faultServer.requests.load(ordering: .relaxed)
+        report.faultRequestsForSentPages = faultServer.requestsForSentPages.load(ordering: .relaxed)
         report.bytesSent = bytesFromClosedChannels + bulk.bytesSent + fault.bytesSent
         let tEnd = MonotonicClock.nanoseconds()
         report.postcopySeconds = Double(tEnd - tRunning) / 1e9
