@@ -154,8 +154,7 @@ int fl_last_allowed_cpu(void) {
 
 int fl_allowed_cpu_count(void) {
     cpu_set_t set;
-    CPU_ZERO(&set);
-    if (sched_getaffinity(0, sizeof(set), &set) != 0) return -1;
+    if (cpus_avoiding(-1, &set) != 0) return -1;
     return CPU_COUNT(&set);
 }
 

@@ -158,6 +158,11 @@ public final class Userfaultfd: @unchecked Sendable {
         return UffdFeatures(rawValue: api.features)
     }
 
+    /// Whether this kernel offers `feature` (false also where no userfaultfd can be opened).
+    public static func kernelOffers(_ feature: UffdFeatures) -> Bool {
+        (try? availableFeatures().contains(feature)) == true
+    }
+
     /// UFFDIO_REGISTER; returns the ioctl mask the range supports.
     @discardableResult
     public func register(start: HostAddress, length: UInt64, mode: UffdRegisterMode) throws(SystemError) -> UInt64 {

@@ -18,7 +18,7 @@ let kvmUsable: Bool = {
 let isRoot = getuid() == 0
 
 /// Whether the kernel has UFFDIO_MOVE (destinations then keep dropped stale pages for reuse).
-let uffdMoveAvailable = (try? Userfaultfd.availableFeatures().contains(.move)) == true
+let uffdMoveAvailable = Userfaultfd.kernelOffers(.move)
 
 /// HugePages_Free from /proc/meminfo; nil where it cannot be read.
 let freeHugePages: Int? = {

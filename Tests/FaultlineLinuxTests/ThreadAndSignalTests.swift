@@ -27,6 +27,12 @@ struct ThreadAndSignalTests {
         #expect(seen.tid > 0 && seen.tid != ThreadScheduling.currentThreadID())
     }
 
+    @Test func theAllowedCPUsCountIncludesTheLastOne() {
+        let count = ThreadScheduling.allowedCPUCount()
+        #expect(count >= 1)
+        if let last = ThreadScheduling.lastAllowedCPU() { #expect(count <= Int(last) + 1) }
+    }
+
     @Test func nicenessIsPerThread() throws {
         let seen = Seen()
         let thread = try OSThread(name: "nice", niceness: 5) {

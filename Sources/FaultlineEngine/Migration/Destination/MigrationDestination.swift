@@ -149,7 +149,7 @@ public final class MigrationDestination: @unchecked Sendable {
     /// MISSING-based modes: a pool as large as guest RAM, populated before the source pauses.
     func preparePool(ramBytes: UInt64) {
         guard options.machineFactory == nil, options.faultMode != .uffdMinor, options.usePool,
-              (try? Userfaultfd.availableFeatures().contains(.move)) == true else { return }
+              Userfaultfd.kernelOffers(.move) else { return }
         // Room for every RAM page plus the partly used chunks of two installer threads.
         let pages = Int(ramBytes / 4096) + 8 * PageInstaller.PoolCursor.chunkPages
         if let pool, pool.pages >= pages, pool.used == 0 { return }

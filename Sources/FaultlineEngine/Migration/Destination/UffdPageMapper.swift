@@ -136,7 +136,7 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         let count = topology == .perVcpu && faultMode != .vcpuExit ? layout.vcpus : 1
         pagesPerUffd = layout.ramPages / count
         let recycling = faultMode != .uffdMinor && writeLog == nil && pool == nil && vm.ram.backing == .anonymous
-            && (try? Userfaultfd.availableFeatures().contains(.move)) == true
+            && Userfaultfd.kernelOffers(.move)
         recycler = recycling ? RecycledPages(ramPages: layout.ramPages) : nil
         for i in 0..<count {
             let u = try Userfaultfd(required: features.union(pool != nil || recycler != nil ? [.move] : []), label: "uffd \(i)")
