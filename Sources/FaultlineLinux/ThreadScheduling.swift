@@ -30,6 +30,9 @@ public enum ThreadScheduling {
         return rc == 1
     }
 
+    /// Gives the CPU up to another runnable thread (a short wait for another thread's step).
+    public static func yield() { _ = sched_yield() }
+
     /// How many CPUs this process may run on (at least 1).
     public static func allowedCPUCount() -> Int { max(Int(fl_allowed_cpu_count()), 1) }
 

@@ -83,6 +83,13 @@ extension DestinationAttempt {
         if table.installed.contains(page) { return }
         vcpuExitFaults.wrappingIncrement(ordering: .relaxed)
         let t0 = MonotonicClock.nanoseconds()
+        // Staged already (the stream brought it; the installer has not reached it): map it now.
+        if let pipeline, try pipeline.resolveStaged(page) {
+            let now = MonotonicClock.nanoseconds()
+            book.noteResolvedWithoutRequest(page, vcpu: vcpu, faultTime: t0, now: now)
+            book.addStall(vcpu: vcpu, nanoseconds: now &- t0)
+            return
+        }
         requester.requestFromVcpu(page, vcpu: vcpu, time: t0)
         while !table.installed.contains(page) && !stopping.load(ordering: .relaxed) && failures.failure == nil {
             waiters.wait(timeoutNanoseconds: 50_000_000) {

@@ -106,6 +106,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         pipeline = try InstallPipeline(installer: installer, depth: options.faultMode == .uffdMinor ? 2 : 8, scratchPages: 256,
                                        runPages: bulkRunPages, installers: 1,
                                        onFailure: { [failures] in failures.record("installer", $0) })
+        if let pipeline, pipeline.staged != nil { requester.resolveStaged = { [pipeline] in try pipeline.resolveStaged($0) } }
     }
 
     /// A fault-path thread failed: tell the source why (best effort) and wake the main loop.
@@ -302,6 +303,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         report.faults = book.faults.load(ordering: .relaxed)
         report.vcpuExitFaults = vcpuExitFaults.load(ordering: .relaxed)
         report.corruptPagesRejected = installer.corruptCount.load(ordering: .relaxed)
+        report.pagesInstalledFromStaging = installer.stagedFaultCount.load(ordering: .relaxed)
         (report.recycledPages, report.recycledPagesReused) = mapper.recycledPages
         report.bytesReceived = bytesFromClosedChannels + bulk.bytesReceived + fault.bytesReceived
         report.faultLatencyMicroseconds = book.latencyMicroseconds

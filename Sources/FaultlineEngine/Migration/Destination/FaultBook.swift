@@ -84,20 +84,38 @@ final class FaultBook: @unchecked Sendable {
         let asked = requestTime[page]
         guard asked != 0 else { return }
         let waited = now &- asked
-        latency.withLock { _ = $0.record(waited) }
         let v = Int(requestVcpu[page])
+        recordWait(waited, vcpu: v)
+        if waited >= Self.slowNanoseconds {
+            let sent = sentTime[page], reply = replyTime[page]
+            keepSlow(SlowFault(sinceFirstFault: asked &- origin.load(ordering: .relaxed), waited: waited, vcpu: Int32(v), page: page,
+                               untilSent: sent >= asked ? sent &- asked : nil,
+                               untilReply: reply >= asked ? reply &- asked : nil, byReply: byReply))
+        }
+    }
+
+    /// A fault resolved where it was caught, with no request (its page was staged here):
+    /// counted, and its wait recorded, like any other.
+    func noteResolvedWithoutRequest(_ page: Int, vcpu: Int, faultTime: UInt64, now: UInt64) {
+        _ = origin.compareExchange(expected: 0, desired: faultTime, ordering: .relaxed)
+        faults.wrappingIncrement(ordering: .relaxed)
+        let waited = now &- faultTime
+        recordWait(waited, vcpu: vcpu)
+        if waited >= Self.slowNanoseconds {
+            keepSlow(SlowFault(sinceFirstFault: faultTime &- origin.load(ordering: .relaxed), waited: waited, vcpu: Int32(vcpu),
+                               page: page, untilSent: nil, untilReply: nil, byReply: false))
+        }
+    }
+
+    private func keepSlow(_ fault: SlowFault) {
+        let i = slowCount.loadThenWrappingIncrement(ordering: .relaxed)
+        if i < Self.slowKept { slowRecords[i] = fault }
+    }
+
+    private func recordWait(_ waited: UInt64, vcpu v: Int) {
+        latency.withLock { _ = $0.record(waited) }
         latencyLog2.record(nanoseconds: waited, vcpu: v)
         if v >= 0 && v < vcpus && !vcpusAccountOwnStall { addStall(vcpu: v, nanoseconds: waited) }
-        if waited >= Self.slowNanoseconds {
-            let i = slowCount.loadThenWrappingIncrement(ordering: .relaxed)
-            if i < Self.slowKept {
-                let sent = sentTime[page], reply = replyTime[page]
-                slowRecords[i] = SlowFault(sinceFirstFault: asked &- origin.load(ordering: .relaxed), waited: waited,
-                                           vcpu: Int32(v), page: page,
-                                           untilSent: sent >= asked ? sent &- asked : nil,
-                                           untilReply: reply >= asked ? reply &- asked : nil, byReply: byReply)
-            }
-        }
     }
 
     /// One fault that waited at least ``slowNanoseconds``, and where the wait went: until its

@@ -22,6 +22,9 @@ final class FaultRequester: @unchecked Sendable {
     // A requester thread in between cost a wake-up on the fault-path CPU per fault, and that
     // wake-up now and then waited a millisecond for the CPU (docs/benchmarks.md, session 7).
     private let vcpuEncoders: UnsafeMutablePointer<WireEncoder>
+    /// Maps a page the stream staged already, from the staged bytes (true), so that no request
+    /// is sent for it (``InstallPipeline/resolveStaged(_:)``). Set before the readers start.
+    var resolveStaged: ((Int) throws -> Bool)?
 
     init(table: DestinationPageTable, book: FaultBook, failures: FailureSlot, faultPathCPU: Int32?, faultAround: Int = 1) throws {
         self.faultAround = max(faultAround, 1)
@@ -119,7 +122,13 @@ final class FaultRequester: @unchecked Sendable {
                         try mapper.wake(page)  // installed meanwhile: do not leave the faulting thread asleep
                         continue
                     }
-                    request(page, vcpu: vcpuForThread(tid), encoder: &encoder)
+                    let faultTime = MonotonicClock.nanoseconds()
+                    if let resolveStaged, try resolveStaged(page) {  // the mapping woke the faulting thread
+                        book.noteResolvedWithoutRequest(page, vcpu: vcpuForThread(tid), faultTime: faultTime,
+                                                        now: MonotonicClock.nanoseconds())
+                        continue
+                    }
+                    request(page, vcpu: vcpuForThread(tid), faultTime: faultTime, encoder: &encoder)
                 }
             }
         } catch {

@@ -27,6 +27,10 @@ final class InstallPipeline: @unchecked Sendable {
     private var pool = PageInstaller.PoolCursor()
     private var threads: [OSThread] = []
     private let onFailure: (Error) -> Void
+    /// Post-copy in MISSING modes: where each staged page is, for the fault path
+    /// (``resolveStaged(_:)``). MINOR installs are exclusive: a fault there waits for the
+    /// installer that claimed its page.
+    let staged: StagedPages?
 
     /// `depth` scratches of `scratchPages` pages each; `installers` mapping threads (pre-copy:
     /// always one, since a later copy of a page must win).
@@ -36,7 +40,8 @@ final class InstallPipeline: @unchecked Sendable {
         self.installer = installer
         self.runPages = runPages
         self.onFailure = onFailure
-        scratches = (0..<max(depth, 1)).map { _ in PageInstaller.Scratch(pages: scratchPages) }
+        scratches = (0..<max(depth, 1)).map { PageInstaller.Scratch(pages: scratchPages, index: $0) }
+        staged = stage == .postcopy && !installer.exclusiveInstalls ? StagedPages(pages: installer.table.count) : nil
         free = Array(scratches.indices)
         queued.reserveCapacity(scratches.count)
         for i in 0..<(stage == .precopy ? 1 : max(installers, 1)) {
@@ -69,12 +74,53 @@ final class InstallPipeline: @unchecked Sendable {
             if scratch.isEmpty {
                 condition.withLock { free.append(index) }
             } else {
+                if let staged {
+                    do { try publish(scratch, in: staged) } catch {
+                        unclaim(scratch)
+                        scratch.reset()
+                        condition.withLock { free.append(index) }
+                        throw error
+                    }
+                }
                 // A page a vCPU waits for goes ahead of the rest.
                 condition.withLock { if scratch.urgent { queued.insert(index, at: 0) } else { queued.append(index) } }
                 condition.broadcast()
             }
             if finished { return }
         }
+    }
+
+    /// Makes the staged pages of `scratch` findable by the fault path. Pages a vCPU already
+    /// waits for are installed here and now: each would otherwise wait behind the runs queued
+    /// ahead of its scratch, or for the source's reply to a request its stream had answered.
+    private func publish(_ scratch: PageInstaller.Scratch, in staged: StagedPages) throws {
+        let generation = scratch.generation.load(ordering: .relaxed)
+        for run in scratch.runs where run.count > 0 && !run.inPool && run.first >= installer.lowPages {
+            let slot = run.zero ? 0 : (run.data - scratch.staging) / 4096
+            for i in 0..<run.count {
+                staged.publish(run.first + i, .init(scratch: scratch.index, generation: generation, slot: run.zero ? 0 : slot + i,
+                                                    zero: run.zero), crc: scratch.crc[run.crcStart + i])
+            }
+        }
+        guard scratch.urgent else { return }
+        for run in scratch.runs where !run.inPool && run.first >= installer.lowPages {
+            for page in run.first..<(run.first + run.count) where installer.book.requested.contains(page) && !installer.table.installed.contains(page) {
+                _ = try resolveStaged(page)
+            }
+        }
+    }
+
+    /// The fault path: if `page` is staged (verified, claimed by the bulk installer, not
+    /// mapped yet), maps it from the staged bytes and returns true. The scratch is pinned
+    /// meanwhile, so it cannot be refilled under the copy.
+    func resolveStaged(_ page: Int) throws -> Bool {
+        guard let staged, let (entry, crc) = staged.lookup(page), entry.scratch < scratches.count else { return false }
+        let scratch = scratches[entry.scratch]
+        scratch.pins.wrappingIncrement(ordering: .sequentiallyConsistent)
+        defer { scratch.pins.wrappingDecrement(ordering: .sequentiallyConsistent) }
+        guard scratch.generation.load(ordering: .sequentiallyConsistent) == entry.generation else { return false }
+        try installer.installStaged(page, data: entry.zero ? nil : UnsafeRawPointer(scratch.staging + entry.slot * 4096), crc: crc)
+        return true
     }
 
     /// Waits until every staged page is mapped; throws the installers' failure, if any.
@@ -98,7 +144,9 @@ final class InstallPipeline: @unchecked Sendable {
     }
 
     private func unclaim(_ scratch: PageInstaller.Scratch) {
-        for run in scratch.runs { for i in 0..<run.count { installer.table.unclaim(run.first + i) } }
+        for run in scratch.runs {
+            for i in 0..<run.count where !installer.table.installed.contains(run.first + i) { installer.table.unclaim(run.first + i) }
+        }
     }
 
     private func takeFree() throws -> Int {

@@ -95,6 +95,9 @@ public struct DestinationReport: Sendable {
     /// Pages asked for per fault (``DestinationOptions/faultAround``).
     public var faultAround = 1
     public var corruptPagesRejected = 0
+    /// Pages the bulk stream had staged and a fault (or the receiver, for a page a vCPU was
+    /// waiting for) mapped from the staged bytes, with no request to the source.
+    public var pagesInstalledFromStaging = 0
     /// Stale pages kept (moved out, not freed) when dropped, and how many took a new copy.
     public var recycledPages = 0
     public var recycledPagesReused = 0

@@ -19,6 +19,8 @@ final class PageInstaller: @unchecked Sendable {
     let zeroCount = ManagedAtomic<Int>(0)
     let precopyCount = ManagedAtomic<Int>(0)
     let corruptCount = ManagedAtomic<Int>(0)
+    /// Background pages a fault found staged and installed itself (``installStaged``).
+    let stagedFaultCount = ManagedAtomic<Int>(0)
     /// Called after pages were installed (vcpu-exit wakes its waiting vCPUs).
     var afterBatch: (() -> Void)?
     /// Test hook: after this page is installed, damage one byte of it in guest memory.
@@ -131,8 +133,14 @@ final class PageInstaller: @unchecked Sendable {
         /// A vCPU waits for a page of this scratch: map it without delay.
         var urgent = false
         var pool = PoolCursor()
-        init(pages: Int) {
+        /// Its place in a pipeline (``StagedPages`` entries name it), and how many times it has
+        /// been retired; a fault-path thread copying from it holds a pin.
+        let index: Int
+        let generation = ManagedAtomic<UInt32>(0)
+        let pins = ManagedAtomic<Int>(0)
+        init(pages: Int, index: Int = 0) {
             self.pages = pages
+            self.index = index
             staging = .allocate(byteCount: pages * 4096, alignment: 4096)
             crc = []
             crc.reserveCapacity(pages)
@@ -142,7 +150,14 @@ final class PageInstaller: @unchecked Sendable {
         deinit { staging.deallocate() }
         var isEmpty: Bool { runs.isEmpty }
         var hasRoom: Bool { used < pages }
+        /// Ends the life of what is staged: ``StagedPages`` entries that name it stop matching,
+        /// and a fault-path thread still copying from it is waited for (one page's copy).
+        func retire() {
+            generation.wrappingIncrement(ordering: .sequentiallyConsistent)
+            while pins.load(ordering: .sequentiallyConsistent) != 0 { ThreadScheduling.yield() }
+        }
         func reset() {
+            retire()
             used = 0
             crc.removeAll(keepingCapacity: true)
             runs.removeAll(keepingCapacity: true)
@@ -252,6 +267,9 @@ final class PageInstaller: @unchecked Sendable {
                         finishPage(page, crc: scratch.crc[run.crcStart + i], counter: counter)
                     }
                 }
+                // A run ends at a page a vCPU waits for (``stage``): wake it now, not after the
+                // rest of the batch (vcpu-exit; in uffd modes the mapping itself woke it).
+                if r + 1 < scratch.runs.count && book.requested.contains(run.first + run.count - 1) { afterBatch?() }
             } catch {
                 for later in scratch.runs[r...] {
                     for i in 0..<later.count where !table.installed.contains(later.first + i) { table.unclaim(later.first + i) }
@@ -262,8 +280,21 @@ final class PageInstaller: @unchecked Sendable {
         afterBatch?()
     }
 
-    @inline(__always) private func finishPage(_ page: Int, crc: UInt32, counter: ManagedAtomic<Int>) {
-        guard table.markInstalled(page, crc: crc) else { return }
+    /// The fault path (a uffd reader, or a vCPU thread in vcpu-exit): maps one page the bulk
+    /// stream staged and another installer claimed, from the staged bytes (nil: zeros). MISSING
+    /// modes only, where a second mapping of a page is refused by the kernel, never written
+    /// over: whichever installer comes second steps over it. Counted as a background page.
+    func installStaged(_ page: Int, data: UnsafeRawPointer?, crc: UInt32) throws {
+        precondition(!exclusiveInstalls, "staged pages are installed on the fault path only where installs are not exclusive")
+        _ = try mapper.map(first: page, count: 1, data: data, fromPool: false, demand: true)
+        if finishPage(page, crc: crc, counter: backgroundCount) { stagedFaultCount.wrappingIncrement(ordering: .relaxed) }
+        afterBatch?()
+    }
+
+    /// Marks `page` installed; false when another installer did first.
+    @inline(__always) @discardableResult
+    private func finishPage(_ page: Int, crc: UInt32, counter: ManagedAtomic<Int>) -> Bool {
+        guard table.markInstalled(page, crc: crc) else { return false }
         counter.wrappingIncrement(ordering: .relaxed)
         if crc == MemoryDigest.zeroPageCRC { zeroCount.wrappingIncrement(ordering: .relaxed) }
         if book.requested.contains(page) { book.noteInstalled(page, now: MonotonicClock.nanoseconds(), byReply: counter === demandCount) }
@@ -272,6 +303,7 @@ final class PageInstaller: @unchecked Sendable {
             let p = UnsafeMutableRawPointer(mutating: mapper.bytes(of: page))
             p.storeBytes(of: p.load(as: UInt8.self) ^ 0x5A, as: UInt8.self)
         }
+        return true
     }
 }
 

@@ -1,0 +1,70 @@
+import Atomics
+import FaultlineCore
+
+/// Where each post-copy page waits between the bulk receiver and the installer: which scratch
+/// holds it, in which staging slot, and its checksum. A vCPU that faults on a page still
+/// staged is then resolved from the staged bytes at once, instead of asking the source for
+/// a page it already sent (in fault storms 60% of requests were for such pages, and each cost
+/// a round trip on two busy CPUs; docs/benchmarks.md, session 8).
+///
+/// One entry per page, written by the receiver, read by the fault path; nothing is allocated
+/// per fault. An entry names the scratch's generation: a scratch that has been mapped is
+/// retired (its generation advances) before it is refilled, so an entry read late no longer
+/// matches and is ignored. A reader pins the scratch while it copies, and retiring waits for
+/// the pins (see ``PageInstaller/Scratch/retire()``).
+final class StagedPages: @unchecked Sendable {
+    let count: Int
+    private let entries: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
+    private let checksums: UnsafeMutablePointer<UInt32>
+
+    /// A decoded entry.
+    struct Entry: Equatable {
+        var scratch: Int
+        var generation: UInt32
+        /// Staging slot of the page's bytes (meaningless for a zero page).
+        var slot: Int
+        var zero: Bool
+    }
+
+    static let maxScratches = 4095
+    static let maxSlots = 1 << 19
+
+    init(pages: Int) {
+        count = pages
+        entries = .allocate(capacity: max(pages, 1))
+        entries.initialize(repeating: .init(0), count: max(pages, 1))
+        checksums = .allocate(capacity: max(pages, 1))
+        checksums.initialize(repeating: 0, count: max(pages, 1))
+    }
+
+    deinit {
+        entries.deallocate()
+        checksums.deallocate()
+    }
+
+    static func encode(_ e: Entry) -> UInt64 {
+        precondition(e.scratch >= 0 && e.scratch < maxScratches && e.slot >= 0 && e.slot < maxSlots)
+        return UInt64(e.generation) << 32 | UInt64(e.scratch + 1) << 20 | (e.zero ? 1 << 19 : 0) | UInt64(e.slot)
+    }
+
+    static func decode(_ raw: UInt64) -> Entry? {
+        let scratch = Int((raw >> 20) & 0xFFF)
+        guard scratch != 0 else { return nil }
+        return Entry(scratch: scratch - 1, generation: UInt32(truncatingIfNeeded: raw >> 32), slot: Int(raw & 0x7FFFF),
+                     zero: raw & (1 << 19) != 0)
+    }
+
+    /// The receiver: `page` is staged as `entry`, its bytes verified with `crc`.
+    func publish(_ page: Int, _ entry: Entry, crc: UInt32) {
+        checksums[page] = crc
+        UnsafeAtomic<UInt64>(at: entries + page).store(Self.encode(entry), ordering: .releasing)
+    }
+
+    /// Where `page` was last staged (it may have been mapped and its scratch reused since:
+    /// check the generation under a pin).
+    func lookup(_ page: Int) -> (entry: Entry, crc: UInt32)? {
+        guard page >= 0 && page < count,
+              let e = Self.decode(UnsafeAtomic<UInt64>(at: entries + page).load(ordering: .acquiring)) else { return nil }
+        return (e, checksums[page])
+    }
+}
