@@ -21,13 +21,13 @@ struct InstallPipelineTests {
 
     func tag(_ p: Int) -> UInt8 { UInt8(truncatingIfNeeded: p &* 7 &+ 1) }
 
-    func setUp(pages: Int) throws -> (DestinationPageTable, MemoryPageMapper, PageInstaller) {
+    func setUp(pages: Int, exclusiveInstalls: Bool = false) throws -> (DestinationPageTable, MemoryPageMapper, PageInstaller) {
         let table = DestinationPageTable(count: pages)
         _ = table.switchOver(owed: [16..<pages])
         let mapper = MemoryPageMapper(pages: pages)
         try mapper.armFaults()
         let installer = PageInstaller(table: table, mapper: mapper, book: FaultBook(pages: pages, vcpus: 1, vcpusAccountOwnStall: false),
-                                      lowPages: 16, exclusiveInstalls: false)
+                                      lowPages: 16, exclusiveInstalls: exclusiveInstalls)
         return (table, mapper, installer)
     }
 

@@ -91,6 +91,7 @@ extension DestinationAttempt {
             return
         }
         requester.requestFromVcpu(page, vcpu: vcpu, time: t0)
+        try pipeline?.lookAgainAfterRequest(page)
         while !table.installed.contains(page) && !stopping.load(ordering: .relaxed) && failures.failure == nil {
             waiters.wait(timeoutNanoseconds: 50_000_000) {
                 table.installed.contains(page) || stopping.load(ordering: .relaxed) || failures.failure != nil

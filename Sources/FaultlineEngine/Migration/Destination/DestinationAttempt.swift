@@ -106,7 +106,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         pipeline = try InstallPipeline(installer: installer, depth: options.faultMode == .uffdMinor ? 2 : 8, scratchPages: 256,
                                        runPages: bulkRunPages, installers: 1,
                                        onFailure: { [failures] in failures.record("installer", $0) })
-        if let pipeline, pipeline.staged != nil { requester.resolveStaged = { [pipeline] in try pipeline.resolveStaged($0) } }
+        if let pipeline, pipeline.staged != nil {
+            requester.resolveStaged = { [pipeline] in try pipeline.resolveStaged($0) }
+            requester.lookAgainAfterRequest = { [pipeline] in try pipeline.lookAgainAfterRequest($0) }
+        }
     }
 
     /// A fault-path thread failed: tell the source why (best effort) and wake the main loop.

@@ -25,6 +25,9 @@ final class FaultRequester: @unchecked Sendable {
     /// Maps a page the stream staged already, from the staged bytes (true), so that no request
     /// is sent for it (``InstallPipeline/resolveStaged(_:)``). Set before the readers start.
     var resolveStaged: ((Int) throws -> Bool)?
+    /// After a request went out: maps the page if it was staged meanwhile
+    /// (``InstallPipeline/lookAgainAfterRequest(_:)``).
+    var lookAgainAfterRequest: ((Int) throws -> Void)?
 
     init(table: DestinationPageTable, book: FaultBook, failures: FailureSlot, faultPathCPU: Int32?, faultAround: Int = 1) throws {
         self.faultAround = max(faultAround, 1)
@@ -129,6 +132,7 @@ final class FaultRequester: @unchecked Sendable {
                         continue
                     }
                     request(page, vcpu: vcpuForThread(tid), faultTime: faultTime, encoder: &encoder)
+                    try lookAgainAfterRequest?(page)
                 }
             }
         } catch {

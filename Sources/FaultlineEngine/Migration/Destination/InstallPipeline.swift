@@ -1,3 +1,4 @@
+import Atomics
 import FaultlineCore
 import FaultlineLinux
 
@@ -27,9 +28,7 @@ final class InstallPipeline: @unchecked Sendable {
     private var pool = PageInstaller.PoolCursor()
     private var threads: [OSThread] = []
     private let onFailure: (Error) -> Void
-    /// Post-copy in MISSING modes: where each staged page is, for the fault path
-    /// (``resolveStaged(_:)``). MINOR installs are exclusive: a fault there waits for the
-    /// installer that claimed its page.
+    /// Post-copy: where each staged page is, for the fault path (``resolveStaged(_:)``).
     let staged: StagedPages?
 
     /// `depth` scratches of `scratchPages` pages each; `installers` mapping threads (pre-copy:
@@ -41,7 +40,8 @@ final class InstallPipeline: @unchecked Sendable {
         self.runPages = runPages
         self.onFailure = onFailure
         scratches = (0..<max(depth, 1)).map { PageInstaller.Scratch(pages: scratchPages, index: $0) }
-        staged = stage == .postcopy && !installer.exclusiveInstalls ? StagedPages(pages: installer.table.count) : nil
+        staged = stage == .postcopy ? StagedPages(pages: installer.table.count) : nil
+        if installer.exclusiveInstalls { installer.sealing = staged }
         free = Array(scratches.indices)
         queued.reserveCapacity(scratches.count)
         for i in 0..<(stage == .precopy ? 1 : max(installers, 1)) {
@@ -102,12 +102,23 @@ final class InstallPipeline: @unchecked Sendable {
                                                     zero: run.zero), crc: scratch.crc[run.crcStart + i])
             }
         }
-        guard scratch.urgent else { return }
+        // Every page, not only those requested while staging: a fault may have looked for its
+        // page just before it was published and asked the source meanwhile. The fault path
+        // looks again after its request (``lookAgainAfterRequest``); with a full fence on both
+        // sides, one of the two sees the other.
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
         for run in scratch.runs where !run.inPool && run.first >= installer.lowPages {
             for page in run.first..<(run.first + run.count) where installer.book.requested.contains(page) && !installer.table.installed.contains(page) {
                 _ = try resolveStaged(page)
             }
         }
+    }
+
+    /// The fault path, after its request for `page` went out: the page may have been staged
+    /// between its first look and the request (see ``publish``); maps it if so.
+    func lookAgainAfterRequest(_ page: Int) throws {
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        if !installer.table.installed.contains(page) { _ = try resolveStaged(page) }
     }
 
     /// The fault path: if `page` is staged (verified, claimed by the bulk installer, not
@@ -119,6 +130,8 @@ final class InstallPipeline: @unchecked Sendable {
         scratch.pins.wrappingIncrement(ordering: .sequentiallyConsistent)
         defer { scratch.pins.wrappingDecrement(ordering: .sequentiallyConsistent) }
         guard scratch.generation.load(ordering: .sequentiallyConsistent) == entry.generation else { return false }
+        // MINOR: one writer per page - take it from the bulk installer, or leave it to its run.
+        if installer.exclusiveInstalls && !staged.take(page, entry) { return false }
         try installer.installStaged(page, data: entry.zero ? nil : UnsafeRawPointer(scratch.staging + entry.slot * 4096), crc: crc)
         return true
     }

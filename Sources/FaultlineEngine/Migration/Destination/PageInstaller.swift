@@ -19,6 +19,9 @@ final class PageInstaller: @unchecked Sendable {
     let zeroCount = ManagedAtomic<Int>(0)
     let precopyCount = ManagedAtomic<Int>(0)
     let corruptCount = ManagedAtomic<Int>(0)
+    /// Exclusive installs (MINOR): where staged pages are published, so that a bulk run seals
+    /// its pages before writing them (set by the pipeline).
+    var sealing: StagedPages?
     /// Background pages a fault found staged and installed itself (``installStaged``).
     let stagedFaultCount = ManagedAtomic<Int>(0)
     /// Called after pages were installed (vcpu-exit wakes its waiting vCPUs).
@@ -246,26 +249,26 @@ final class PageInstaller: @unchecked Sendable {
 
     /// Maps the staged runs of `scratch` (on any one thread at a time). On a failure the
     /// claims of every run not mapped are given back (someone else may install them later).
+    /// With exclusive installs and ``sealing``, each bulk run's pages are sealed just before
+    /// they are written, and a page the fault path took first is left out of the run.
     func apply(_ scratch: Scratch, demand: Bool) throws {
         let counter = demand ? demandCount : backgroundCount
+        let generation = scratch.generation.load(ordering: .relaxed)
         for (r, run) in scratch.runs.enumerated() where run.count > 0 {
-            // A run in the pool is moved from there, zero runs included (pool pages are zero until
-            // data is written into them): a UFFDIO_ZEROPAGE mapping would cost the guest a
-            // copy-on-write fault, a page allocation and a TLB-flush IPI on its first write.
-            let runData: UnsafeRawPointer? = run.zero && !run.inPool ? nil : UnsafeRawPointer(run.data)
             do {
-                if try mapper.map(first: run.first, count: run.count, data: runData, fromPool: run.inPool, demand: demand) {
-                    for i in 0..<run.count { finishPage(run.first + i, crc: scratch.crc[run.crcStart + i], counter: counter) }
-                } else {
-                    // Raced with another installer: page by page. A page that turns out to be mapped
-                    // already holds these very bytes (the same verified page from the other
-                    // connection), so it is marked installed either way.
-                    for i in 0..<run.count {
-                        let page = run.first + i
-                        if table.installed.contains(page) { continue }
-                        _ = try mapper.map(first: page, count: 1, data: runData.map { $0 + i * 4096 }, fromPool: run.inPool, demand: demand)
-                        finishPage(page, crc: scratch.crc[run.crcStart + i], counter: counter)
+                if let sealing, exclusiveInstalls, !demand, !run.inPool, run.first >= lowPages {
+                    let slot = run.zero ? 0 : (run.data - scratch.staging) / 4096
+                    var start = 0
+                    for i in 0...run.count {
+                        if i < run.count && sealing.seal(run.first + i, .init(scratch: scratch.index, generation: generation,
+                                                                              slot: run.zero ? 0 : slot + i, zero: run.zero)) {
+                            continue
+                        }
+                        if i > start { try map(run, pages: start..<i, scratch: scratch, counter: counter, demand: demand) }
+                        start = i + 1
                     }
+                } else {
+                    try map(run, pages: 0..<run.count, scratch: scratch, counter: counter, demand: demand)
                 }
                 // A run ends at a page a vCPU waits for (``stage``): wake it now, not after the
                 // rest of the batch (vcpu-exit; in uffd modes the mapping itself woke it).
@@ -280,12 +283,36 @@ final class PageInstaller: @unchecked Sendable {
         afterBatch?()
     }
 
+    /// Maps `pages` (offsets into `run`) with one call.
+    private func map(_ run: StagedRun, pages: Range<Int>, scratch: Scratch, counter: ManagedAtomic<Int>, demand: Bool) throws {
+        // A run in the pool is moved from there, zero runs included (pool pages are zero until
+        // data is written into them): a UFFDIO_ZEROPAGE mapping would cost the guest a
+        // copy-on-write fault, a page allocation and a TLB-flush IPI on its first write.
+        let runData: UnsafeRawPointer? = run.zero && !run.inPool ? nil : UnsafeRawPointer(run.data)
+        let first = run.first + pages.lowerBound
+        if try mapper.map(first: first, count: pages.count, data: runData.map { $0 + pages.lowerBound * 4096 }, fromPool: run.inPool,
+                          demand: demand) {
+            for i in pages { finishPage(run.first + i, crc: scratch.crc[run.crcStart + i], counter: counter) }
+        } else {
+            // Raced with another installer: page by page. A page that turns out to be mapped
+            // already holds these very bytes (the same verified page from the other
+            // connection), so it is marked installed either way.
+            for i in pages {
+                let page = run.first + i
+                if table.installed.contains(page) { continue }
+                _ = try mapper.map(first: page, count: 1, data: runData.map { $0 + i * 4096 }, fromPool: run.inPool, demand: demand)
+                finishPage(page, crc: scratch.crc[run.crcStart + i], counter: counter)
+            }
+        }
+    }
+
     /// The fault path (a uffd reader, or a vCPU thread in vcpu-exit): maps one page the bulk
-    /// stream staged and another installer claimed, from the staged bytes (nil: zeros). MISSING
-    /// modes only, where a second mapping of a page is refused by the kernel, never written
-    /// over: whichever installer comes second steps over it. Counted as a background page.
+    /// stream staged and the bulk installer claimed, from the staged bytes (nil: zeros). In
+    /// MISSING modes a second mapping of a page is refused by the kernel, never written over:
+    /// whichever installer comes second steps over it. With exclusive installs (MINOR) the
+    /// caller has taken the page from the bulk installer first (``StagedPages/take``).
+    /// Counted as a background page.
     func installStaged(_ page: Int, data: UnsafeRawPointer?, crc: UInt32) throws {
-        precondition(!exclusiveInstalls, "staged pages are installed on the fault path only where installs are not exclusive")
         _ = try mapper.map(first: page, count: 1, data: data, fromPool: false, demand: true)
         if finishPage(page, crc: crc, counter: backgroundCount) { stagedFaultCount.wrappingIncrement(ordering: .relaxed) }
         afterBatch?()

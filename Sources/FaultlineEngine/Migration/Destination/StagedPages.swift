@@ -67,4 +67,27 @@ final class StagedPages: @unchecked Sendable {
               let e = Self.decode(UnsafeAtomic<UInt64>(at: entries + page).load(ordering: .acquiring)) else { return nil }
         return (e, checksums[page])
     }
+
+    // Exclusive installs (MINOR): a staged page is written by exactly one thread, so the
+    // fault path and the bulk installer race for it with one compare-and-swap on its entry.
+    // Neither value decodes as an entry.
+    static let sealedByInstaller: UInt64 = 1
+    static let takenByFault: UInt64 = 2
+
+    /// The fault path: takes `page` (staged as `entry`) from the bulk installer; false when
+    /// the installer sealed it first (the fault then waits for the installer's run).
+    func take(_ page: Int, _ entry: Entry) -> Bool {
+        UnsafeAtomic<UInt64>(at: entries + page).compareExchange(expected: Self.encode(entry), desired: Self.takenByFault,
+                                                                 ordering: .acquiringAndReleasing).exchanged
+    }
+
+    /// The bulk installer, just before writing `page` (staged as `entry`): false when the
+    /// fault path took it first (the run then leaves it out).
+    func seal(_ page: Int, _ entry: Entry) -> Bool {
+        let raw = UnsafeAtomic<UInt64>(at: entries + page)
+        if raw.compareExchange(expected: Self.encode(entry), desired: Self.sealedByInstaller, ordering: .acquiringAndReleasing).exchanged {
+            return true
+        }
+        return raw.load(ordering: .acquiring) != Self.takenByFault
+    }
 }

@@ -13,9 +13,9 @@ public final class MemoryPageMapper: PageMapper, @unchecked Sendable {
     public private(set) var armed = false
     /// Throws from the `map` call with this number (1 = the first), as a failing kernel would.
     public var failMapCall: Int?
-    /// Called at the start of every bulk (not demand) `map` after the switch-over: a test
-    /// holds the installer there.
-    public var beforeBulkMap: (() -> Void)?
+    /// Called with the first page and the count at the start of every bulk (not demand) `map`
+    /// after the switch-over: a test holds the installer there, or notes what it maps.
+    public var beforeBulkMap: ((Int, Int) -> Void)?
     private let calls = Locked(0)
 
     public init(pages: Int) {
@@ -50,7 +50,7 @@ public final class MemoryPageMapper: PageMapper, @unchecked Sendable {
             for i in 0..<count { try store(page + i, bytes: data.map { $0 + i * 4096 }) }
             return true
         }
-        if !demand { beforeBulkMap?() }
+        if !demand { beforeBulkMap?(page, count) }
         var metMapped = false
         for i in 0..<count {
             guard mapped.insert(page + i) else { metMapped = true; continue }  // EEXIST: step over it
