@@ -171,6 +171,11 @@ struct StagedPagesTests {
         // the guest's own write). The fault path takes a staged page; the bulk run skips it.
         let pages = 16 + 512
         let (table, mapper, installer, pipeline, gate) = try heldPipeline(pages: pages, exclusive: true)
+        // As in a migration with pre-copy: the pre-copy pipeline is built later, on the same
+        // installer (it once switched the sealing off: the selfcheck guest caught the overwrite).
+        let precopy = try InstallPipeline(.precopy, installer: installer, depth: 1, scratchPages: 64, runPages: 64, installers: 1,
+                                          onFailure: { _ in })
+        precopy.stop()
         let bulkMaps = Locked<[Range<Int>]>([])
         mapper.beforeBulkMap = { first, count in
             bulkMaps.withLock { $0.append(first..<(first + count)) }

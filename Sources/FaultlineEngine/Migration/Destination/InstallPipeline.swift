@@ -41,7 +41,10 @@ final class InstallPipeline: @unchecked Sendable {
         self.onFailure = onFailure
         scratches = (0..<max(depth, 1)).map { PageInstaller.Scratch(pages: scratchPages, index: $0) }
         staged = stage == .postcopy ? StagedPages(pages: installer.table.count) : nil
-        if installer.exclusiveInstalls { installer.sealing = staged }
+        // Only the post-copy pipeline: the pre-copy one, built later on the same installer, must
+        // not switch sealing off (a run written over a page a fault took would overwrite what
+        // the guest wrote there since).
+        if stage == .postcopy && installer.exclusiveInstalls { installer.sealing = staged }
         free = Array(scratches.indices)
         queued.reserveCapacity(scratches.count)
         for i in 0..<(stage == .precopy ? 1 : max(installers, 1)) {
@@ -131,7 +134,7 @@ final class InstallPipeline: @unchecked Sendable {
         defer { scratch.pins.wrappingDecrement(ordering: .sequentiallyConsistent) }
         guard scratch.generation.load(ordering: .sequentiallyConsistent) == entry.generation else { return false }
         // MINOR: one writer per page - take it from the bulk installer, or leave it to its run.
-        if installer.exclusiveInstalls && !staged.take(page, entry) { return false }
+        if installer.exclusiveInstalls && (installer.sealing !== staged || !staged.take(page, entry)) { return false }
         try installer.installStaged(page, data: entry.zero ? nil : UnsafeRawPointer(scratch.staging + entry.slot * 4096), crc: crc)
         return true
     }
