@@ -98,11 +98,9 @@ final class InstallPipeline: @unchecked Sendable {
     /// ahead of its scratch, or for the source's reply to a request its stream had answered.
     private func publish(_ scratch: PageInstaller.Scratch, in staged: StagedPages) throws {
         let generation = scratch.generation.load(ordering: .relaxed)
-        for run in scratch.runs where run.count > 0 && !run.inPool && run.first >= installer.lowPages {
-            let slot = run.zero ? 0 : (run.data - scratch.staging) / 4096
+        for run in scratch.runs where installer.publishes(run) {
             for i in 0..<run.count {
-                staged.publish(run.first + i, .init(scratch: scratch.index, generation: generation, slot: run.zero ? 0 : slot + i,
-                                                    zero: run.zero), crc: scratch.crc[run.crcStart + i])
+                staged.publish(run.first + i, scratch.stagedEntry(run, i, generation: generation), crc: scratch.crc[run.crcStart + i])
             }
         }
         // Every page, not only those requested while staging: a fault may have looked for its
@@ -110,7 +108,7 @@ final class InstallPipeline: @unchecked Sendable {
         // looks again after its request (``lookAgainAfterRequest``); with a full fence on both
         // sides, one of the two sees the other.
         atomicMemoryFence(ordering: .sequentiallyConsistent)
-        for run in scratch.runs where !run.inPool && run.first >= installer.lowPages {
+        for run in scratch.runs where installer.publishes(run) {
             for page in run.first..<(run.first + run.count) where installer.book.requested.contains(page) && !installer.table.installed.contains(page) {
                 _ = try resolveStaged(page)
             }

@@ -153,6 +153,10 @@ final class PageInstaller: @unchecked Sendable {
         deinit { staging.deallocate() }
         var isEmpty: Bool { runs.isEmpty }
         var hasRoom: Bool { used < pages }
+        /// The ``StagedPages`` entry of page `i` of `run` (one of this scratch's runs).
+        func stagedEntry(_ run: StagedRun, _ i: Int, generation: UInt32) -> StagedPages.Entry {
+            StagedPages.Entry(scratch: index, generation: generation, slot: run.zero ? 0 : (run.data - staging) / 4096 + i, zero: run.zero)
+        }
         /// Ends the life of what is staged: ``StagedPages`` entries that name it stop matching,
         /// and a fault-path thread still copying from it is waited for (one page's copy).
         func retire() {
@@ -167,6 +171,10 @@ final class PageInstaller: @unchecked Sendable {
             urgent = false
         }
     }
+
+    /// A post-copy bulk run whose pages go into ``StagedPages`` (a pool run's pages are moved
+    /// away, low pages are stored before the guest runs).
+    @inline(__always) func publishes(_ run: StagedRun) -> Bool { !run.inPool && run.first >= lowPages }
 
     /// After the switch-over: installs a verified batch (`demand`: a reply a vCPU may wait for).
     func install(_ batch: PageBatch, demand: Bool, scratch: Scratch, runPages: Int) throws {
@@ -256,14 +264,10 @@ final class PageInstaller: @unchecked Sendable {
         let generation = scratch.generation.load(ordering: .relaxed)
         for (r, run) in scratch.runs.enumerated() where run.count > 0 {
             do {
-                if let sealing, exclusiveInstalls, !demand, !run.inPool, run.first >= lowPages {
-                    let slot = run.zero ? 0 : (run.data - scratch.staging) / 4096
+                if let sealing, exclusiveInstalls, !demand, publishes(run) {
                     var start = 0
                     for i in 0...run.count {
-                        if i < run.count && sealing.seal(run.first + i, .init(scratch: scratch.index, generation: generation,
-                                                                              slot: run.zero ? 0 : slot + i, zero: run.zero)) {
-                            continue
-                        }
+                        if i < run.count && sealing.seal(run.first + i, scratch.stagedEntry(run, i, generation: generation)) { continue }
                         if i > start { try map(run, pages: start..<i, scratch: scratch, counter: counter, demand: demand) }
                         start = i + 1
                     }
