@@ -34,6 +34,7 @@ struct Demo: ParsableCommand {
     @Option(name: .customLong("fault-around"), help: faultAroundHelp) var faultAround = 16
     @Option(name: .customLong("postcopy-vcpu-nice"), help: postcopyNiceHelp) var postcopyVcpuNice = OSThread.Niceness.vcpuDuringPostcopy
     @Flag(name: .customLong("postcopy-vcpus-off-fault-cpu"), inversion: .prefixedNo, help: offFaultCPUHelp) var vcpusOffFaultCPU = true
+    @Option(name: .customLong("postcopy-cpu-latency"), help: cpuLatencyHelp) var postcopyCPULatency = CPULatencySetting.poll
     @Flag(help: "One JSON line with both sides' figures") var json = false
     @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
     @OptionGroup var injection: SourceFaultInjection
@@ -72,7 +73,7 @@ struct Demo: ParsableCommand {
                              "--vm-type", vmType.rawValue,
                              "--uffd", uffd.rawValue, "--run-after", String(runAfter), "--accept-seconds", "60",
                              "--fault-cpu", faultCPU.argument, "--fault-around", String(faultAround),
-                             "--postcopy-vcpu-nice", String(postcopyVcpuNice)]
+                             "--postcopy-vcpu-nice", String(postcopyVcpuNice), "--postcopy-cpu-latency", postcopyCPULatency.argument]
             if !vcpusOffFaultCPU { arguments.append("--no-postcopy-vcpus-off-fault-cpu") }
             if prealloc { arguments += ["--prealloc", String(size)] }
             if preFault { arguments.append("--pre-fault") }
@@ -139,6 +140,7 @@ struct Demo: ParsableCommand {
             migration.postcopy = postcopy
             migration.maxDowntimeMs = maxDowntimeMs
             migration.retries = retries
+            migration.postcopyCPULatency = postcopyCPULatency
             var options = MigrationOptions(destination: target, migration: migration, progress: !json,
                                            faultPathCPU: faultCPU, injection: injection)
             if let plan, plan.path == .stopAndCopy { options.immediateStopAndCopy = plan.reason }
@@ -172,6 +174,11 @@ struct Demo: ParsableCommand {
                 print("  faults                \(object["faults"] ?? 0)\(via), latency p50 \(l["p50"] ?? 0) us, p90 \(l["p90"] ?? 0) us, "
                       + "p99 \(l["p99"] ?? 0) us, max \(l["max"] ?? 0) us")
                 print("  vCPU stall (ms)       \(object["vcpu_stall_ms"] ?? [])")
+                if let c = object["postcopy_cpu_latency"] as? [String: Any] {
+                    let held = c["held"] as? Bool ?? false
+                    print("  CPU latency request   \(c["requested_us"] ?? 0) us, " + (held ? "held while post-copy ran"
+                          : "not held (\(c["error"] as? String ?? "unknown")): idle CPUs could halt"))
+                }
                 if let pf = object["pre_fault"] as? [String: Any] {
                     for (key, label) in [("switchover", "at switch-over"), ("after_postcopy", "after post-copy")] {
                         guard let p = pf[key] as? [String: Any] else { continue }

@@ -28,6 +28,22 @@ let faultCPUHelp: ArgumentHelp = "CPU for the fault-path threads: auto (the last
 let faultAroundHelp: ArgumentHelp = "Pages asked for per post-copy fault: the faulting page and the missing ones after it (1 = the faulting page only)"
 let postcopyNiceHelp: ArgumentHelp = "Niceness of the vCPU threads while post-copy runs (0-19; higher leaves more CPU to the page stream)"
 let offFaultCPUHelp: ArgumentHelp = "While post-copy runs, keep the vCPU threads off the fault path's CPU (--fault-cpu), where another CPU is left"
+let cpuLatencyHelp: ArgumentHelp = "While post-copy runs, hold a PM QoS request (/dev/cpu_dma_latency, needs root) that keeps idle CPUs within this many microseconds of waking: 0 makes them poll instead of halting; off makes no request"
+
+/// `--postcopy-cpu-latency`: microseconds, or `off`.
+struct CPULatencySetting: ExpressibleByArgument, Equatable {
+    let microseconds: Int32?
+    init(microseconds: Int32?) { self.microseconds = microseconds }
+    init?(argument: String) {
+        if argument == "off" { microseconds = nil; return }
+        guard let us = Int32(argument), us >= 0 else { return nil }
+        microseconds = us
+    }
+    var argument: String { microseconds.map(String.init) ?? "off" }
+    var defaultValueDescription: String { argument }
+    static let poll = CPULatencySetting(microseconds: 0)
+}
+
 let preFaultHelp: ArgumentHelp = "KVM_PRE_FAULT_MEMORY (TDP hosts): map installed pages at the switch-over and all RAM after post-copy"
 /// `--fault-mode`, shared by receive and demo.
 let faultModeHelp: ArgumentHelp = "auto | vcpu-exit | uffd-missing | uffd-minor (auto: the best mode that works on this kernel)"
@@ -58,6 +74,7 @@ struct SourceMigrationArguments: ParsableArguments {
     var retries = 0
     @Option(name: .customLong("reconnect-seconds"), help: "How long to retry a broken connection after the switch-over")
     var reconnectSeconds = 30.0
+    @Option(name: .customLong("postcopy-cpu-latency"), help: cpuLatencyHelp) var postcopyCPULatency = CPULatencySetting.poll
 }
 
 extension MigrationOptions {
@@ -71,6 +88,7 @@ extension MigrationOptions {
         maxDowntimeMilliseconds = m.maxDowntimeMs
         retries = m.retries
         reconnectSeconds = m.reconnectSeconds
+        postcopyCPULatencyMicroseconds = m.postcopyCPULatency.microseconds
         self.progress = progress
         self.faultPathCPU = faultPathCPU
         disconnectAfterPages = injection.disconnectAfter
@@ -224,6 +242,7 @@ struct Receive: ParsableCommand {
     @Option(name: .customLong("fault-around"), help: faultAroundHelp) var faultAround = 16
     @Option(name: .customLong("postcopy-vcpu-nice"), help: postcopyNiceHelp) var postcopyVcpuNice = OSThread.Niceness.vcpuDuringPostcopy
     @Flag(name: .customLong("postcopy-vcpus-off-fault-cpu"), inversion: .prefixedNo, help: offFaultCPUHelp) var vcpusOffFaultCPU = true
+    @Option(name: .customLong("postcopy-cpu-latency"), help: cpuLatencyHelp) var postcopyCPULatency = CPULatencySetting.poll
     @Flag(help: "One JSON line") var json = false
     @Option(name: .customLong("inject-damage-installed-page"), help: .hidden) var damagePage: Int?
     @Flag(name: .customLong("inject-fault-thread-failure"), help: .hidden) var failFaultThread = false
@@ -250,6 +269,7 @@ struct Receive: ParsableCommand {
             options.faultAround = faultAround
             options.vcpuNicenessDuringPostcopy = postcopyVcpuNice
             options.vcpusOffFaultCPU = vcpusOffFaultCPU
+            options.postcopyCPULatencyMicroseconds = postcopyCPULatency.microseconds
             if let prealloc {
                 guard let bytes = parseSize(prealloc) else { throw CLIError(description: "cannot read --prealloc '\(prealloc)'") }
                 options.preallocBytes = bytes

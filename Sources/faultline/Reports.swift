@@ -21,6 +21,7 @@ extension SourceReport {
             "  fault requests        \(faultRequests) (\(faultRequestsForSentPages) for pages the stream had sent already)",
             "  bytes on the wire     \(bytesSent) (\(fmt(throughputMBps, 1)) MB/s in post-copy)",
             "  reconnects            \(reconnects)",
+            "  CPU latency request   \(cpuLatencyText(postcopyCPULatency))",
             "  digest                0x\(String(digest, radix: 16)) - confirmed by the destination",
             "  guest check (source)  \(guestCheck ? "green" : "RED: \(guestMismatchesBeforeMigration) mismatches")",
         ] + failedAttempts.enumerated().map { "  failed attempt \($0.offset + 1)      \($0.element) (the guest kept running)" }
@@ -48,12 +49,26 @@ extension SourceReport {
             "\"precopy_drain_seconds\":\(fmt(precopyDrainSeconds, 6))",
             "\"precopy_discard_seconds\":\(fmt(precopyDiscardSeconds, 6))",
             "\"source_guest_mismatches\":\(guestMismatchesBeforeMigration)",
+            "\"source_postcopy_cpu_latency\":\(cpuLatencyJSON(postcopyCPULatency))",
         ]
         if let b = baselineSeconds { f.append("\"tcp_baseline_seconds\":\(fmt(b, 6))") }
         return f
     }
 
     var json: String { "{\"side\":\"source\"," + (jsonFields + ["\"digest_match\":true", "\"guest_check\":\(guestCheck)"]).joined(separator: ",") + "}" }
+}
+
+/// A side's post-copy CPU latency request in the JSON report (null: none was made).
+func cpuLatencyJSON(_ o: CPULatencyOutcome?) -> String {
+    guard let o else { return "null" }
+    return "{\"requested_us\":\(o.requestedMicroseconds),\"held\":\(o.held),\"error\":"
+        + (o.error.map { "\"\(jsonEscape($0))\"" } ?? "null") + "}"
+}
+
+/// The same, for the text report.
+func cpuLatencyText(_ o: CPULatencyOutcome?) -> String {
+    guard let o else { return "none (off, or no post-copy)" }
+    return o.held ? "\(o.requestedMicroseconds) us, held while post-copy ran" : "not held (\(o.error ?? "unknown")): idle CPUs could halt"
 }
 
 /// `[1,2,3]`.
@@ -79,6 +94,7 @@ extension DestinationReport {
                 .map { "[\(1 << $0.offset), \(2 << $0.offset)) us: \($0.element)" }.joined(separator: ", "),
             "  vCPU stall            " + vcpuStallMilliseconds.enumerated().map { "vcpu\($0.offset) \(ms($0.element)) ms" }.joined(separator: ", "),
             "  corrupt pages refused \(corruptPagesRejected)",
+            "  CPU latency request   \(cpuLatencyText(postcopyCPULatency))",
             "  reconnects            \(reconnects)",
             "  bytes received        \(bytesReceived)",
             "  digest                \(digestMatch ? "match" : "MISMATCH") (0x\(String(destinationDigest, radix: 16))), read back from guest "
@@ -112,6 +128,7 @@ extension DestinationReport {
             "\"corrupt_pages_rejected\":\(corruptPagesRejected)", "\"destination_reconnects\":\(reconnects)",
             "\"recycled_pages\":\(recycledPages)", "\"recycled_pages_reused\":\(recycledPagesReused)",
             "\"pages_installed_from_staging\":\(pagesInstalledFromStaging)",
+            "\"postcopy_cpu_latency\":\(cpuLatencyJSON(postcopyCPULatency))",
             "\"bytes_received\":\(bytesReceived)", "\"digest_match\":\(digestMatch)", "\"guest_check\":\(guestCheck)",
             "\"digest_seconds\":\(fmt(digestSeconds, 6))", "\"digest_pages_from_memory\":\(digestPagesFromMemory)",
             "\"digest_pages_guest_written\":\(digestPagesGuestWritten)", "\"postcopy\":\(postcopy)",

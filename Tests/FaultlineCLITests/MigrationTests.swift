@@ -67,6 +67,26 @@ struct MigrationTests {
         #expect(reason.hasPrefix(expectedPrefix), "\(reason)")
     }
 
+    @Test func bothSidesHoldTheCPULatencyRequestDuringPostcopyAndOffMakesNone() throws {
+        // The default: 0 us (idle CPUs poll) on both sides while post-copy runs; a number is
+        // passed through; `off` makes no request. Root can write the device, so it is held.
+        for (args, expected) in [([String](), Int32(0)), (["--postcopy-cpu-latency", "25"], 25), (["--postcopy-cpu-latency", "off"], nil)] {
+            let r = try run(["demo", "--memory", "32M", "--json", "--precopy-rounds", "0", "--run-after", "0.3"] + args, timeout: 300)
+            #expect(r.status == 0, "\(args): \(r.stderr)")
+            let j = lastJSON(r.stdout)
+            #expect(j?["digest_match"] as? Bool == true && j?["guest_check"] as? Bool == true, "\(args)")
+            for key in ["postcopy_cpu_latency", "source_postcopy_cpu_latency"] {
+                if let expected {
+                    let o = j?[key] as? [String: Any]
+                    #expect(o?["requested_us"] as? Int == Int(expected), "\(args) \(key): \(String(describing: o))")
+                    #expect(o?["held"] as? Bool == true, "\(args) \(key): \(String(describing: o))")
+                } else {
+                    #expect(j?[key] is NSNull, "\(args) \(key): \(String(describing: j?[key]))")
+                }
+            }
+        }
+    }
+
     @Test func theYardstickCopyIsTimedAndTheGuestResumesAfterIt() throws {
         // --baseline: the destination parks its guest for the plain TCP copy, then resumes it.
         // The parking itself is not observable here; the resume is: a guest left parked

@@ -121,6 +121,7 @@ extension DestinationAttempt {
 
     func finishPostcopy() {
         guard report.postcopy else { return }
+        cpuLatency.release()  // every page is in: no fault waits any more
         // Write tracking needs the readers and the registration until the digest is taken
         // (tearDown ends both).
         if tracksWritesWithUserfaultfd { return }

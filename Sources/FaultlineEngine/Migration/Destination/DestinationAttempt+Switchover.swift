@@ -28,6 +28,7 @@ extension DestinationAttempt {
             }
         }
         try startFaultReceiver()
+        if report.postcopy { cpuLatency.hold(microseconds: options.postcopyCPULatencyMicroseconds) }
         switchPart("fault_path")
         if options.preFault, let vm = machine as? MigratableVM {
             // The installed RAM pages, into KVM's page tables before the guest touches them.

@@ -33,6 +33,8 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     var bulk: WireChannel!
     var fault: WireChannel!
     var faultReceiver: OSThread?
+    /// Held from the switch-over until every page is in (``PostcopyCPULatency``).
+    let cpuLatency = PostcopyCPULatency()
     /// Post-copy's background stream: staged here, mapped by installer threads.
     var pipeline: InstallPipeline?
     /// Pre-copy rounds: staged here, stored in order by an installer thread.
@@ -307,6 +309,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         report.vcpuExitFaults = vcpuExitFaults.load(ordering: .relaxed)
         report.corruptPagesRejected = installer.corruptCount.load(ordering: .relaxed)
         report.pagesInstalledFromStaging = installer.stagedFaultCount.load(ordering: .relaxed)
+        report.postcopyCPULatency = cpuLatency.outcome
         (report.recycledPages, report.recycledPagesReused) = mapper.recycledPages
         report.bytesReceived = bytesFromClosedChannels + bulk.bytesReceived + fault.bytesReceived
         report.faultLatencyMicroseconds = book.latencyMicroseconds
@@ -350,6 +353,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         precopyPipeline?.stop()
         pipeline?.stop()
         requester?.stop()
+        cpuLatency.release()
         let vcpuError = guestStarted ? machine?.stopGuest() : nil
         guestStarted = false
         mapper?.disarmFaults()

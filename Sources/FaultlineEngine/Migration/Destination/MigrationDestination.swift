@@ -20,6 +20,10 @@ public struct DestinationOptions: Sendable {
     /// While post-copy runs, the vCPU threads keep off the fault path's CPU (where there is
     /// one and another CPU is left).
     public var vcpusOffFaultCPU = true
+    /// While post-copy runs, hold a PM QoS request that keeps idle CPUs within this many
+    /// microseconds of waking (0: they poll instead of halting); nil makes none
+    /// (``PostcopyCPULatency``).
+    public var postcopyCPULatencyMicroseconds: Int32? = 0
     /// With `preallocBytes`: install MISSING-mode bulk runs by UFFDIO_MOVE from the
     /// pre-populated pool (when the kernel has MOVE). Without it every page goes in with
     /// UFFDIO_COPY (the kernel allocates it; nothing is populated up front).
@@ -82,6 +86,8 @@ public struct DestinationReport: Sendable {
     /// With `preFault`: KVM_PRE_FAULT_MEMORY at the switch-over and at the end of post-copy.
     public var preFaultAtSwitchover: PreFaultSummary?
     public var preFaultAfterPostcopy: PreFaultSummary?
+    /// The CPU latency request held while post-copy ran (nil: none was made).
+    public var postcopyCPULatency: CPULatencyOutcome?
     public var totalSeconds = 0.0
     public var switchoverMilliseconds = 0.0
     /// Parts of the switch-over (first vCPU state -> running).

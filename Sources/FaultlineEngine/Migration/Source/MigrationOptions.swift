@@ -46,6 +46,10 @@ public struct MigrationOptions: Sendable {
     public var holdStreamUntilDemandPages: Int?
     /// The CPU the fault server runs on (see ``FaultPathCPU``).
     public var faultPathCPU: FaultPathCPU = .automatic
+    /// While post-copy runs, hold a PM QoS request that keeps idle CPUs within this many
+    /// microseconds of waking (0: they poll instead of halting); nil makes none
+    /// (``PostcopyCPULatency``).
+    public var postcopyCPULatencyMicroseconds: Int32? = 0
     /// Skip pre-copy and stop-and-copy at once, for this reason (a guest_memfd VM whose RAM
     /// slot cannot log dirty pages, asked for `--postcopy never`: GuestMemfdMigrationPlanner).
     public var immediateStopAndCopy: String?
@@ -112,6 +116,8 @@ public struct SourceReport: Sendable {
     public var baselineSeconds: Double?
     public var guestMismatchesBeforeMigration = 0
     public var passesBeforeMigration: UInt64 = 0
+    /// The CPU latency request held while post-copy ran (nil: none was made).
+    public var postcopyCPULatency: CPULatencyOutcome?
     /// Attempts that failed before the switch-over, with their causes (the guest kept running).
     public var failedAttempts: [String] = []
     public var throughputMBps: Double { postcopySeconds > 0 ? Double(bytesSent) / postcopySeconds / 1e6 : 0 }

@@ -19,6 +19,8 @@ public final class MigrationSource: @unchecked Sendable {
     let cursor = ManagedAtomic<Int>(0)
     let failures = FailureSlot()
     let faultServer: FaultServer
+    /// Held while post-copy runs (``PostcopyCPULatency``).
+    let cpuLatency = PostcopyCPULatency()
     var report = SourceReport()
     var phase = MigrationPhase.handshake
     var paused = false
@@ -109,7 +111,11 @@ public final class MigrationSource: @unchecked Sendable {
         if dirtyLogging { try? machine.stopDirtyLog(); dirtyLogging = false }  // the guest stays paused
         setPeerTimeouts(0)
         sender.takeResidency()  // the vCPUs stay paused: valid for the rest of the migration
+        if report.mode == "postcopy" { cpuLatency.hold(microseconds: options.postcopyCPULatencyMicroseconds) }
+        defer { cpuLatency.release() }
         try postcopy(&encoder)
+        cpuLatency.release()  // the fault server is done: before the baseline copy and the report
+        report.postcopyCPULatency = cpuLatency.outcome
         faultServer.stop()
         report.demandPages = faultServer.demandServed.load(ordering: .relaxed)
         report.zeroPages = sender.zeroCount.load(ordering: .relaxed)

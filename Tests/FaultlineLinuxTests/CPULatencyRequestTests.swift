@@ -1,0 +1,44 @@
+import FaultlineLinux
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Why a PM QoS CPU latency request cannot be made here, or nil.
+enum PMQoS {
+    static let unavailable: String? = {
+        guard access(CPULatencyRequest.defaultPath, W_OK) == 0 else {
+            return "\(CPULatencyRequest.defaultPath) is not writable here (it needs root, and a kernel with PM QoS)"
+        }
+        return nil
+    }()
+    static let reason = Comment(rawValue: "needs a writable \(CPULatencyRequest.defaultPath): \(unavailable ?? "")")
+}
+
+@Suite("PM QoS CPU latency requests")
+struct CPULatencyRequestTests {
+    @Test(.enabled(if: PMQoS.unavailable == nil, PMQoS.reason))
+    func aRequestHoldsEveryCPUToItsLatencyWhileItLives() throws {
+        // The device reads back the system-wide limit: the smallest request held. Other tests
+        // may hold requests of their own at the same time, so only "at most" can be asserted.
+        let request = try CPULatencyRequest(microseconds: 0)
+        #expect(request.microseconds == 0)
+        #expect(try CPULatencyRequest.current() == 0)
+        withExtendedLifetime(request) {}
+    }
+
+    @Test func aMissingDeviceIsAnErrorThatNamesTheOperation() {
+        #expect {
+            _ = try CPULatencyRequest(microseconds: 0, path: "/nonexistent/cpu_dma_latency")
+        } throws: { error in
+            let e = error as? SystemError
+            return e?.errno == ENOENT && e?.operation == "open /nonexistent/cpu_dma_latency"
+        }
+    }
+
+    @Test func aNegativeLatencyIsRefusedBeforeAnythingIsOpened() {
+        #expect {
+            _ = try CPULatencyRequest(microseconds: -1, path: "/nonexistent/cpu_dma_latency")
+        } throws: { error in (error as? SystemError)?.errno == EINVAL }
+    }
+}
