@@ -88,7 +88,8 @@ extension DestinationReport {
             "  post-copy             \(fmt(postcopySeconds, 3)) s: \(demandPages) pages on demand, \(backgroundPages) in background, \(zeroPages) zero",
             "  pre-copy pages        \(precopyPages)",
             "  stale pages kept      \(recycledPages), \(recycledPagesReused) reused for their new copies",
-            "  from staging          \(pagesInstalledFromStaging) pages a fault found staged and took at once (no request)",
+            "  from staging          \(pagesInstalledFromStaging) pages a fault found staged and took at once (no request)"
+                + (faultMode == .uffdMinor ? "; \(sealedRunsHurried) sealed runs hurried" : ""),
             "  faults                \(faults)\(vcpuExitMechanism.map { " (\(vcpuExitFaults) as vCPU exits via \($0.rawValue))" } ?? ""), up to \(faultAround) pages each, latency p50 \(fmt(l.p50, 1)) us, p90 \(fmt(l.p90, 1)) us, p99 \(fmt(l.p99, 1)) us, max \(fmt(l.max, 1)) us",
             "  fault latency (log2)  " + faultLatencyLog2.enumerated().filter { $0.element > 0 }
                 .map { "[\(1 << $0.offset), \(2 << $0.offset)) us: \($0.element)" }.joined(separator: ", "),
@@ -128,7 +129,7 @@ extension DestinationReport {
             "\"corrupt_pages_rejected\":\(corruptPagesRejected)", "\"destination_reconnects\":\(reconnects)",
             "\"recycled_pages\":\(recycledPages)", "\"recycled_pages_reused\":\(recycledPagesReused)",
             "\"pages_installed_from_staging\":\(pagesInstalledFromStaging)",
-            "\"postcopy_cpu_latency\":\(cpuLatencyJSON(postcopyCPULatency))",
+            "\"postcopy_cpu_latency\":\(cpuLatencyJSON(postcopyCPULatency))", "\"sealed_runs_hurried\":\(sealedRunsHurried)",
             "\"bytes_received\":\(bytesReceived)", "\"digest_match\":\(digestMatch)", "\"guest_check\":\(guestCheck)",
             "\"digest_seconds\":\(fmt(digestSeconds, 6))", "\"digest_pages_from_memory\":\(digestPagesFromMemory)",
             "\"digest_pages_guest_written\":\(digestPagesGuestWritten)", "\"postcopy\":\(postcopy)",

@@ -3,6 +3,9 @@ import Atomics
 import FaultlineCore
 import FaultlineLinux
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A fault on a page the bulk stream has staged but not mapped yet is resolved from the
 /// staged bytes (no request). The installer is held inside its first mapping call, so every
@@ -203,6 +206,33 @@ struct StagedPagesTests {
         let fromStaging = installer.stagedFaultCount.load(ordering: .relaxed)
         #expect(fromStaging == 1)
         #expect(table.installedCount == 256)
+    }
+
+    @Test(.enabled(if: getuid() == 0, "needs root: SCHED_FIFO for another thread (CAP_SYS_NICE)"))
+    func aFaultOnASealedRunMakesItsInstallerRealTimeUntilTheRunIsMapped() throws {
+        // uffd-minor: the fault waits for the sealed run; the installer (nice -5) lost the CPU
+        // there to the fault path for milliseconds. The fault lends it real-time priority.
+        let pages = 16 + 512
+        let (table, mapper, installer, pipeline, gate) = try heldPipeline(pages: pages, exclusive: true)
+        let installerThread = ManagedAtomic<Int32>(0)
+        mapper.beforeBulkMap = { _, _ in
+            installerThread.store(ThreadScheduling.currentThreadID(), ordering: .relaxed)
+            gate.wait()
+        }
+        defer { gate.open(); pipeline.stop() }
+        try pipeline.submit(try helper.batch((16..<272).map { ($0, helper.tag($0)) }))
+        #expect(gate.awaitArrival())
+        let tid = installerThread.load(ordering: .relaxed)
+        #expect(sched_getscheduler(tid) == SCHED_OTHER, "the installer runs real-time before any fault waits for it")
+        #expect(try !pipeline.resolveStaged(40))  // sealed: the fault waits, and hurries the run
+        #expect(sched_getscheduler(tid) == SCHED_FIFO)
+        #expect(try !pipeline.resolveStaged(41))  // a second fault on the same run changes nothing
+        #expect(installer.hurriedRuns.load(ordering: .relaxed) == 1)
+        gate.open()
+        try pipeline.drain()
+        #expect(table.installed.contains(40) && mapper.mapCount[40] == 1)
+        #expect(sched_getscheduler(tid) == SCHED_OTHER, "the installer stayed real-time after its run")
+        #expect(getpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(tid)) == OSThread.Niceness.postcopyInstaller)
     }
 
     @Test func takingAndSealingExcludeEachOther() {

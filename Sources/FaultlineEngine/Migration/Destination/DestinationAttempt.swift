@@ -310,6 +310,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         report.corruptPagesRejected = installer.corruptCount.load(ordering: .relaxed)
         report.pagesInstalledFromStaging = installer.stagedFaultCount.load(ordering: .relaxed)
         report.postcopyCPULatency = cpuLatency.outcome
+        report.sealedRunsHurried = installer.hurriedRuns.load(ordering: .relaxed)
         (report.recycledPages, report.recycledPagesReused) = mapper.recycledPages
         report.bytesReceived = bytesFromClosedChannels + bulk.bytesReceived + fault.bytesReceived
         report.faultLatencyMicroseconds = book.latencyMicroseconds

@@ -126,13 +126,20 @@ final class InstallPipeline: @unchecked Sendable {
     /// mapped yet), maps it from the staged bytes and returns true. The scratch is pinned
     /// meanwhile, so it cannot be refilled under the copy.
     func resolveStaged(_ page: Int) throws -> Bool {
-        guard let staged, let (entry, crc) = staged.lookup(page), entry.scratch < scratches.count else { return false }
+        guard let staged else { return false }
+        guard let (entry, crc) = staged.lookup(page), entry.scratch < scratches.count else {
+            if installer.exclusiveInstalls && staged.isSealed(page) { installer.hurrySealedRun() }  // its run is being written
+            return false
+        }
         let scratch = scratches[entry.scratch]
         scratch.pins.wrappingIncrement(ordering: .sequentiallyConsistent)
         defer { scratch.pins.wrappingDecrement(ordering: .sequentiallyConsistent) }
         guard scratch.generation.load(ordering: .sequentiallyConsistent) == entry.generation else { return false }
         // MINOR: one writer per page - take it from the bulk installer, or leave it to its run.
-        if installer.exclusiveInstalls && (installer.sealing !== staged || !staged.take(page, entry)) { return false }
+        if installer.exclusiveInstalls {
+            guard installer.sealing === staged else { return false }
+            guard staged.take(page, entry) else { installer.hurrySealedRun(); return false }  // sealed meanwhile
+        }
         try installer.installStaged(page, data: entry.zero ? nil : UnsafeRawPointer(scratch.staging + entry.slot * 4096), crc: crc)
         return true
     }

@@ -104,6 +104,8 @@ public struct DestinationReport: Sendable {
     /// Pages the bulk stream had staged and a fault (or the receiver, for a page a vCPU was
     /// waiting for) mapped from the staged bytes, with no request to the source.
     public var pagesInstalledFromStaging = 0
+    /// uffd-minor: bulk runs a fault found sealed and hurried (made real-time until mapped).
+    public var sealedRunsHurried = 0
     /// Stale pages kept (moved out, not freed) when dropped, and how many took a new copy.
     public var recycledPages = 0
     public var recycledPagesReused = 0

@@ -81,6 +81,11 @@ final class StagedPages: @unchecked Sendable {
                                                                  ordering: .acquiringAndReleasing).exchanged
     }
 
+    /// The bulk installer sealed `page` for its run (the run may have been mapped since).
+    func isSealed(_ page: Int) -> Bool {
+        page >= 0 && page < count && UnsafeAtomic<UInt64>(at: entries + page).load(ordering: .acquiring) == Self.sealedByInstaller
+    }
+
     /// The bulk installer, just before writing `page` (staged as `entry`): false when the
     /// fault path took it first (the run then leaves it out).
     func seal(_ page: Int, _ entry: Entry) -> Bool {
