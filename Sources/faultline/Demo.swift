@@ -34,7 +34,7 @@ struct Demo: ParsableCommand {
     @Option(name: .customLong("fault-around"), help: faultAroundHelp) var faultAround = 16
     @Option(name: .customLong("postcopy-vcpu-nice"), help: postcopyNiceHelp) var postcopyVcpuNice = OSThread.Niceness.vcpuDuringPostcopy
     @Flag(name: .customLong("postcopy-vcpus-off-fault-cpu"), inversion: .prefixedNo, help: offFaultCPUHelp) var vcpusOffFaultCPU = true
-    @Option(name: .customLong("postcopy-cpu-latency"), help: cpuLatencyHelp) var postcopyCPULatency = CPULatencySetting.poll
+    @Option(name: .customLong("postcopy-cpu-latency"), help: cpuLatencyHelp) var postcopyCPULatency = CPULatencySetting.off
     @Flag(help: "One JSON line with both sides' figures") var json = false
     @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
     @OptionGroup var injection: SourceFaultInjection

@@ -28,7 +28,7 @@ let faultCPUHelp: ArgumentHelp = "CPU for the fault-path threads: auto (the last
 let faultAroundHelp: ArgumentHelp = "Pages asked for per post-copy fault: the faulting page and the missing ones after it (1 = the faulting page only)"
 let postcopyNiceHelp: ArgumentHelp = "Niceness of the vCPU threads while post-copy runs (0-19; higher leaves more CPU to the page stream)"
 let offFaultCPUHelp: ArgumentHelp = "While post-copy runs, keep the vCPU threads off the fault path's CPU (--fault-cpu), where another CPU is left"
-let cpuLatencyHelp: ArgumentHelp = "While post-copy runs, hold a PM QoS request (/dev/cpu_dma_latency, needs root) that keeps idle CPUs within this many microseconds of waking: 0 makes them poll instead of halting; off makes no request"
+let cpuLatencyHelp: ArgumentHelp = "While post-copy runs, hold a PM QoS request (/dev/cpu_dma_latency, needs root) that keeps idle CPUs within this many microseconds of waking: 0 makes them poll instead of halting; off (the default) makes no request"
 
 /// `--postcopy-cpu-latency`: microseconds, or `off`.
 struct CPULatencySetting: ExpressibleByArgument, Equatable {
@@ -41,7 +41,7 @@ struct CPULatencySetting: ExpressibleByArgument, Equatable {
     }
     var argument: String { microseconds.map(String.init) ?? "off" }
     var defaultValueDescription: String { argument }
-    static let poll = CPULatencySetting(microseconds: 0)
+    static let off = CPULatencySetting(microseconds: nil)
 }
 
 let preFaultHelp: ArgumentHelp = "KVM_PRE_FAULT_MEMORY (TDP hosts): map installed pages at the switch-over and all RAM after post-copy"
@@ -74,7 +74,7 @@ struct SourceMigrationArguments: ParsableArguments {
     var retries = 0
     @Option(name: .customLong("reconnect-seconds"), help: "How long to retry a broken connection after the switch-over")
     var reconnectSeconds = 30.0
-    @Option(name: .customLong("postcopy-cpu-latency"), help: cpuLatencyHelp) var postcopyCPULatency = CPULatencySetting.poll
+    @Option(name: .customLong("postcopy-cpu-latency"), help: cpuLatencyHelp) var postcopyCPULatency = CPULatencySetting.off
 }
 
 extension MigrationOptions {
@@ -242,7 +242,7 @@ struct Receive: ParsableCommand {
     @Option(name: .customLong("fault-around"), help: faultAroundHelp) var faultAround = 16
     @Option(name: .customLong("postcopy-vcpu-nice"), help: postcopyNiceHelp) var postcopyVcpuNice = OSThread.Niceness.vcpuDuringPostcopy
     @Flag(name: .customLong("postcopy-vcpus-off-fault-cpu"), inversion: .prefixedNo, help: offFaultCPUHelp) var vcpusOffFaultCPU = true
-    @Option(name: .customLong("postcopy-cpu-latency"), help: cpuLatencyHelp) var postcopyCPULatency = CPULatencySetting.poll
+    @Option(name: .customLong("postcopy-cpu-latency"), help: cpuLatencyHelp) var postcopyCPULatency = CPULatencySetting.off
     @Flag(help: "One JSON line") var json = false
     @Option(name: .customLong("inject-damage-installed-page"), help: .hidden) var damagePage: Int?
     @Flag(name: .customLong("inject-fault-thread-failure"), help: .hidden) var failFaultThread = false

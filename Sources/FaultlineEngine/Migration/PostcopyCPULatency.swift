@@ -13,12 +13,14 @@ public struct CPULatencyOutcome: Sendable, Equatable {
 
 /// While post-copy runs, every fault is a guest stall that waits for two or three thread
 /// wake-ups (the source's fault server, the destination's receiver, the vCPU). A CPU that went
-/// idle halts, and on a virtualized host a halted CPU is descheduled below: waking it there
-/// took up to milliseconds (docs/benchmarks.md, session 10). So each side asks the kernel,
-/// through PM QoS, to keep idle CPUs within `microseconds` of waking for as long as post-copy
+/// idle halts (or, on bare metal, enters a deep C-state), and waking it costs: on a virtualized
+/// host a halted CPU is descheduled below. With `--postcopy-cpu-latency US` each side asks the
+/// kernel, through PM QoS, to keep idle CPUs within `US` of waking for as long as post-copy
 /// runs - with 0 they poll instead of halting - as latency-bound programs such as cyclictest
-/// do. Without the privilege, or without PM QoS, the request is reported as not held and post-copy
-/// runs as before: a slower tail, never a failed migration.
+/// do. Off by default: on this machine it made post-copy 5-15% slower (a polling CPU takes
+/// from the busy one below) and did not shorten the tail in the product's batches
+/// (docs/benchmarks.md, session 10). Without the privilege, or without PM QoS, the request
+/// is reported as not held and post-copy runs as before, never a failed migration.
 final class PostcopyCPULatency: @unchecked Sendable {
     private var request: CPULatencyRequest?
     private(set) var outcome: CPULatencyOutcome?

@@ -21,9 +21,10 @@ public struct DestinationOptions: Sendable {
     /// one and another CPU is left).
     public var vcpusOffFaultCPU = true
     /// While post-copy runs, hold a PM QoS request that keeps idle CPUs within this many
-    /// microseconds of waking (0: they poll instead of halting); nil makes none
-    /// (``PostcopyCPULatency``).
-    public var postcopyCPULatencyMicroseconds: Int32? = 0
+    /// microseconds of waking (0: they poll instead of halting); nil, the default, makes none
+    /// (``PostcopyCPULatency``: on this host it cost 5-15% of the total and did not shorten
+    /// the tail).
+    public var postcopyCPULatencyMicroseconds: Int32?
     /// With `preallocBytes`: install MISSING-mode bulk runs by UFFDIO_MOVE from the
     /// pre-populated pool (when the kernel has MOVE). Without it every page goes in with
     /// UFFDIO_COPY (the kernel allocates it; nothing is populated up front).
