@@ -174,10 +174,10 @@ struct Demo: ParsableCommand {
                 print("  faults                \(object["faults"] ?? 0)\(via), latency p50 \(l["p50"] ?? 0) us, p90 \(l["p90"] ?? 0) us, "
                       + "p99 \(l["p99"] ?? 0) us, max \(l["max"] ?? 0) us")
                 print("  vCPU stall (ms)       \(object["vcpu_stall_ms"] ?? [])")
-                if let c = object["postcopy_cpu_latency"] as? [String: Any] {
-                    let held = c["held"] as? Bool ?? false
-                    print("  CPU latency request   \(c["requested_us"] ?? 0) us, " + (held ? "held while post-copy ran"
-                          : "not held (\(c["error"] as? String ?? "unknown")): idle CPUs could halt"))
+                if let c = object["postcopy_cpu_latency"] as? [String: Any], let us = c["requested_us"] as? Int {
+                    let outcome = CPULatencyOutcome(requestedMicroseconds: Int32(us), held: c["held"] as? Bool ?? false,
+                                                    error: c["error"] as? String)
+                    print("  CPU latency request   \(cpuLatencyText(outcome))")
                 }
                 if let pf = object["pre_fault"] as? [String: Any] {
                     for (key, label) in [("switchover", "at switch-over"), ("after_postcopy", "after post-copy")] {

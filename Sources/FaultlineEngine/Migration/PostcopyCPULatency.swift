@@ -3,6 +3,12 @@ import FaultlineLinux
 /// What became of the CPU wake-up latency request a side makes for post-copy
 /// (``PostcopyCPULatency``): reported, never fatal.
 public struct CPULatencyOutcome: Sendable, Equatable {
+    public init(requestedMicroseconds: Int32, held: Bool, error: String?) {
+        self.requestedMicroseconds = requestedMicroseconds
+        self.held = held
+        self.error = error
+    }
+
     /// The latency asked for, in microseconds.
     public var requestedMicroseconds: Int32
     /// The request was in place while post-copy ran.
@@ -17,7 +23,7 @@ public struct CPULatencyOutcome: Sendable, Equatable {
 /// host a halted CPU is descheduled below. With `--postcopy-cpu-latency US` each side asks the
 /// kernel, through PM QoS, to keep idle CPUs within `US` of waking for as long as post-copy
 /// runs - with 0 they poll instead of halting - as latency-bound programs such as cyclictest
-/// do. Off by default: on this machine it made post-copy 5-15% slower (a polling CPU takes
+/// do. Off by default: on this machine it made post-copy 2-17% slower (a polling CPU takes
 /// from the busy one below) and did not shorten the tail in the product's batches
 /// (docs/benchmarks.md, session 10). Without the privilege, or without PM QoS, the request
 /// is reported as not held and post-copy runs as before, never a failed migration.
