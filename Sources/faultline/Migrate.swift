@@ -178,6 +178,8 @@ struct Run: ParsableCommand {
     @Option(name: .customLong("migrate-after"), help: "Seconds to run before migrating") var migrateAfter = 1.0
     @OptionGroup var migration: SourceMigrationArguments
     @Option(name: .customLong("run-seconds"), help: "Without --migrate-to: run this long, then stop") var runSeconds = 2.0
+    @Option(name: .customLong("snapshot-to"), help: "Write a snapshot of the running guest into this folder (then stop it)") var snapshotTo: String?
+    @Option(name: .customLong("snapshot-after"), help: "Seconds to run before the snapshot") var snapshotAfter = 1.0
     @Option(name: .customLong("run-after-failure"), help: "After a failed migration, keep the guest running this long (it is shown to advance)")
     var runAfterFailure = 1.0
     @Flag(help: "After the migration, time a plain TCP copy of the same non-zero bytes on the same link") var baseline = false
@@ -203,6 +205,11 @@ struct Run: ParsableCommand {
             let vm = try MigratableVM(layout: layout, backing: .anonymous)
             try vm.boot(workload: wl)
             try vm.start()
+            if let snapshotTo {
+                guard target == nil else { throw CLIError(description: "--snapshot-to and --migrate-to cannot be combined") }
+                try snapshotGuest(vm, to: snapshotTo, after: snapshotAfter, workload: workload.rawValue, json: json)
+                return
+            }
             guard let target else {
                 Thread.sleep(forTimeInterval: runSeconds)
                 let err = vm.stop()
@@ -301,4 +308,25 @@ struct Receive: ParsableCommand {
             fail(error)
         }
     }
+}
+
+/// `run --snapshot-to`: lets the guest run, pauses it, writes the snapshot, stops the guest.
+func snapshotGuest(_ vm: MigratableVM, to folder: String, after seconds: Double, workload: String, json: Bool) throws {
+    Thread.sleep(forTimeInterval: seconds)
+    let t0 = MonotonicClock.nanoseconds()
+    vm.pause()
+    let pausedMilliseconds = Double(MonotonicClock.nanoseconds() - t0) / 1e6
+    let passes = vm.counters.totalPasses
+    let report = try SnapshotWriter.write(vm, to: folder, workload: workload)
+    let err = vm.stop()
+    let mismatches = vm.counters.mismatches.load(ordering: .relaxed)
+    if json {
+        print(try jsonLine(report, extra: ["outcome": "snapshot_written", "passes_before_snapshot": "\(passes)",
+                                           "guest_mismatches": "\(mismatches)", "pause_ms": "\(pausedMilliseconds)"]))
+    } else {
+        print("snapshot written to \(folder): \(report.pages) pages, \(report.dataPages) with data (\(report.bytesWritten >> 20) MiB), "
+              + "in \(report.seconds) s; the guest had run \(passes) passes, \(mismatches) mismatches")
+    }
+    if let err { throw CLIError(description: err) }
+    if mismatches > 0 { throw CLIError(description: "the guest reported \(mismatches) mismatches before the snapshot") }
 }

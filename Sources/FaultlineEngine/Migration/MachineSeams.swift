@@ -21,6 +21,13 @@ public protocol SourceMachine: AnyObject, Sendable {
     /// One byte per RAM page, bit 0 set when resident (mincore); false when unknown. A page
     /// that is not resident was never touched and is zero.
     func residency(into bytes: UnsafeMutablePointer<UInt8>) -> Bool
+    /// Throws if the bytes of `pages` must not be sent (a snapshot chunk that fails its
+    /// checksum). Called before pages are read for the wire; a live guest has nothing to check.
+    func checkPages(_ pages: Range<Int>) throws
+}
+
+extension SourceMachine {
+    public func checkPages(_ pages: Range<Int>) throws {}
 }
 
 /// The guest as the destination sees it.

@@ -299,6 +299,8 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
 
         report.totalSeconds = Double(MonotonicClock.nanoseconds() - t0) / 1e9
         report.switchoverMilliseconds = Double(tRunning &- tSwitch) / 1e6
+        report.guestStartedAt = tRunning
+        report.everyPageInAt = tComplete
         report.switchoverParts = switchParts.parts
         report.postcopySeconds = Double(tComplete &- tRunning) / 1e9
         report.precopyPages = installer.precopyCount.load(ordering: .relaxed)

@@ -138,6 +138,10 @@ public struct DestinationReport: Sendable {
     public var guestMismatches = 0
     public var firstMismatch: String?
     public var passesAfterMigration: UInt64 = 0
+    /// Monotonic clock (ns) when the vCPUs were started, and when every page was in (a restore
+    /// measures both from its own start).
+    public var guestStartedAt: UInt64 = 0
+    public var everyPageInAt: UInt64 = 0
 }
 
 /// The destination side: listens, takes one migration attempt at a time and returns when one

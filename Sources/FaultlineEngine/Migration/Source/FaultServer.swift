@@ -46,6 +46,7 @@ final class FaultServer: @unchecked Sendable {
                         if done.contains(Int(first)) { requestsForSentPages.wrappingIncrement(ordering: .relaxed) }
                         encoder.beginPages(pageSize: 4096, replyingTo: requestID)
                         let end = min(first &+ UInt64(count), UInt64(total))
+                        try sender.machine.checkPages(Int(first)..<Int(end))
                         // The requested page and the rest of the destination's fault-around
                         // window, even pages the stream has sent already: a vCPU that walks
                         // into pages still in flight would otherwise get them one fault at a

@@ -12,7 +12,11 @@ extension MigrationSource {
         let carried = self.carried
         let digestThread = try OSThread(name: "digest") { [self] in
             var d: UInt64 = 0
+            var bad: Error?
             carried.forEachSetPage { page in
+                // A snapshot's chunks are checked here too, ahead of the stream and the faults.
+                guard bad == nil else { return }
+                do { try machine.checkPages(page..<page + 1) } catch { bad = error; return }
                 // A page the paused guest never touched reads as zeros: its entry needs no read,
                 // which would fault the zero page in (a millisecond per 500 pages here).
                 let crc = sender.isUntouched(page) ? MemoryDigest.zeroPageCRC
@@ -20,6 +24,7 @@ extension MigrationSource {
                 d ^= MemoryDigest.mix(page: page, crc: crc)
             }
             carriedDigest = d
+            if let bad { failures.record("source memory", bad) }
         }
         var digestJoined = false
         defer { if !digestJoined { digestThread.join() } }

@@ -61,6 +61,7 @@ final class PageSender: @unchecked Sendable {
     /// Appends a page and sends the batch when full. `corrupt`: flip a byte of this page's
     /// data after its checksum (fault injection).
     func append(_ page: Int, to encoder: inout WireEncoder, channel: WireChannel, corrupt: Bool = false) throws -> Bool {
+        try machine.checkPages(page..<page + 1)
         let data = encode(page, into: &encoder)
         if corrupt && data {
             encoder.endPages()

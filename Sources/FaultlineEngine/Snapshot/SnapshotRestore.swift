@@ -1,0 +1,84 @@
+import FaultlineCore
+import FaultlineLinux
+
+/// Restores a snapshot into a new guest: a migration whose source is the snapshot
+/// (``SnapshotMachine``), run inside this process over loopback. Lazy: the vCPUs start as
+/// soon as their state is loaded and the snapshot's pages arrive on demand (in the
+/// destination's fault mode) and in a background fill. Eager: every chunk is checked, then
+/// every page is copied before the vCPUs start (stop-and-copy), the baseline.
+public enum SnapshotRestore {
+    public struct Options: Sendable {
+        public var lazy = true
+        /// The new guest's side: fault mode, fault-around, run time after the restore ...
+        /// (`listen` is ignored: the restore listens on loopback, on a port it picks).
+        public var destination: DestinationOptions
+        /// How the snapshot is served (batch size, the fault-path CPU ...).
+        public var source: MigrationOptions
+
+        public init() {
+            let loopback = SocketEndpoint(parsing: "127.0.0.1:0")!
+            destination = DestinationOptions(listen: loopback)
+            source = MigrationOptions(destination: loopback)
+        }
+    }
+
+    /// `started`: the monotonic time the restore counts from (the command's start).
+    public static func run(_ snapshot: Snapshot, options: Options, started: UInt64) throws -> RestoreReport {
+        var report = RestoreReport(snapshot: snapshot.folder, mode: options.lazy ? "lazy" : "eager",
+                                   faultMode: options.destination.faultMode.description, vcpus: snapshot.layout.vcpus,
+                                   memoryBytes: snapshot.layout.ramSize, snapshotDataPages: snapshot.manifest.dataPages)
+        if !options.lazy {
+            let verified = try snapshot.verify()  // nothing is installed from a snapshot that fails
+            report.verifySeconds = verified.seconds
+        }
+        var destinationOptions = options.destination
+        destinationOptions.listen = SocketEndpoint(parsing: "127.0.0.1:0")!
+        destinationOptions.acceptSeconds = 30
+        let destination = try MigrationDestination(options: destinationOptions)
+        var sourceOptions = options.source
+        sourceOptions.destination = destination.endpoint
+        sourceOptions.precopyRounds = 0
+        sourceOptions.retries = 0
+        sourceOptions.progress = false
+        if options.lazy {
+            sourceOptions.postcopy = .always
+        } else {
+            sourceOptions.immediateStopAndCopy = "eager restore: every page before the vCPUs start"
+        }
+        let machine = SnapshotMachine(snapshot: snapshot)
+        let sourceOutcome = Locked<Result<SourceReport, Error>?>(nil)
+        var sourceThread: OSThread?
+        let destinationReport: DestinationReport
+        do {
+            destinationReport = try destination.run { _ in
+                sourceThread = try? OSThread(name: "snapshot server") {
+                    let outcome = Result { try SourceMigration.run(machine, options: sourceOptions).1 }
+                    sourceOutcome.withLock { $0 = outcome }
+                }
+            }
+        } catch {
+            sourceThread?.join()
+            // The snapshot side's cause (a corrupt chunk, say) is the one worth naming.
+            if case .failure(let sourceError)? = sourceOutcome.withLock({ $0 }) { throw RestoreFailed(cause: sourceError, destination: error) }
+            throw error
+        }
+        sourceThread?.join()
+        let sourceReport: SourceReport
+        switch sourceOutcome.withLock({ $0 }) {
+        case .success(let r)?: sourceReport = r
+        case .failure(let e)?: throw e
+        case nil: throw RestoreFailed(cause: MigrationError.protocolViolation("the snapshot server did not start"), destination: nil)
+        }
+        report.fill(destination: destinationReport, source: sourceReport, started: started)
+        return report
+    }
+}
+
+/// A restore that failed; `cause` is the snapshot side's reason, `destination` the new guest's.
+public struct RestoreFailed: Error, CustomStringConvertible {
+    public let cause: Error
+    public let destination: Error?
+    public var description: String {
+        "restore failed: \(cause)" + (destination.map { "; the new guest was stopped (\($0))" } ?? "")
+    }
+}

@@ -1,0 +1,93 @@
+import ArgumentParser
+import FaultlineCore
+import FaultlineEngine
+import FaultlineLinux
+import Foundation
+
+/// `faultline snapshot verify DIR`.
+struct SnapshotCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "snapshot", abstract: "Work with snapshots (`run --snapshot-to DIR` writes one).",
+        subcommands: [Verify.self])
+
+    struct Verify: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Check a snapshot without restoring it: manifest, size, every chunk's CRC32C and the memory digest.")
+        @Argument(help: "The snapshot folder") var folder: String
+        @Flag(help: "One JSON line") var json = false
+
+        func run() throws {
+            do {
+                let snapshot = try Snapshot(folder: folder)
+                let r = try snapshot.verify()
+                if json {
+                    print(try jsonLine(r, extra: ["outcome": "verified", "snapshot": folder]))
+                } else {
+                    print("snapshot \(folder) verified: \(r.pages) pages (\(r.dataPages) with data), \(r.chunks) chunks, "
+                          + "\(snapshot.layout.vcpus) vCPU(s), \(snapshot.layout.ramSize >> 20) MiB RAM, \(r.seconds) s")
+                }
+            } catch {
+                if json { print((try? jsonLine(["outcome": "refused", "error": "\(error)"])) ?? "{}") }
+                fail(error)
+            }
+        }
+    }
+}
+
+/// `faultline restore DIR`.
+struct Restore: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Restore a snapshot into a new guest and run it: lazily (pages on demand and in the background) or eagerly.")
+
+    @Argument(help: "The snapshot folder") var folder: String
+    @Flag(help: "--lazy: start the vCPUs at once, fetch memory on demand; --eager: check and copy everything first")
+    var lazy: RestoreMode = .lazy
+    @Option(name: .customLong("fault-mode"), help: faultModeHelp) var faultMode: FaultModeChoice = .auto
+    @Option(help: "single | per-vcpu (uffd modes)") var uffd: UffdTopology = .single
+    @Option(help: "Reader threads per userfaultfd (uffd modes)") var readers = 1
+    @Option(name: .customLong("fault-around"), help: faultAroundHelp) var faultAround = 16
+    @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
+    @Option(name: .customLong("run-after"), help: "Seconds the guest keeps running after every page is in") var runAfter = 1.0
+    @Flag(help: "One JSON line") var json = false
+
+    enum RestoreMode: String, EnumerableFlag { case lazy, eager }
+
+    func run() {
+        let started = MonotonicClock.nanoseconds()
+        do {
+            try HeapPolicy.keepHeapForFaultPath()
+            let (mode, _) = try FaultModeSelection.resolve(requested: faultMode)
+            let snapshot = try Snapshot(folder: folder)
+            var options = SnapshotRestore.Options()
+            options.lazy = lazy == .lazy
+            options.destination.faultMode = mode
+            options.destination.uffd = uffd
+            options.destination.readers = readers
+            options.destination.faultAround = faultAround
+            options.destination.faultPathCPU = faultCPU
+            options.destination.runAfterSeconds = runAfter
+            options.source.faultPathCPU = faultCPU
+            let report = try SnapshotRestore.run(snapshot, options: options, started: started)
+            print(json ? try jsonLine(report) : report.text)
+            if !report.digestMatch || !report.guestCheck {
+                fputs("faultline: error: the restored guest's memory does not match the snapshot\n", stderr)
+                Foundation.exit(1)
+            }
+        } catch {
+            if json { print((try? jsonLine(["side": "restore", "outcome": "failed", "error": "\(error)"])) ?? "{}") }
+            fail(error)
+        }
+    }
+}
+
+/// One line of JSON from a Codable value; `extra` string fields are merged in.
+func jsonLine<T: Encodable>(_ value: T, extra: [String: String] = [:]) throws -> String {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+    var data = try encoder.encode(value)
+    if !extra.isEmpty, var object = try JSONSerialization.jsonObject(with: data) as? [String: Any] {
+        for (k, v) in extra { object[k] = v }
+        data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
+    }
+    return String(decoding: data, as: UTF8.self)
+}
