@@ -5,10 +5,12 @@ For each configuration, runs `faultline bench demand-paging --json` and the C re
 `demand_paging_ref --json` alternately (C first on even runs, Swift first on odd ones),
 then reports the median pages/sec of each and the median of the per-run ratios.
 
-  bench/compare.py --ref /path/to/demand_paging_ref --runs 5 --preset headline
-  bench/compare.py --ref ... --runs 3 --preset sweep --markdown docs/sweep.md
+  bench/compare.py --ref ./demand_paging_ref --runs 5 --preset headline
+  bench/compare.py --ref ./demand_paging_ref --runs 3 --preset sweep --markdown /tmp/sweep.md
 
-Build the reference first: cc -O2 -pthread -o demand_paging_ref demand_paging_ref.c
+Build both first, from the repository root:
+  swift build -c release
+  cc -O2 -pthread -o demand_paging_ref bench/demand_paging_ref.c
 """
 import argparse, json, statistics, subprocess, sys, time
 
