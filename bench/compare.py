@@ -5,10 +5,12 @@ For each configuration, runs `faultline bench demand-paging --json` and the C re
 `demand_paging_ref --json` alternately (C first on even runs, Swift first on odd ones),
 then reports the median pages/sec of each and the median of the per-run ratios.
 
-  bench/compare.py --ref /path/to/demand_paging_ref --runs 5 --preset headline
-  bench/compare.py --ref ... --runs 3 --preset sweep --markdown docs/sweep.md
+  bench/compare.py --ref ./demand_paging_ref --runs 5 --preset headline
+  bench/compare.py --ref ./demand_paging_ref --runs 3 --preset sweep --markdown /tmp/sweep.md
 
-Build the reference first: cc -O2 -pthread -o demand_paging_ref demand_paging_ref.c
+Build both first, from the repository root:
+  swift build -c release
+  cc -O2 -pthread -o demand_paging_ref bench/demand_paging_ref.c
 """
 import argparse, json, statistics, subprocess, sys, time
 
@@ -28,7 +30,7 @@ def mem_for(vcpus):
     return 16 if vcpus <= 4 else (4 if vcpus <= 64 else 1)
 
 PRESETS = {
-    # The issue's acceptance configurations.
+    # The acceptance configurations (docs/benchmarks.md, "The acceptance configurations").
     "headline": [
         dict(mode="uffd-missing", vcpus=1, mem=64),
         dict(mode="uffd-minor", uffd="per-vcpu", vcpus=4, mem=16),
@@ -40,7 +42,8 @@ PRESETS = {
     ],
     # The vcpu-exit rows of the acceptance set.
     "vcpu-exit": [dict(mode="vcpu-exit", vcpus=1, mem=64), dict(mode="vcpu-exit", vcpus=4, mem=16)],
-    # vcpu-exit against uffd-missing single (the seed's scaling claim): run with --pair.
+    # vcpu-exit against uffd-missing single, at 1 and at 64 vCPUs (the KVM Userfault series'
+    # scaling claim): divide the rows' pages/s (docs/benchmarks.md, "The scaling claims").
     "scaling": [dict(mode="uffd-missing", vcpus=1, mem=64), dict(mode="vcpu-exit", vcpus=1, mem=64),
                 dict(mode="uffd-missing", vcpus=64, mem=4, delay=30), dict(mode="vcpu-exit", vcpus=64, mem=4, delay=30)],
     # Every mode x {1, 4, 16, 64, 256} vCPUs x {0, 30 us}.

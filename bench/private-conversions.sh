@@ -1,5 +1,5 @@
 #!/bin/sh
-# bench/private-conversions.sh RUNS CONVERSIONS: the OVMF bounce-buffer pattern (seed 002)
+# bench/private-conversions.sh RUNS CONVERSIONS: the OVMF bounce-buffer pattern
 # inside the kernel rig - eager vs lazy discard vs the no-conversion baseline, 1- and 2-page
 # buffers, alternated run by run. One JSON line per run (faultline bench conversions --json).
 # Run it through the rig: rig/run -- sh bench/private-conversions.sh 5 2000

@@ -1,6 +1,6 @@
 #!/bin/sh
-# rig/bench-scaling.sh: the seed's scaling table (seed 000, KVM Userfault) measured inside the
-# rig - run it on the KVM Userfault kernel:
+# rig/bench-scaling.sh: the KVM Userfault series' scaling comparison (vcpu-exit against one
+# userfaultfd and one per vCPU) measured inside the rig - run it on the KVM Userfault kernel:
 #
 #   rig/run --kernel ../shared/rig/bzImage-6.12-userfault --smp 2 --timeout 3000 -- \
 #     sh rig/bench-scaling.sh [RUNS] [MIB_PER_VCPU] [DELAYS] [VCPU_COUNTS]
@@ -9,8 +9,8 @@
 # in vcpu-exit (KVM Userfault), uffd-missing with one userfaultfd, and uffd-missing with one
 # userfaultfd per vCPU; RUNS runs each (default 5), MIB_PER_VCPU MiB per vCPU (default 4).
 # One JSON line per run on stdout (prefixed "scaling: "); rig/scaling-table.py summarises.
-# The rig's kernel sometimes dies under multi-threaded TCG (docs/benchmarks.md): run one cell
-# per boot and retry (as docs/benchmarks.md records).
+# The rig's kernel sometimes dies under multi-threaded TCG: run one cell per boot and retry it
+# (docs/benchmarks.md, "KVM Userfault", has the loop and the results).
 bin=${FAULTLINE_BIN:-.build/release/faultline}
 runs=${1:-5}
 mib=${2:-4}

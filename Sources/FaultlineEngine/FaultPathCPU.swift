@@ -4,9 +4,8 @@ import FaultlineLinux
 /// and reply of a connection then leaves from the same CPU, so on loopback (where a packet
 /// is delivered through the sending CPU's backlog) segments cannot overtake each other. A
 /// thread that wanders between CPUs makes the receiver see them out of order, and the
-/// segment left behind waits for the other CPU's softirq work - measured here as fault
-/// replies held back 1-5 ms (p99 of 0.4-3.5 ms unpinned, 0.1-0.75 ms pinned, on the
-/// 1 GiB acceptance runs).
+/// segment left behind waits for the other CPU's softirq work, which can hold a fault reply
+/// back for milliseconds.
 public enum FaultPathCPU: Equatable, Sendable {
     /// The highest-numbered CPU this process may run on.
     case automatic

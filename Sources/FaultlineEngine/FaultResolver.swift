@@ -7,7 +7,7 @@ public enum InstallMethod: Sendable {
     /// UFFDIO_COPY from the fetched bytes (anonymous memory, MISSING faults).
     case copy
     /// pwrite the bytes into the backing file, then UFFDIO_CONTINUE (memfd, MINOR faults):
-    /// nobody can see the page before it is complete (the guest_memfd uffd seed's point).
+    /// nobody can see the page before it is complete.
     case writeThenContinue
 }
 

@@ -20,7 +20,7 @@ public struct PreFaultRun: Sendable {
 }
 
 /// `faultline bench prefault`: the first-touch cost of a region with and without
-/// KVM_PRE_FAULT_MEMORY (seed 003). Refused where the kernel answers EOPNOTSUPP (shadow
+/// KVM_PRE_FAULT_MEMORY. Refused where the kernel answers EOPNOTSUPP (shadow
 /// paging, as on nested hosts without TDP).
 public enum PreFaultBenchmark {
     public struct Refused: Error, CustomStringConvertible { public let description: String }

@@ -9,10 +9,8 @@ import Glibc
 /// Every `mmap`, `munmap`, `mprotect` and `brk` takes the process's mmap lock for writing.
 /// A writer waits for every reader - among them a vCPU thread in the middle of a page fault
 /// on guest memory, which during post-copy runs at the lowest priority and can sit preempted
-/// for a whole scheduler tick - and every later reader queues behind the writer: the other
-/// vCPUs' faults, and the fault path's own `munmap` when it frees a buffer. Measured: a fault
-/// receiver that freed a 1 MiB receive buffer in the middle of post-copy waited 3 ms in
-/// `munmap`, and the vCPU waiting for that reply with it (docs/benchmarks.md, session 7).
+/// for a scheduler tick - and every later reader, the other vCPUs' faults included, queues
+/// behind the writer. A fault-path thread that frees a large buffer would be such a writer.
 ///
 /// So, as real-time Linux programs do: no allocation is served by its own `mmap` (it would
 /// be unmapped again on free), freed memory is kept, and the heap grows in large steps.

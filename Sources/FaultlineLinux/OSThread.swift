@@ -70,19 +70,18 @@ public final class OSThread: @unchecked Sendable {
         /// Fault server, fault receiver, uffd readers: a fault never waits behind bulk data.
         public static let faultPath: Int32 = -10
         /// vCPU threads while their memory is still arriving: the lowest priority, so that on
-        /// a host without spare CPUs the page stream the guest waits for goes first. At +10 a
-        /// guest walking memory ahead of the stream got enough CPU to fault on page after page
-        /// (each fault costing both sides far more than a streamed page), which starved the
-        /// stream and kept the guest ahead of it: 20 000-40 000 faults and 3-4 s instead of
-        /// ~1 000 faults and ~1 s for 1 GiB on two CPUs, in about one run of six.
+        /// a host without spare CPUs the page stream the guest waits for goes first. Higher, a
+        /// guest walking memory gets enough CPU to run ahead of the stream and fault on page
+        /// after page, and those faults (each far dearer than a streamed page) starve the
+        /// stream: a fault storm (docs/design.md, "Post-copy").
         public static let vcpuDuringPostcopy: Int32 = 19
         /// A vCPU thread while it waits for a page it faulted on (vcpu-exit): woken, it must
         /// run at once, not after the stream's threads have had their slices.
         public static let vcpuWaitingForPage: Int32 = -10
         /// The destination's post-copy installer thread (maps what the bulk stream brought):
         /// ahead of the stream's other threads, behind the fault path. A vCPU whose page it has
-        /// claimed waits for it (uffd-minor: installs are exclusive), and at nice 0 it was
-        /// preempted in the middle of a run for up to 15 ms (docs/benchmarks.md, session 7).
+        /// claimed waits for it (uffd-minor: installs are exclusive), so it must not sit
+        /// preempted in the middle of a run behind the stream's nice-0 threads.
         public static let postcopyInstaller: Int32 = -5
     }
 }

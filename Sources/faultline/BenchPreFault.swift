@@ -3,7 +3,7 @@ import FaultlineCore
 import FaultlineEngine
 
 /// `faultline bench prefault`: a guest's first touch of a region whose host pages are present,
-/// with and without KVM_PRE_FAULT_MEMORY first (seed 003).
+/// with and without KVM_PRE_FAULT_MEMORY first.
 struct BenchPreFault: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "prefault",

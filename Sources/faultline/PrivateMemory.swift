@@ -78,7 +78,7 @@ struct PrivateCommand: ParsableCommand {
 struct BenchConversions: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "conversions",
-        abstract: "Conversions per second of a 1-2 page bounce buffer (seed 002's OVMF pattern) and the cost of each part.")
+        abstract: "Conversions per second of a 1-2 page bounce buffer (OVMF's DMA pattern) and the cost of each part.")
 
     @OptionGroup var options: PrivateMemoryOptions
     @Option(help: "Run this many times") var `repeat` = 1

@@ -301,7 +301,7 @@ static const unsigned long FL_UFFDIO_POISON = FL_IOWR(FL_UFFDIO, 0x08, struct fl
 
 // ---------------------------------------------------------------------------------------
 // Entry points Swift cannot express directly. Each returns the raw result (-1 and errno on
-// failure); error policy lives in Swift (FaultlineLinux/Syscall.swift).
+// failure); error policy lives in Swift (`systemCall` in FaultlineLinux/SystemError.swift).
 
 int fl_ioctl_ptr(int fd, unsigned long request, void *arg);
 int fl_ioctl_val(int fd, unsigned long request, unsigned long arg);

@@ -1,6 +1,6 @@
 /// The guest program of the private-memory run: it converts a bounce buffer between shared
 /// and private over and over with KVM_HC_MAP_GPA_RANGE (as OVMF does with its DMA bounce
-/// buffers, seed 002) and checks the buffer's contents after every conversion; before and
+/// buffers) and checks the buffer's contents after every conversion; before and
 /// after the loop it reads back which backing the kernel maps for every page, so the host
 /// can compare its range map with the kernel's memory attributes.
 ///

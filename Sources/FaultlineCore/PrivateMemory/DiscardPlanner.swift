@@ -10,8 +10,8 @@ public enum DiscardPolicy: Equatable, Sendable, CustomStringConvertible {
     case eager
     /// Defer discards in a range map and flush them, coalesced, once `batchPages` pages are
     /// pending (and at the end, or when asked). A page converted back before the flush
-    /// cancels its pending discard: nothing to free, nothing to re-allocate - the seed's
-    /// "batched/lazy-discard" for the OVMF bounce-buffer pattern.
+    /// cancels its pending discard: nothing to free, nothing to re-allocate - the
+    /// "batched/lazy-discard" the OVMF bounce-buffer pattern needs.
     case lazy(batchPages: UInt64)
 
     public static let defaultBatchPages: UInt64 = 512

@@ -41,7 +41,7 @@ public enum ConversionError: Error, Equatable, Sendable, CustomStringConvertible
 func hexString(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
 
 /// The shared/private state of one private-capable memory region, as ranges of pages
-/// (the seed's point: conversions come in ranges, so track ranges, not a bit per page).
+/// (conversions come in ranges, so track ranges, not a bit per page).
 /// This is what Faultline believes KVM's memory attributes are; the engine keeps the two
 /// in step (every KVM_SET_MEMORY_ATTRIBUTES that succeeds is applied here) and the rig
 /// tests compare them by reading the kernel's view back through the guest.

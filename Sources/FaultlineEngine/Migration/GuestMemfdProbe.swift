@@ -68,7 +68,7 @@ public enum GuestMemfdProbe {
         r.features.userfaultfdWriteProtect = uffdFeatures?.contains(.wpUnpopulated) ?? false
         r.notes.append(("userfaultfd UFFD_FEATURE_WP_UNPOPULATED", uffdFeatures.map { $0.contains(.wpUnpopulated) ? "yes" : "no" } ?? "no userfaultfd"))
         // userfaultfd can only register a mapping, and 6.12 cannot map a guest_memfd at all;
-        // no kernel here accepts UFFDIO_REGISTER on a guest_memfd mapping (seed 004).
+        // no kernel here accepts UFFDIO_REGISTER on a guest_memfd mapping (only proposed).
         r.features.userfaultfdOnGuestMemfd = false
         return r
     }

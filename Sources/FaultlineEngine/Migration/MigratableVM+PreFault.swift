@@ -1,7 +1,7 @@
 import FaultlineCore
 import FaultlineLinux
 
-/// What pre-faulting guest RAM did (KVM_PRE_FAULT_MEMORY, seed 003).
+/// What pre-faulting guest RAM did (KVM_PRE_FAULT_MEMORY).
 public struct PreFaultSummary: Sendable, Equatable {
     public var bytesMapped: UInt64 = 0
     public var calls = 0

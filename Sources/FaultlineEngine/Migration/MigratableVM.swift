@@ -250,13 +250,10 @@ public final class MigratableVM: @unchecked Sendable {
     /// Runs `body` - a vCPU thread waiting for a page - at the fault path's priority, then
     /// puts the thread back as the VM's vCPUs run now (read under the same lock as
     /// ``setVcpuScheduling(_:)``, so a change made meanwhile is kept). During post-copy the
-    /// vCPUs run at +19 so the page stream gets the CPUs; a vCPU woken at +19 when its page
-    /// has arrived waits behind the stream's nice-0 threads for several scheduler slices
-    /// (8-16 ms measured on two busy CPUs), which is exactly the fault latency post-copy must
-    /// keep short. The thread is SCHED_FIFO while it sends its request and waits (it runs no
-    /// guest code then); at nice -10 it still lost the CPU for a millisecond now and then
-    /// between its fault and its request (docs/benchmarks.md, session 7). Unprivileged,
-    /// it asks for nice -10 instead, and without that nothing changes.
+    /// vCPUs run at +19 so that the page stream gets the CPUs, but a vCPU woken at +19 would
+    /// wait behind the stream's threads for several scheduler slices: fault latency. So the
+    /// thread is SCHED_FIFO while it sends its request and waits (it runs no guest code then);
+    /// unprivileged it asks for nice -10 instead, and without that nothing changes.
     private func waitingForPage<T>(_ body: () throws -> T) rethrows -> T {
         guard scheduling.withLock({ $0.niceness }) > OSThread.Niceness.vcpuWaitingForPage else { return try body() }
         let tid = ThreadScheduling.currentThreadID()
@@ -291,7 +288,7 @@ public final class MigratableVM: @unchecked Sendable {
     /// before it can leave KVM_RUN and park, and each of those waits counts as downtime.
     /// The kick comes first: with its signal pending (and immediate_exit set) KVM_RUN
     /// returns at once, so a real-time vCPU thread never runs guest code (boosted before
-    /// the kick, it did, and starved the thread kicking it for the kernel's 1 s real-time
+    /// the kick, it would, and starve the thread kicking it for the kernel's 1 s real-time
     /// throttling period).
     public func pause() {
         state.store(RunState.pausing.rawValue, ordering: .sequentiallyConsistent)

@@ -23,10 +23,10 @@ public struct CPULatencyOutcome: Sendable, Equatable {
 /// host a halted CPU is descheduled below. With `--postcopy-cpu-latency US` each side asks the
 /// kernel, through PM QoS, to keep idle CPUs within `US` of waking for as long as post-copy
 /// runs - with 0 they poll instead of halting - as latency-bound programs such as cyclictest
-/// do. Off by default: on this machine it made post-copy 2-17% slower (a polling CPU takes
-/// from the busy one below) and did not shorten the tail in the product's batches
-/// (docs/benchmarks.md, session 10). Without the privilege, or without PM QoS, the request
-/// is reported as not held and post-copy runs as before, never a failed migration.
+/// do. Off by default: on a host that is itself a guest, a polling CPU takes time from the
+/// busy CPU below, and post-copy got slower with no shorter tail (docs/benchmarks.md,
+/// "Demand-fault latency"). Without the privilege, or without PM QoS, the request is
+/// reported as not held and post-copy runs as before, never a failed migration.
 final class PostcopyCPULatency: @unchecked Sendable {
     private var request: CPULatencyRequest?
     private(set) var outcome: CPULatencyOutcome?

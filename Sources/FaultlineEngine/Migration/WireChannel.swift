@@ -18,8 +18,8 @@ public final class WireChannel: @unchecked Sendable {
     /// system calls; see DestinationAttempt.bulkRunPages).
     static let readBytes = 256 << 10
     /// The receive buffer, allocated with the channel: a read, plus the unread part of a frame
-    /// of the largest page batch, fit without growing it - growing it in the middle of
-    /// post-copy (an allocation, a copy, a free) cost a fault 3 ms (see HeapPolicy).
+    /// of the largest page batch, fit without growing it: growing it in the middle of
+    /// post-copy (an allocation, a copy, a free) would stall faults (see HeapPolicy).
     static let receiveBufferBytes = WireDecoder.steadyCapacity(readBytes: readBytes)
 
     public init(socket: StreamSocket, role: ConnectionRole) {

@@ -127,7 +127,7 @@ extension DestinationAttempt {
         if tracksWritesWithUserfaultfd { return }
         // Readers first: a reader still resolving a fault (for a page the stream installed
         // meanwhile) would otherwise find its range unregistered under it - UFFDIO_CONTINUE
-        // answers ENOENT there - and fail the migration (chaos seed 33, uffd-minor, 256 MiB).
+        // answers ENOENT there - and fail the migration.
         // Unregistering then wakes any vCPU still queued on a fault; every page is present.
         requester.stop()
         mapper.disarmFaults()

@@ -50,14 +50,13 @@ extension DestinationAttempt {
     /// MINOR installs stay exclusive, so a fault on a page of a bulk run waits for the whole
     /// run (written into the file, then mapped): keep those runs short. In MISSING modes a
     /// run is one UFFDIO_COPY, which a fault-path thread woken on the same CPU waits out
-    /// (this kernel does not preempt system calls): 256 pages left a fault 1-1.5 ms now and
-    /// then, 64 did not in 24 runs, for ~10% more total time (docs/benchmarks.md, session 7).
+    /// (a kernel without preemption does not interrupt a system call): 64 pages keep that
+    /// wait well under a millisecond, for about 10% more total time than 256.
     var bulkRunPages: Int { options.faultMode == .uffdMinor ? 32 : 64 }
 
     /// While post-copy runs the vCPU threads are nice (the stream they wait for goes first)
-    /// and keep off the fault path's CPU: a thread in guest mode there held a woken fault-path
-    /// thread off the CPU until the next scheduler tick, up to 4-5 ms on this machine
-    /// (docs/benchmarks.md, session 7).
+    /// and keep off the fault path's CPU: a thread in guest mode there holds a woken
+    /// fault-path thread off the CPU until the next scheduler tick.
     var postcopyVcpuScheduling: VcpuScheduling {
         VcpuScheduling(niceness: options.vcpuNicenessDuringPostcopy,
                        avoidedCPU: options.vcpusOffFaultCPU ? faultCPU : nil)

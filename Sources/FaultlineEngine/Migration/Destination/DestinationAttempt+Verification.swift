@@ -59,9 +59,8 @@ extension DestinationAttempt {
 
     /// The source may ask to time a plain TCP copy on the same link. The guest is parked
     /// meanwhile: the yardstick is a copy with nothing else running (the source's guest is
-    /// stopped by now too), as fast as a plain copy can be here - timed while this guest's
-    /// vCPUs ran at full priority, it took up to 2-3x longer on two CPUs and flattered the
-    /// migration's ratio to it.
+    /// stopped by now too), as fast as a plain copy can be here: timed while this guest's
+    /// vCPUs run, it would take longer and flatter the migration's ratio to it.
     func measureBaselineIfAsked() {
         bulk.socket.setReceiveTimeout(seconds: 5)
         guard case .ack(SessionAck.baselineFollows)? = try? bulk.receive() else { return }

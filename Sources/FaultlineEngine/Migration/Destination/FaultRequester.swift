@@ -19,8 +19,8 @@ final class FaultRequester: @unchecked Sendable {
     private let stopEvent: EventFD
     // vcpu-exit: each vCPU thread sends its own request, with its own encoder (a vCPU waiting
     // for a page is boosted to nice -10 first, so it does not hold the send lock at +19).
-    // A requester thread in between cost a wake-up on the fault-path CPU per fault, and that
-    // wake-up now and then waited a millisecond for the CPU (docs/benchmarks.md, session 7).
+    // A requester thread in between would cost a wake-up on the fault-path CPU per fault,
+    // and that wake-up can wait for the CPU.
     private let vcpuEncoders: UnsafeMutablePointer<WireEncoder>
     /// Maps a page the stream staged already, from the staged bytes (true), so that no request
     /// is sent for it (``InstallPipeline/resolveStaged(_:)``). Set before the readers start.

@@ -22,8 +22,7 @@ public struct DestinationOptions: Sendable {
     public var vcpusOffFaultCPU = true
     /// While post-copy runs, hold a PM QoS request that keeps idle CPUs within this many
     /// microseconds of waking (0: they poll instead of halting); nil, the default, makes none
-    /// (``PostcopyCPULatency``: on this host it cost 2-17% of the total and did not shorten
-    /// the tail).
+    /// (``PostcopyCPULatency`` says why it is off by default).
     public var postcopyCPULatencyMicroseconds: Int32?
     /// With `preallocBytes`: install MISSING-mode bulk runs by UFFDIO_MOVE from the
     /// pre-populated pool (when the kernel has MOVE). Without it every page goes in with

@@ -298,8 +298,8 @@ final class PageInstaller: @unchecked Sendable {
 
     /// The fault path found its page sealed by a bulk run that is being written: the fault
     /// waits for that run. The installer runs at nice -5, and on the fault path's CPU the
-    /// fault path's own real-time threads kept it from finishing a 32-page run for 1-10 ms
-    /// (docs/benchmarks.md, session 10). So the waiting fault lends it the fault path's
+    /// fault path's own real-time threads can keep it from finishing the run for
+    /// milliseconds. So the waiting fault lends it the fault path's
     /// real-time priority until the run is mapped (priority inheritance, done by hand: the
     /// seal is not a lock the kernel knows). At worst the run after it also runs real-time.
     func hurrySealedRun() {

@@ -4,8 +4,8 @@ import FaultlineCore
 /// Where each post-copy page waits between the bulk receiver and the installer: which scratch
 /// holds it, in which staging slot, and its checksum. A vCPU that faults on a page still
 /// staged is then resolved from the staged bytes at once, instead of asking the source for
-/// a page it already sent (in fault storms 60% of requests were for such pages, and each cost
-/// a round trip on two busy CPUs; docs/benchmarks.md, session 8).
+/// a page it already sent (in a fault storm most requests are for such pages, and each
+/// costs a round trip).
 ///
 /// One entry per page, written by the receiver, read by the fault path; nothing is allocated
 /// per fault. An entry names the scratch's generation: a scratch that has been mapped is

@@ -126,8 +126,8 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         guard !armed else { return }
         let features: UffdFeatures = faultMode == .uffdMinor ? [.minorShmem, .missingShmem, .threadID]
             : (faultMode == .vcpuExit && userfault == nil ? [.sigbus] : [.threadID])
-        // MINOR also registers MISSING: the memfd is not allocated up front (1 GiB took 0.6 s
-        // before the first page could come), so a page nothing was written to yet is a hole,
+        // MINOR also registers MISSING: the memfd is not allocated up front (that would delay
+        // the first page by the whole allocation), so a page nothing was written to yet is a hole,
         // which faults as MISSING (MINOR alone would let the kernel fill it with zeros). Both
         // are resolved the same way: the bytes are written into the file, then CONTINUE maps
         // them (and wakes either kind of waiter: wake-ups go by address).
@@ -169,9 +169,8 @@ public final class UffdPageMapper: PageMapper, @unchecked Sendable {
         switch faultMode {
         case .uffdMinor:
             // A demand reply is stored through the file's second mapping: write() would wait for
-            // the inode lock, which a bulk write of a whole run holds (measured: the fault
-            // receiver waited there for milliseconds). The bulk stream keeps write(): through
-            // the mapping each page costs a first-touch fault (a third slower on this machine).
+            // the inode lock, which a bulk write of a whole run holds for milliseconds. The bulk
+            // stream keeps write(): through the mapping each page costs a first-touch fault.
             if demand {
                 if let data { try vm.ram.storeThroughAlias(at: offset, from: data, length: count * 4096) }
                 else { for i in 0..<count { try vm.ram.storeThroughAlias(at: offset + UInt64(i * 4096), from: zeroPage, length: 4096) } }

@@ -50,7 +50,7 @@ final class FaultServer: @unchecked Sendable {
                         // The requested page and the rest of the destination's fault-around
                         // window, even pages the stream has sent already: a vCPU that walks
                         // into pages still in flight would otherwise get them one fault at a
-                        // time (measured: 4x the faults and longer totals; docs/benchmarks.md).
+                        // time (docs/design.md, "Post-copy": fault-around).
                         for page in Int(first)..<Int(end) {
                             _ = sender.encode(page, into: &encoder)
                             if done.insert(page) { demandServed.wrappingIncrement(ordering: .relaxed) }

@@ -48,8 +48,7 @@ public struct MigrationOptions: Sendable {
     public var faultPathCPU: FaultPathCPU = .automatic
     /// While post-copy runs, hold a PM QoS request that keeps idle CPUs within this many
     /// microseconds of waking (0: they poll instead of halting); nil, the default, makes none
-    /// (``PostcopyCPULatency``: on this host it cost 2-17% of the total and did not shorten
-    /// the tail).
+    /// (``PostcopyCPULatency`` says why it is off by default).
     public var postcopyCPULatencyMicroseconds: Int32?
     /// Skip pre-copy and stop-and-copy at once, for this reason (a guest_memfd VM whose RAM
     /// slot cannot log dirty pages, asked for `--postcopy never`: GuestMemfdMigrationPlanner).
