@@ -357,6 +357,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         pipeline?.stop()
         requester?.stop()
         cpuLatency.release()
+        // A guest stopped with pages still missing (an unrecoverable end) may sleep in a fault
+        // nothing answers any more: unregistering wakes it, so that it sees the stop. Such a
+        // guest is discarded; nothing it does on its way out is reported.
+        if guestStarted, let table, !table.isComplete { mapper?.disarmFaults() }
         let vcpuError = guestStarted ? machine?.stopGuest() : nil
         guestStarted = false
         mapper?.disarmFaults()
