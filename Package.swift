@@ -48,6 +48,7 @@ let package = Package(
             name: "FaultlineEngine",
             dependencies: [
                 "FaultlineCore", "FaultlineLinux",
+                .product(name: "Atomics", package: "swift-atomics"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -59,15 +60,30 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // Test-only (in no product): one probe per capability the tests gate on, measured once
+        // on the running kernel, and the table of every kernel-dependent test's gate.
+        .target(
+            name: "FaultlineTestSupport",
+            dependencies: ["FaultlineEngine", "FaultlineLinux", "FaultlineCore"],
+            path: "Tests/FaultlineTestSupport"
+        ),
         .testTarget(name: "FaultlineCoreTests", dependencies: ["FaultlineCore"]),
         .testTarget(name: "ABITests", dependencies: ["CFaultlineShim"]),
-        .testTarget(name: "FaultlineLinuxTests", dependencies: ["FaultlineLinux", "FaultlineCore"]),
+        .testTarget(name: "FaultlineLinuxTests", dependencies: ["FaultlineLinux", "FaultlineCore", "FaultlineTestSupport"]),
         .testTarget(
             name: "FaultlineEngineTests",
-            dependencies: ["FaultlineEngine", "FaultlineLinux", "FaultlineCore"]
+            dependencies: [
+                "FaultlineEngine", "FaultlineLinux", "FaultlineCore", "FaultlineTestSupport",
+                .product(name: "Atomics", package: "swift-atomics"),
+            ]
         ),
         // Runs the built `faultline` binary: exit codes and messages of the CLI.
-        .testTarget(name: "FaultlineCLITests", dependencies: ["faultline", "FaultlineCore", "FaultlineLinux", "CFaultlineShim"]),
+        .testTarget(
+            name: "FaultlineCLITests",
+            dependencies: ["faultline", "FaultlineCore", "FaultlineLinux", "CFaultlineShim", "FaultlineTestSupport"]
+        ),
+        // The gates themselves, against made-up measurements: needs no kernel.
+        .testTarget(name: "FaultlineTestSupportTests", dependencies: ["FaultlineTestSupport"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -16,7 +16,7 @@ public final class CPULatencyRequest: @unchecked Sendable {
         guard microseconds >= 0 else { throw SystemError("PM QoS request of \(microseconds) us", errno: EINVAL) }
         let file = try FileDescriptor.open(path, flags: O_RDWR)
         var value = microseconds
-        let written = try systemCallSize("write \(path) (\(microseconds) us)") { write(file.rawValue, &value, 4) }
+        let written = try systemCall("write \(path) (\(microseconds) us)") { write(file.rawValue, &value, 4) }
         guard written == 4 else { throw SystemError("write \(path): \(written) of 4 bytes", errno: EIO) }
         self.file = file
         self.microseconds = microseconds
@@ -27,7 +27,7 @@ public final class CPULatencyRequest: @unchecked Sendable {
     public static func current(path: String = CPULatencyRequest.defaultPath) throws(SystemError) -> Int32 {
         let file = try FileDescriptor.open(path, flags: O_RDONLY)
         var value: Int32 = 0
-        let got = try systemCallSize("read \(path)") { read(file.rawValue, &value, 4) }
+        let got = try systemCall("read \(path)") { read(file.rawValue, &value, 4) }
         guard got == 4 else { throw SystemError("read \(path): \(got) of 4 bytes", errno: EIO) }
         return value
     }

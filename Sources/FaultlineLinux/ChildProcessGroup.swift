@@ -66,14 +66,14 @@ public final class ChildProcessGroup {
     public func reap() -> Int32 {
         if let status { return status }
         var info = siginfo_t()
-        while waitid(P_PID, id_t(pid), &info, WEXITED | WNOWAIT) != 0 {
-            guard errno == EINTR else { status = -1; return -1 }
+        guard (try? systemCall("waitid \(pid)") { waitid(P_PID, id_t(pid), &info, WEXITED | WNOWAIT) }) != nil else {
+            status = -1
+            return -1
         }
         exited = true
         _ = killpg(pid, SIGKILL)
         var raw: Int32 = 0
-        var r: Int32
-        repeat { r = waitpid(pid, &raw, 0) } while r < 0 && errno == EINTR
+        let r = (try? systemCall("waitpid \(pid)") { waitpid(pid, &raw, 0) }) ?? -1
         if r == pid {
             let signal = raw & 0x7F
             status = signal == 0 ? (raw >> 8) & 0xFF : 128 + signal

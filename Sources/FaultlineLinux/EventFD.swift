@@ -25,10 +25,8 @@ public final class EventFD: @unchecked Sendable {
     /// Blocks until the counter is non-zero; returns and resets it (retried on EINTR).
     public func wait() throws(SystemError) -> UInt64 {
         var value: UInt64 = 0
-        while true {
-            if read(fd, &value, 8) == 8 { return value }
-            let code = fl_errno()
-            if code != EINTR { throw SystemError("read eventfd", errno: code) }
-        }
+        let n = try systemCall("read eventfd") { read(fd, &value, 8) }
+        guard n == 8 else { throw SystemError("read eventfd: \(n) of 8 bytes", errno: EIO) }
+        return value
     }
 }

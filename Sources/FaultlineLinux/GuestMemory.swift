@@ -144,7 +144,7 @@ public final class GuestMemoryRegion: @unchecked Sendable {
         }
         var done = 0
         while done < length {
-            let n = try systemCallSize("pwrite \(file) offset \(offset)") {
+            let n = try systemCall("pwrite \(file) offset \(offset)") {
                 pwrite(file.rawValue, source + done, length - done, off_t(offset) + off_t(done))
             }
             done += n

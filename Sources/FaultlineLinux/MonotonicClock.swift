@@ -21,7 +21,13 @@ public enum MonotonicClock {
     public static func sleep(nanoseconds: UInt64) {
         var request = timespec(tv_sec: Int(nanoseconds / 1_000_000_000), tv_nsec: Int(nanoseconds % 1_000_000_000))
         var remaining = timespec()
-        while nanosleep(&request, &remaining) != 0 && fl_errno() == EINTR { request = remaining }
+        // After a signal, the next try sleeps for what is left. Only EINTR is expected; a sleep
+        // the kernel refuses (EINVAL) ends at once.
+        _ = try? systemCall("nanosleep") {
+            let rc = nanosleep(&request, &remaining)
+            request = remaining
+            return rc
+        }
     }
 
     /// Sleeps the calling thread for `microseconds`.

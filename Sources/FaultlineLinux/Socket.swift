@@ -67,16 +67,19 @@ public final class StreamSocket: @unchecked Sendable {
             let raw = try systemCall("socket") { socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
             let fd = FileDescriptor(adopting: raw, label: "tcp \(endpoint)")
             var a = addr
-            let rc = withUnsafePointer(to: &a) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(raw, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-            }
-            if rc == 0 { return StreamSocket(fd: fd, peer: endpoint.description) }
-            let code = fl_errno()
-            if (code == ECONNREFUSED || code == ENETUNREACH || code == EINTR || code == ETIMEDOUT) && fl_now_ns() < deadline {
+            do {
+                // Not retried on the same socket: an interrupted connect goes on in the background.
+                try systemCall("connect \(endpoint)", retryOnInterrupt: false) {
+                    withUnsafePointer(to: &a) {
+                        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(raw, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+                    }
+                }
+                return StreamSocket(fd: fd, peer: endpoint.description)
+            } catch {
+                let code = error.errno
+                guard [ECONNREFUSED, ENETUNREACH, EINTR, ETIMEDOUT].contains(code) && fl_now_ns() < deadline else { throw error }
                 usleep(50_000)
-                continue
             }
-            throw SystemError("connect \(endpoint)", errno: code)
         }
     }
 
@@ -84,13 +87,9 @@ public final class StreamSocket: @unchecked Sendable {
     public func sendAll(_ bytes: UnsafeRawBufferPointer) throws(SystemError) {
         var done = 0
         while done < bytes.count {
-            let n = send(fd.rawValue, bytes.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL))
-            if n < 0 {
-                let code = fl_errno()
-                if code == EINTR { continue }
-                throw SystemError("send to \(peer)", errno: code)
+            done += try systemCall("send to \(peer)") {
+                send(fd.rawValue, bytes.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL))
             }
-            done += n
         }
     }
 
@@ -101,13 +100,7 @@ public final class StreamSocket: @unchecked Sendable {
 
     /// Receives up to `buffer.count` bytes; 0 means the peer closed the connection.
     public func receive(into buffer: UnsafeMutableRawBufferPointer) throws(SystemError) -> Int {
-        while true {
-            let n = recv(fd.rawValue, buffer.baseAddress, buffer.count, 0)
-            if n >= 0 { return n }
-            let code = fl_errno()
-            if code == EINTR { continue }
-            throw SystemError("recv from \(peer)", errno: code)
-        }
+        try systemCall("recv from \(peer)") { recv(fd.rawValue, buffer.baseAddress, buffer.count, 0) }
     }
 
     /// Sets a receive timeout (0 = none); a timed-out receive throws EAGAIN.

@@ -61,33 +61,18 @@ public struct SystemError: Error, Equatable, CustomStringConvertible, Sendable {
     }
 }
 
-/// The one place where system calls turn into Swift results: `-1` becomes a thrown
-/// `SystemError` naming `operation`; EINTR is retried only when the caller says so
-/// (never for KVM_RUN, whose EINTR means "you were kicked").
+/// The one place where system calls turn into Swift results, whatever integer they return
+/// (`int`, `ssize_t`, `pid_t`): `-1` becomes a thrown `SystemError` naming `operation` and the
+/// errno; EINTR runs `body` again unless the caller says not to (KVM_RUN, whose EINTR means
+/// "you were kicked"; connect, which goes on in the background after a signal). `body` must
+/// be safe to run again: a call that reports what is left (nanosleep) updates its own arguments.
 @inlinable
 @discardableResult
-public func systemCall(
+public func systemCall<Result: FixedWidthInteger & SignedInteger>(
     _ operation: @autoclosure () -> String,
     retryOnInterrupt: Bool = true,
-    _ body: () -> Int32
-) throws(SystemError) -> Int32 {
-    while true {
-        let rc = body()
-        if rc != -1 { return rc }
-        let code = fl_errno()
-        if code == EINTR && retryOnInterrupt { continue }
-        throw SystemError(operation(), errno: code)
-    }
-}
-
-/// Like `systemCall`, for calls returning `ssize_t`.
-@inlinable
-@discardableResult
-public func systemCallSize(
-    _ operation: @autoclosure () -> String,
-    retryOnInterrupt: Bool = true,
-    _ body: () -> Int
-) throws(SystemError) -> Int {
+    _ body: () -> Result
+) throws(SystemError) -> Result {
     while true {
         let rc = body()
         if rc != -1 { return rc }

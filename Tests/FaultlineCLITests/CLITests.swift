@@ -1,3 +1,4 @@
+import FaultlineTestSupport
 import Foundation
 import Testing
 
@@ -26,7 +27,7 @@ struct CLITests {
         #expect(r.stderr.contains("telepathy"))
     }
 
-    @Test(.enabled(if: freeHugePages == 0, "needs a machine with no free reserved huge pages (HugePages_Free in /proc/meminfo is not 0)"))
+    @Test(.gate(.hugetlbRefusedWithoutReservedPages))
     func hugetlbWithoutReservedPages() throws {
         let r = try run(["bench", "demand-paging", "--backend", "soft", "--mode", "uffd-missing", "--backing", "hugetlb",
                          "--mem-per-vcpu", "2"])
@@ -36,7 +37,7 @@ struct CLITests {
 
     /// With reserved 2 MiB pages (root reserves a few for the test and gives them back),
     /// hugetlb backing works in every mode that can use it; MINOR writes through an alias mapping.
-    @Test(.enabled(if: isRoot, "needs root to reserve huge pages (/proc/sys/vm/nr_hugepages)"), .enabled(if: kvmUsable, "needs /dev/kvm"))
+    @Test(.gate(.hugetlbWithReservedPages))
     func hugetlbWithReservedPages() throws {
         let path = "/proc/sys/vm/nr_hugepages"
         let before = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap { Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) } ?? 0
@@ -52,7 +53,7 @@ struct CLITests {
         }
     }
 
-    @Test(.enabled(if: softBackendUsable, "needs a userfaultfd for the software vCPUs (faultline probe)"))
+    @Test(.gate(.softBackendCLI))
     func softBackendRunsAndSaysSo() throws {
         let r = try run(["bench", "demand-paging", "--backend", "soft", "--mode", "uffd-missing", "--vcpus", "2",
                          "--mem-per-vcpu", "1"])
@@ -62,7 +63,7 @@ struct CLITests {
         #expect(r.stdout.contains("Per-vcpu demand paging rate:"))
     }
 
-    @Test(.enabled(if: kvmUsable, "needs /dev/kvm"))
+    @Test(.gate(.benchJSON))
     func jsonHasTheReferenceKeys() throws {
         let r = try run(["bench", "demand-paging", "--mode", "vcpu-exit", "--vcpus", "2", "--mem-per-vcpu", "1", "--json",
                          "--repeat", "2"])
@@ -79,9 +80,8 @@ struct CLITests {
         #expect(object?["backend"] as? String == "kvm")
     }
 
-    @Test(.enabled(if: isRoot, "needs root to drop to uid 65534"),
-          .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv"), "needs /usr/bin/setpriv"),
-          .enabled(if: softBackendUsable, "needs a userfaultfd for the software vCPUs it falls back to"))
+    /// As uid 65534 (root drops to it with setpriv); the fallback pages in user mode.
+    @Test(.gate(.kvmRefusedToOtherUsers))
     func withoutPermissionForKVM() throws {
         let nobody = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
         let explicit = try run(["bench", "demand-paging", "--backend", "kvm", "--mem-per-vcpu", "1"], as: nobody)

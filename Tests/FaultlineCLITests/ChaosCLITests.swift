@@ -1,4 +1,5 @@
 import FaultlineCore
+import FaultlineTestSupport
 import Foundation
 import Testing
 
@@ -6,7 +7,7 @@ import Testing
 /// connections. Each run must end in one of the two allowed ways (completed with matching
 /// digests and a green guest, or a clean failure before the switch-over with the source guest
 /// still running); `bench chaos` judges every run and exits non-zero otherwise.
-@Suite("Chaos", .serialized, .enabled(if: kvmUsable && isRoot, "needs /dev/kvm and a privileged userfaultfd"))
+@Suite("Chaos", .serialized, .gate(.chaos))
 struct ChaosCLITests {
     let demo = ["demo", "--memory", "32M", "--json", "--migrate-after", "0.5", "--run-after", "0.5",
                 "--precopy-rounds", "1", "--postcopy", "always"]

@@ -1,3 +1,4 @@
+import FaultlineTestSupport
 import Foundation
 import Testing
 
@@ -19,7 +20,7 @@ struct FaultModeCLITests {
         #expect(r.stdout.contains("default: auto"), "\(r.stdout)")
     }
 
-    @Test("probe shows the vCPU fault verdict and what auto picks", .enabled(if: kvmUsable && isRoot, "needs /dev/kvm and a privileged userfaultfd"))
+    @Test("probe shows the vCPU fault verdict and what auto picks", .gate(.probeShowsTheFaultVerdict))
     func probeShowsTheVerdict() throws {
         let r = try run(["probe"])
         #expect(r.status == 0)

@@ -1,25 +1,14 @@
+import FaultlineTestSupport
 import Foundation
 import Testing
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// KVM_CAP_VM_TYPES (235) has bit KVM_X86_SW_PROTECTED_VM (1): a kernel with TDP and
-/// CONFIG_KVM_SW_PROTECTED_VM, such as the rig's.
-let swProtectedVMs: Bool = {
-    let fd = open("/dev/kvm", O_RDWR | O_CLOEXEC)
-    guard fd >= 0 else { return false }
-    defer { close(fd) }
-    let types = ioctl(fd, 0xAE03, 235)  // KVM_CHECK_EXTENSION
-    return types > 0 && types & 2 != 0
-}()
-
 /// A guest_memfd VM (--vm-type sw-protected) migrates by every path the kernel allows, with
 /// the digest read back from destination memory and the guest's own check; refused up
 /// front where private pages or pre-copy need what the kernel lacks.
-@Suite("GuestMemfdMigration", .serialized,
-       .enabled(if: swProtectedVMs, "needs KVM_X86_SW_PROTECTED_VM (run inside the rig: rig/tests GuestMemfdMigration)"),
-       .enabled(if: isRoot, "needs root: the destination's userfaultfd must catch KVM's faults"))
+@Suite("GuestMemfdMigration", .serialized, .gate(.guestMemfdMigration))
 struct GuestMemfdMigrationTests {
     static let small = ["demo", "--vm-type", "sw-protected", "--memory", "16M", "--json", "--migrate-after", "0.5",
                         "--run-after", "0.5"]

@@ -1,3 +1,4 @@
+import FaultlineTestSupport
 import Foundation
 import Testing
 
@@ -5,8 +6,7 @@ import Testing
 /// the guest touches has a GPA above 4 GiB), pre-copy and post-copy, between two processes.
 /// The destination never boots anything: it builds its machine from the announced layout,
 /// takes the page tables with low memory and CR3/CR4/EFER with the vCPU state.
-@Suite("Long-mode migration", .serialized, .enabled(if: kvmUsable, "needs /dev/kvm"),
-       .enabled(if: isRoot, "needs root: the destination's userfaultfd must catch KVM's faults (vm.unprivileged_userfaultfd is 0 by default)"))
+@Suite("Long-mode migration", .serialized, .gate(.longModeMigration))
 struct LongModeMigrationTests {
     @Test(arguments: [
         ["--precopy-rounds", "2"],                                            // pre-copy, then stop-and-copy or post-copy
@@ -36,7 +36,7 @@ struct LongModeMigrationTests {
 
 /// Memory sizes no guest can have are refused with the limit, before anything starts
 /// (`demo` checks for KVM first).
-@Suite("Guest memory limits", .enabled(if: kvmUsable, "needs /dev/kvm"))
+@Suite("Guest memory limits", .gate(.guestMemoryLimits))
 struct GuestMemoryLimitTests {
     @Test(arguments: [
         (["--memory", "61G"], "at most 61440 MiB"),

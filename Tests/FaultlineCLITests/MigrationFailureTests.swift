@@ -1,10 +1,11 @@
 import FaultlineCore
+import FaultlineTestSupport
 import Foundation
 import Testing
 
 /// Failures in each phase, end to end: before the switch-over the source guest survives and
 /// a retry can succeed; after it, failures are named by both sides.
-@Suite("Migration failures", .serialized, .enabled(if: kvmUsable && isRoot, "needs /dev/kvm and a privileged userfaultfd"))
+@Suite("Migration failures", .serialized, .gate(.migrationFailures))
 struct MigrationFailureTests {
     let demo = ["demo", "--memory", "64M", "--json", "--migrate-after", "0.5", "--run-after", "0.5"]
 

@@ -1,17 +1,21 @@
 import FaultlineCore
+import FaultlineTestSupport
 import Foundation
 import Testing
 
 /// Every fault mode x pre-copy rounds {0, 1, 2, 5} x workloads {selfcheck, dirtier}, at
 /// 64 MiB. `--postcopy always` makes pre-copy run exactly the rounds asked for (the test
 /// checks the count), so each case covers the path it names.
-@Suite("Migration matrix", .serialized, .enabled(if: kvmUsable && isRoot, "needs /dev/kvm and a privileged userfaultfd"))
+@Suite("Migration matrix", .serialized, .gate(.migrationMatrix))
 struct MigrationMatrixTests {
     static let cases: [(mode: String, rounds: Int, workload: String)] = ["vcpu-exit", "uffd-missing", "uffd-minor"].flatMap { mode in
         [0, 1, 2, 5].flatMap { rounds in ["selfcheck", "dirtier"].map { (mode, rounds, $0) } }
     }
 
-    @Test(arguments: cases)
+    /// Whether the destination keeps dropped stale pages (it asks the kernel for UFFDIO_MOVE).
+    static let uffdMove = Capability.uffdMove.measured.present
+
+    @Test(.gate(.everyModeRoundsAndWorkload), arguments: cases)
     func migratesWithMatchingDigestAndAGreenGuest(mode: String, rounds: Int, workload: String) throws {
         let r = try run(["demo", "--memory", "64M", "--json", "--migrate-after", "0.5", "--run-after", "1",
                          "--fault-mode", mode, "--workload", workload, "--precopy-rounds", String(rounds),
@@ -26,9 +30,9 @@ struct MigrationMatrixTests {
         // The dirtier rewrites pages after each round: their stale copies are dropped and
         // sent again. MISSING-based modes keep the dropped pages (UFFDIO_MOVE) and reuse them.
         let kept = j?["recycled_pages"] as? Int ?? -1, reused = j?["recycled_pages_reused"] as? Int ?? -1
-        if mode != "uffd-minor" && rounds > 0 && workload == "dirtier" && uffdMoveAvailable {
+        if mode != "uffd-minor" && rounds > 0 && workload == "dirtier" && Self.uffdMove {
             #expect(kept > 0 && reused > 0, "stale pages kept \(kept), reused \(reused)")
-        } else if mode == "uffd-minor" || !uffdMoveAvailable {
+        } else if mode == "uffd-minor" || !Self.uffdMove {
             #expect(kept == 0 && reused == 0, "no page is kept without MOVE on anonymous memory")
         }
         #expect(reused <= kept)

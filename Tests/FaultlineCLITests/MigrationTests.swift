@@ -1,4 +1,5 @@
 import FaultlineCore
+import FaultlineTestSupport
 import Foundation
 import Testing
 
@@ -35,10 +36,9 @@ func rawSend(port: UInt16, _ bytes: [UInt8]) throws {
     usleep(200_000)
 }
 
-@Suite("Live migration", .serialized, .enabled(if: kvmUsable, "needs /dev/kvm"),
-       .enabled(if: isRoot, "needs root: the destination's userfaultfd must catch KVM's faults (vm.unprivileged_userfaultfd is 0 by default)"))
+@Suite("Live migration", .serialized, .gate(.liveMigration))
 struct MigrationTests {
-    @Test(arguments: [
+    @Test(.gate(.everyFaultModeMigrates), arguments: [
         [],  // the default: --fault-mode auto
         ["--fault-mode", "vcpu-exit"],
         ["--fault-mode", "uffd-missing"],
@@ -67,9 +67,10 @@ struct MigrationTests {
         #expect(reason.hasPrefix(expectedPrefix), "\(reason)")
     }
 
-    @Test func bothSidesHoldTheCPULatencyRequestDuringPostcopyWhenAskedAndNoneByDefault() throws {
+    @Test(.gate(.cpuLatencyHeldDuringPostcopy))
+    func bothSidesHoldTheCPULatencyRequestDuringPostcopyWhenAskedAndNoneByDefault() throws {
         // Off by default (no request); a number, 0 included (idle CPUs poll), is held on both
-        // sides while post-copy runs. Root can write the device, so it is held.
+        // sides while post-copy runs (the device is writable here, so it is held).
         for (args, expected) in [([String](), Int32?.none), (["--postcopy-cpu-latency", "0"], 0), (["--postcopy-cpu-latency", "25"], 25)] {
             let r = try run(["demo", "--memory", "32M", "--json", "--precopy-rounds", "0", "--run-after", "0.3"] + args, timeout: 300)
             #expect(r.status == 0, "\(args): \(r.stderr)")
@@ -219,9 +220,7 @@ struct MigrationTests {
 }
 
 /// Two network namespaces joined by a veth pair: the same commands between two "hosts".
-@Suite("Migration between network namespaces", .serialized, .enabled(if: kvmUsable, "needs /dev/kvm"),
-       .enabled(if: isRoot, "needs root: userfaultfd must catch KVM's faults, and network namespaces"),
-       .enabled(if: networkNamespacesUsable, "needs two network namespaces joined by a veth pair (ip netns, ip link ... type veth)"))
+@Suite("Migration between network namespaces", .serialized, .gate(.netnsMigration))
 struct NetnsMigrationTests {
     func sh(_ command: String) throws -> Int32 {
         try run(executable: "/bin/sh", arguments: ["-c", command], timeout: 60).status

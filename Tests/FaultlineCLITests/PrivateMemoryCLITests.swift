@@ -1,11 +1,5 @@
-import FaultlineLinux
+import FaultlineTestSupport
 import Testing
-
-/// Whether /dev/kvm works and lacks private memory (this machine; the rig has it).
-private let privateMemoryMissing: Bool = {
-    guard let kvm = try? KVM() else { return false }
-    return PrivateMemoryVM.obstacle(kvm) != nil
-}()
 
 @Suite("faultline private / bench conversions (CLI)", .serialized)
 struct PrivateMemoryCLITests {
@@ -22,7 +16,8 @@ struct PrivateMemoryCLITests {
         #expect(r.stderr.contains(message), "\(args): \(r.stderr)")
     }
 
-    @Test(.enabled(if: privateMemoryMissing, "only where /dev/kvm has no private memory (run inside the rig for the real thing)"))
+    /// Only where /dev/kvm has no private memory (run inside the rig for the real thing).
+    @Test(.gate(.privateMemoryCLIRefusedWithoutIt))
     func refusesWithoutMemoryAttributes() throws {
         for args in [["private"], ["bench", "conversions", "--discard", "eager"]] {
             let r = try run(args)

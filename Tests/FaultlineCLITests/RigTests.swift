@@ -1,3 +1,4 @@
+import FaultlineTestSupport
 import Foundation
 import Testing
 
@@ -65,7 +66,7 @@ enum Rig {
        .enabled(if: Rig.hasKernel, "no rig kernel (looked for $FAULTLINE_RIG, ../shared/rig, /work/shared/rig)"),
        .enabled(if: Rig.hasReleaseBinary, "no release binary: run swift build -c release"),
        .enabled(if: Rig.releaseBinaryIsCurrent, "the release binary is older than Sources/: run swift build -c release"),
-       .enabled(if: getuid() == 0, "the rig runs QEMU as root"))
+       .gate(.kernelRig))
 struct RigTests {
     /// Runs rig/test with `arguments`; every check in `checks` passed and auto picked `auto`.
     static func expectRigChecks(_ arguments: [String], checks: [String], auto: String) throws {

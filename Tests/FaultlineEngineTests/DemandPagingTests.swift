@@ -2,26 +2,8 @@ import Dispatch
 import FaultlineCore
 import FaultlineEngine
 import FaultlineLinux
+import FaultlineTestSupport
 import Testing
-
-/// Whether the end-to-end suites can run here, and why not (shown as the skip reason).
-enum Kernel {
-    static let kvmUnavailable: String? = {
-        do { _ = try KVM(); return nil } catch { return "\(error)" }
-    }()
-    /// KVM's own accesses to guest memory are kernel-mode faults: the KVM modes need a
-    /// userfaultfd without UFFD_USER_MODE_ONLY (root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1).
-    static let kernelUffdUnavailable: String? = {
-        do { _ = try Userfaultfd(required: [], flags: [.nonBlocking]); return nil } catch { return "\(error)" }
-    }()
-    /// The software vCPUs fault in user mode: any user may catch that (Linux 5.11+).
-    static let uffdUnavailable: String? = {
-        do { _ = try Userfaultfd(required: [], flags: [.nonBlocking, .userModeOnly]); return nil } catch { return "\(error)" }
-    }()
-    static var kvm: Bool { kvmUnavailable == nil && kernelUffdUnavailable == nil }
-    static var uffd: Bool { uffdUnavailable == nil }
-    static func reason(_ need: String, _ why: String?) -> Comment { Comment(rawValue: why.map { "\(need): \($0)" } ?? need) }
-}
 
 func config(_ mode: FaultMode, backend: ExecutionBackend = .kvm, vcpus: Int = 2, kib: UInt64 = 1024,
             _ edit: (inout DemandPagingConfig) -> Void = { _ in }) -> DemandPagingConfig {
@@ -68,55 +50,60 @@ func runVerified(_ c: DemandPagingConfig, sourceLocation: SourceLocation = #_sou
     return r
 }
 
-@Suite("Demand paging on KVM, every mode", .serialized,
-       .enabled(if: Kernel.kvmUnavailable == nil, Kernel.reason("needs a usable /dev/kvm", Kernel.kvmUnavailable)),
-       .enabled(if: Kernel.kernelUffdUnavailable == nil,
-                Kernel.reason("needs a userfaultfd that catches KVM's kernel-mode faults", Kernel.kernelUffdUnavailable)))
+/// The baselines need only KVM; each test of the userfaultfd modes needs what its modes need
+/// (KVM's own accesses to guest memory are kernel-mode faults: a userfaultfd without
+/// UFFD_USER_MODE_ONLY). guest_memfd backing runs the baselines only.
+@Suite("Demand paging on KVM, every mode", .serialized, .gate(.kvmDemandPaging))
 struct KVMDemandPagingTests {
-    @Test(arguments: FaultMode.allCases)
-    func everyModeVerifiesEveryPage(mode: FaultMode) throws {
+    @Test(arguments: FaultMode.allCases.filter { !$0.usesUserfaultfd })
+    func baselinesVerifyEveryPage(mode: FaultMode) throws {
         let r = try runVerified(config(mode))
-        if mode.usesUserfaultfd {
-            #expect(r.resolved + r.raced == r.pages, "every page was faulted in exactly once")
-            #expect(r.faultsMeasured > 0)
-        } else {
-            #expect(r.resolved == 0)
-        }
+        #expect(r.resolved == 0)
     }
 
-    @Test(arguments: ["random", "read", "stride"])
+    @Test(.gate(.everyModeOnKVM), arguments: FaultMode.allCases.filter(\.usesUserfaultfd))
+    func everyModeVerifiesEveryPage(mode: FaultMode) throws {
+        let r = try runVerified(config(mode))
+        #expect(r.resolved + r.raced == r.pages, "every page was faulted in exactly once")
+        #expect(r.faultsMeasured > 0)
+    }
+
+    @Test(.gate(.patternsUnderEachResolverOnKVM), arguments: ["random", "read", "stride"])
     func patternsUnderEachResolver(pattern: String) throws {
         for mode in [FaultMode.uffdMissing, .uffdMinor, .vcpuExit] {
             _ = try runVerified(config(mode) { $0.pattern = AccessPattern(name: pattern)! })
         }
     }
 
-    @Test func perVcpuUffdsAndManyReaders() throws {
+    @Test(.gate(.perVcpuUffdsAndReadersOnKVM))
+    func perVcpuUffdsAndManyReaders() throws {
         _ = try runVerified(config(.uffdMissing, vcpus: 4, kib: 512) { $0.uffd = .perVcpu; $0.readers = 2 })
         _ = try runVerified(config(.uffdMinor, vcpus: 4, kib: 512) { $0.uffd = .perVcpu })
         _ = try runVerified(config(.uffdMissing, vcpus: 3, kib: 256) { $0.readers = 3 })
     }
 
-    @Test func injectedDelayIsPaid() throws {
+    @Test(.gate(.injectedDelayOnKVM))
+    func injectedDelayIsPaid() throws {
         let r = try runVerified(config(.vcpuExit, vcpus: 1, kib: 256) { $0.delayMicroseconds = 200 })
         // 64 faults, each sleeping at least 200 us.
         #expect(r.seconds >= 64 * 200e-6)
         #expect(r.latencyMicroseconds.p50 >= 200)
     }
 
-    @Test func guestMemfdBackingRunsTheBaselines() throws {
+    @Test(.gate(.guestMemfdBaselines))
+    func guestMemfdBackingRunsTheBaselines() throws {
         _ = try runVerified(config(.prefilled) { $0.backing = .guestMemfd })
         _ = try runVerified(config(.none) { $0.backing = .guestMemfd })
     }
 
-    @Test func twoHundredFiftySixVcpus() throws {
+    @Test(.gate(.twoHundredFiftySixVcpus))
+    func twoHundredFiftySixVcpus() throws {
         let r = try runVerified(config(.vcpuExit, vcpus: 256, kib: 64))
         #expect(r.resolved == 256 * 16)
     }
 }
 
-@Suite("Demand paging on software vCPUs", .serialized,
-       .enabled(if: Kernel.uffd, Kernel.reason("needs a user-mode userfaultfd", Kernel.uffdUnavailable)))
+@Suite("Demand paging on software vCPUs", .serialized, .gate(.softDemandPaging))
 struct SoftDemandPagingTests {
     @Test(arguments: FaultMode.allCases)
     func everyModeVerifiesEveryPage(mode: FaultMode) throws {

@@ -1,6 +1,7 @@
 import FaultlineCore
 import FaultlineEngine
 import FaultlineLinux
+import FaultlineTestSupport
 import Testing
 
 /// FaultModeSelection's decision table, with the probe's verdict injected (no kernel needed).
@@ -116,10 +117,8 @@ struct FaultModeSelectionTests {
     }
 }
 
-private let kvmHere = (try? KVM()) != nil && (try? Userfaultfd.availableFeatures()) != nil
-
 /// The real probe on this machine's kernel: quick, bounded, and a verdict of one of the known kinds.
-@Suite("vCPU fault probe (real kernel)", .enabled(if: kvmHere, "needs /dev/kvm and a privileged userfaultfd"))
+@Suite("vCPU fault probe (real kernel)", .gate(.vcpuFaultProbeOnTheRealKernel))
 struct VcpuFaultProbeKernelTests {
     @Test("the probe finishes quickly with a classified verdict")
     func probeRuns() {

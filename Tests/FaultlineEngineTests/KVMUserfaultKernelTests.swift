@@ -1,15 +1,13 @@
 import FaultlineCore
 import FaultlineEngine
 import FaultlineLinux
+import FaultlineTestSupport
 import Testing
 
 /// KVM Userfault on a real kernel: only where a store to a page marked in a KVM_MEM_USERFAULT
-/// memslot's bitmap comes back as a userfault exit (the rig's bzImage-6.12-userfault).
-private let kvmUserfaultHere = (try? KVM()) != nil && VcpuFaultProbe.current.hasKVMUserfault
-
-@Suite("KVMUserfault on a real kernel", .enabled(if: kvmUserfaultHere,
-    "needs KVM Userfault (KVM_MEM_USERFAULT); run inside the rig: rig/tests --kernel ../shared/rig/bzImage-6.12-userfault KVMUserfault"),
-    .timeLimit(.minutes(2)))
+/// memslot's bitmap comes back as a userfault exit (the rig's bzImage-6.12-userfault; run
+/// there: rig/tests --kernel ../shared/rig/bzImage-6.12-userfault KVMUserfault).
+@Suite("KVMUserfault on a real kernel", .gate(.kvmUserfaultOnTheRealKernel), .timeLimit(.minutes(2)))
 struct KVMUserfaultKernelTests {
     @Test("bench demand-paging in vcpu-exit resolves every fault through KVM Userfault exits, every page verified")
     func demandPaging() throws {
@@ -26,10 +24,9 @@ struct KVMUserfaultKernelTests {
         #expect(r.uffdFallbackFaults == 0)
     }
 
-    @Test("KVM_MEM_USERFAULT is never toggled on an existing guest_memfd memslot")
+    @Test("KVM_MEM_USERFAULT is never toggled on an existing guest_memfd memslot", .gate(.kvmUserfaultNeverToggledOnGuestMemfd))
     func noToggleOnGuestMemfdSlot() throws {
         let kvm = try KVM()
-        guard kvm.check(.vmTypes) & (1 << Int32(VMType.swProtected.rawValue)) != 0 else { return }
         let vm = try kvm.createVM(type: .swProtected)
         let gmem = try vm.createGuestMemfd(size: 0x10000, flags: [])
         let shared = try GuestMemoryRegion(backing: .anonymous, size: 0x10000, label: "shared")
@@ -44,12 +41,9 @@ struct KVMUserfaultKernelTests {
     }
 }
 
-/// KVM_PRE_FAULT_MEMORY on a real kernel: only with TDP (KVM_CAP_PRE_FAULT_MEMORY != 0).
-private let preFaultHere = ((try? KVM())?.check(.preFaultMemory) ?? 0) != 0
-
-@Suite("PreFault on a real kernel", .enabled(if: preFaultHere,
-    "needs KVM_PRE_FAULT_MEMORY (TDP; this kernel answers EOPNOTSUPP); run inside the rig: rig/tests PreFault"),
-    .timeLimit(.minutes(2)))
+/// KVM_PRE_FAULT_MEMORY on a real kernel: only with TDP (KVM_CAP_PRE_FAULT_MEMORY != 0; run
+/// inside the rig: rig/tests PreFault).
+@Suite("PreFault on a real kernel", .gate(.preFaultOnTheRealKernel), .timeLimit(.minutes(2)))
 struct PreFaultKernelTests {
     @Test("maps a whole real region, then the guest's writes to it all land")
     func mapsARegion() throws {

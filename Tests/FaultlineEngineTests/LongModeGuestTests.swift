@@ -1,13 +1,13 @@
 import FaultlineCore
 import FaultlineEngine
 import FaultlineLinux
+import FaultlineTestSupport
 import Testing
 
 /// Long-mode guests on a real vCPU, their RAM at 4 GiB: every store the guest makes is at a
 /// GPA above 4 GiB, so a program that truncated an address to 32 bits would hit GPA
 /// 0x0000_0000-0xFFFF_FFFF, where no memslot lies, and the VM would fail at once.
-@Suite("Long-mode guests on KVM", .serialized,
-       .enabled(if: Kernel.kvmUnavailable == nil, Kernel.reason("needs a usable /dev/kvm", Kernel.kvmUnavailable)))
+@Suite("Long-mode guests on KVM", .serialized, .gate(.longModeGuests))
 struct LongModeGuestTests {
     static let pages = 256   // 1 MiB per vCPU
 

@@ -1,5 +1,6 @@
 @testable import FaultlineEngine
 import FaultlineLinux
+import FaultlineTestSupport
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -23,7 +24,7 @@ struct PostcopyCPULatencyTests {
         #expect(hold.outcome?.error?.contains("open /nonexistent/cpu_dma_latency: ENOENT") == true, "\(String(describing: hold.outcome))")
     }
 
-    @Test(.enabled(if: access(CPULatencyRequest.defaultPath, W_OK) == 0, "needs a writable \(CPULatencyRequest.defaultPath) (root)"))
+    @Test(.gate(.postcopyCPULatencyHeld))
     func theRequestIsHeldUntilReleasedAndTheOutcomeStays() throws {
         let hold = PostcopyCPULatency()
         hold.hold(microseconds: 0)

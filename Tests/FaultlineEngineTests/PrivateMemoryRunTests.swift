@@ -1,16 +1,11 @@
 import FaultlineCore
 import FaultlineEngine
 import FaultlineLinux
+import FaultlineTestSupport
 import Testing
 
-/// Whether this kernel has private memory (the rig does; this machine does not).
+/// Private-memory runs on a kernel that has it (the rig does; run there: rig/tests PrivateMemory).
 enum PrivateRigRun {
-    static let obstacle: String? = {
-        do { return PrivateMemoryVM.obstacle(try KVM()) } catch { return "\(error)" }
-    }()
-    static var available: Bool { obstacle == nil }
-    static let skipReason: Comment = "needs KVM_X86_SW_PROTECTED_VM and KVM_CAP_MEMORY_ATTRIBUTES (run inside the rig: rig/tests FILTER)"
-
     /// 16 pages; whole-range conversions first leave [0, 8) shared and [8, 16) private;
     /// then the guest flips the last page `conversions` times.
     static func config(_ policy: DiscardPolicy, conversions: Int = 1000, backing: MemoryBacking = .anonymous) -> PrivateMemoryRunConfig {
@@ -30,8 +25,7 @@ enum PrivateRigRun {
     }
 }
 
-@Suite("PrivateMemory rig: conversions driven by the guest", .serialized,
-       .enabled(if: PrivateRigRun.available, PrivateRigRun.skipReason))
+@Suite("PrivateMemory rig: conversions driven by the guest", .serialized, .gate(.privateMemoryRunOnTheRig))
 struct PrivateMemoryRigRunTests {
     @Test(.timeLimit(.minutes(5)))
     func eagerDiscardLosesContentsAtEveryRoundTrip() throws {
@@ -70,7 +64,7 @@ struct PrivateMemoryRigRunTests {
 
 @Suite("Private memory run on a kernel without it")
 struct PrivateMemoryRunRefusalTests {
-    @Test(.enabled(if: Kernel.kvmUnavailable == nil && !PrivateRigRun.available, "only where /dev/kvm has no private memory"))
+    @Test(.gate(.privateMemoryRunRefusedWithoutIt))
     func refusesBeforeCreatingAnything() {
         do {
             _ = try PrivateMemoryRun.run(PrivateRigRun.config(.eager))
@@ -82,7 +76,7 @@ struct PrivateMemoryRunRefusalTests {
     }
 }
 
-@Suite("PrivateMemory rig: KVM_EXIT_MEMORY_FAULT", .enabled(if: PrivateRigRun.available, PrivateRigRun.skipReason))
+@Suite("PrivateMemory rig: KVM_EXIT_MEMORY_FAULT", .gate(.privateMemoryFaultOnTheRig))
 struct PrivateMemoryRigMemoryFaultTests {
     /// A page of a plain memslot (no guest_memfd) marked private: KVM cannot map it and
     /// exits with KVM_EXIT_MEMORY_FAULT, flag PRIVATE, at that page. The controller refuses it

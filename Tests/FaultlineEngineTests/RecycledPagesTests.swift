@@ -1,23 +1,12 @@
 @testable import FaultlineEngine
 import FaultlineCore
 import FaultlineLinux
+import FaultlineTestSupport
 import Testing
 
 /// Stale pages moved out of "guest RAM" (a plain registered mapping here) and back with
 /// UFFDIO_MOVE: which slots count as kept, all-or-none taking, and the bytes that land.
-/// Why a userfaultfd with MOVE cannot be had here, or nil.
-enum UffdMove {
-    static let unavailable: String? = {
-        do {
-            guard try Userfaultfd.availableFeatures().contains(.move) else { return "the kernel has no UFFDIO_MOVE" }
-            _ = try Userfaultfd(required: [.move], flags: [.nonBlocking, .userModeOnly])
-            return nil
-        } catch { return "\(error)" }
-    }()
-    static let reason = Comment(rawValue: "needs a userfaultfd with MOVE: \(unavailable ?? "")")
-}
-
-@Suite("Recycled stale pages (userfaultfd MOVE)", .timeLimit(.minutes(2)), .enabled(if: UffdMove.unavailable == nil, UffdMove.reason))
+@Suite("Recycled stale pages (userfaultfd MOVE)", .timeLimit(.minutes(2)), .gate(.recycledPages))
 struct RecycledPagesTests {
     /// "Guest RAM" of `pages` registered MISSING with a MOVE-capable userfaultfd, and its recycler.
     func registered(pages: Int) throws -> (AnonymousMapping, Userfaultfd, RecycledPages) {

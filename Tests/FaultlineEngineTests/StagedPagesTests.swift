@@ -2,6 +2,7 @@
 import Atomics
 import FaultlineCore
 import FaultlineLinux
+import FaultlineTestSupport
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -208,7 +209,7 @@ struct StagedPagesTests {
         #expect(table.installedCount == 256)
     }
 
-    @Test(.enabled(if: getuid() == 0, "needs root: SCHED_FIFO for another thread (CAP_SYS_NICE)"))
+    @Test(.gate(.installerLentRealTime))
     func aFaultOnASealedRunMakesItsInstallerRealTimeUntilTheRunIsMapped() throws {
         // uffd-minor: the fault waits for the sealed run; the installer (nice -5) lost the CPU
         // there to the fault path for milliseconds. The fault lends it real-time priority.

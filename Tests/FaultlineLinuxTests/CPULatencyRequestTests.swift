@@ -1,23 +1,13 @@
 import FaultlineLinux
+import FaultlineTestSupport
 import Testing
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// Why a PM QoS CPU latency request cannot be made here, or nil.
-enum PMQoS {
-    static let unavailable: String? = {
-        guard access(CPULatencyRequest.defaultPath, W_OK) == 0 else {
-            return "\(CPULatencyRequest.defaultPath) is not writable here (it needs root, and a kernel with PM QoS)"
-        }
-        return nil
-    }()
-    static let reason = Comment(rawValue: "needs a writable \(CPULatencyRequest.defaultPath): \(unavailable ?? "")")
-}
-
 @Suite("PM QoS CPU latency requests")
 struct CPULatencyRequestTests {
-    @Test(.enabled(if: PMQoS.unavailable == nil, PMQoS.reason))
+    @Test(.gate(.cpuLatencyRequest))
     func aRequestHoldsEveryCPUToItsLatencyWhileItLives() throws {
         // The device reads back the system-wide limit: the smallest request held. Other tests
         // may hold requests of their own at the same time, so only "at most" can be asserted.

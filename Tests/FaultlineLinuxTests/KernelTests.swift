@@ -1,28 +1,12 @@
 import CFaultlineShim
 import FaultlineCore
 import FaultlineLinux
+import FaultlineTestSupport
 import Dispatch
 import Testing
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// Whether the real-kernel suites can run here, and why not (shown as the skip reason).
-enum Kernel {
-    static let kvmUnavailable: String? = {
-        do { _ = try KVM(); return nil } catch { return "\(error)" }
-    }()
-    /// A userfaultfd that catches kernel-mode faults too (root, CAP_SYS_PTRACE or
-    /// vm.unprivileged_userfaultfd=1).
-    static let uffdUnavailable: String? = {
-        do { _ = try Userfaultfd(required: []); return nil } catch { return "\(error)" }
-    }()
-    static let features: UffdFeatures = (try? Userfaultfd.availableFeatures()) ?? []
-    static var kvm: Bool { kvmUnavailable == nil }
-    static var uffd: Bool { uffdUnavailable == nil }
-    static func reason(_ need: String, _ why: String?) -> Comment { Comment(rawValue: why.map { "\(need): \($0)" } ?? need) }
-    static let guestMemfdMmap: Bool = { ((try? KVM())?.check(.guestMemfdFlags) ?? 0) & 1 != 0 }()
-}
 
 /// A test's wait ran out.
 struct TimedOut: Error, CustomStringConvertible { let description: String }
@@ -106,7 +90,7 @@ final class TinyVM {
     }
 }
 
-@Suite("KVM on the real kernel", .enabled(if: Kernel.kvm, Kernel.reason("needs a usable /dev/kvm", Kernel.kvmUnavailable)))
+@Suite("KVM on the real kernel", .gate(.kvmOnTheRealKernel))
 struct KVMTests {
     @Test func capabilitiesAreTyped() throws {
         let kvm = try KVM()
@@ -171,7 +155,7 @@ struct KVMTests {
         #expect(bits[0] == 0, "KVM_GET_DIRTY_LOG resets the log")
     }
 
-    @Test(.enabled(if: Kernel.guestMemfdMmap, "needs KVM_CAP_GUEST_MEMFD_FLAGS with GUEST_MEMFD_FLAG_MMAP"))
+    @Test(.gate(.guestMemfdSlotSharedWithItsMapping))
     func guestMemfdSlotIsSharedWithTheMapping() throws {
         let t = try TinyVM { a in
             a.mov(.eax, imm: 0x6D656D67)
@@ -235,8 +219,7 @@ struct KVMTests {
     }
 }
 
-@Suite("userfaultfd on the real kernel", .serialized,
-       .enabled(if: Kernel.uffd, Kernel.reason("needs a userfaultfd that catches kernel faults (root, CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)", Kernel.uffdUnavailable)))
+@Suite("userfaultfd on the real kernel", .serialized, .gate(.userfaultfdOnTheRealKernel))
 struct UserfaultfdTests {
     @Test func negotiatesFeatures() throws {
         let available = try Userfaultfd.availableFeatures()
@@ -286,7 +269,7 @@ struct UserfaultfdTests {
         #expect(try theirs.withUnsafeBytes { try u.copy(to: other.hostAddress, from: $0.baseAddress!, length: 2 * 4096) } == .alreadyPresent)
     }
 
-    @Test(.enabled(if: Kernel.features.contains(.move), "needs UFFD_FEATURE_MOVE (UFFDIO_MOVE)"))
+    @Test(.gate(.uffdMoveStepsOverMappedPages))
     func aMoveStepsOverPagesAlreadyMapped() throws {
         let u = try Userfaultfd(required: [.move])
         let mine = [UInt8](repeating: 0x11, count: 4096)
@@ -325,7 +308,7 @@ struct UserfaultfdTests {
         #expect((ram.base + 2 * 4096 + 8).load(as: UInt32.self) == 77)
     }
 
-    @Test(.enabled(if: Kernel.features.contains(.minorShmem), "needs UFFD_FEATURE_MINOR_SHMEM"))
+    @Test(.gate(.uffdMinorWriteThenContinue))
     func minorFaultsWriteThenContinue() throws {
         let u = try Userfaultfd(required: [.minorShmem])
         let ram = try GuestMemoryRegion(backing: .memfd, size: 4 * 4096)

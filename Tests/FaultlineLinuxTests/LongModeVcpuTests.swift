@@ -1,5 +1,6 @@
 import FaultlineCore
 import FaultlineLinux
+import FaultlineTestSupport
 import Testing
 
 /// A VM with long mode's 1 MiB of low memory at GPA 0: the program at 0x1000, the GDT and
@@ -32,7 +33,7 @@ private final class LongModeVM {
     }
 }
 
-@Suite("vCPUs in long mode", .enabled(if: Kernel.kvm, Kernel.reason("needs a usable /dev/kvm", Kernel.kvmUnavailable)))
+@Suite("vCPUs in long mode", .gate(.longModeVcpus))
 struct LongModeVcpuTests {
     /// `48 B8 imm64` is `movabs rax` only in 64-bit mode (in 32-bit mode it would be `dec eax;
     /// mov eax, imm32` and leave the upper half alone), and the store goes through the page

@@ -1,5 +1,6 @@
 import FaultlineCore
 import FaultlineLinux
+import FaultlineTestSupport
 import Testing
 
 @Suite("Owned memory: anonymous mappings and their residency")
@@ -35,7 +36,7 @@ struct AnonymousMappingTests {
 }
 
 @Suite("VirtualMachine and Vcpu keep what they use alive",
-       .enabled(if: Kernel.kvm, Kernel.reason("needs a usable /dev/kvm", Kernel.kvmUnavailable)))
+       .gate(.vmKeepsItsMemoryAlive))
 struct MemslotOwnershipTests {
     @Test func aRegisteredRegionLivesAsLongAsItsSlot() throws {
         let vm = try KVM().createVM()

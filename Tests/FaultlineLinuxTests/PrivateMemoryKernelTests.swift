@@ -1,21 +1,20 @@
 import FaultlineCore
 import FaultlineLinux
+import FaultlineTestSupport
 import Testing
 
-/// Whether this kernel has private memory (the rig does; this machine does not).
+/// Private memory on a kernel that has it (the rig does; run there: rig/tests PrivateMemory).
 enum PrivateRig {
+    /// Why this kernel cannot run private memory (PrivateMemoryVM's own answer), or nil.
     static let obstacle: String? = {
         do { return PrivateMemoryVM.obstacle(try KVM()) } catch { return "\(error)" }
     }()
-    static var available: Bool { obstacle == nil }
-    static var refusesHere: Bool { Kernel.kvm && !available }
-    static let skipReason: Comment = "needs KVM_X86_SW_PROTECTED_VM and KVM_CAP_MEMORY_ATTRIBUTES (run inside the rig: rig/tests FILTER)"
     static func range(_ gpa: UInt64, _ size: UInt64) -> GuestMemoryRange { GuestMemoryRange(start: GuestPhysicalAddress(gpa), size: size)! }
 }
 
 @Suite("Private memory on a kernel without it")
 struct PrivateMemoryRefusalTests {
-    @Test(.enabled(if: PrivateRig.refusesHere, "only where /dev/kvm has no private memory (the rig has it)"))
+    @Test(.gate(.privateMemoryRefusedWithoutIt))
     func refusesNamingTheMissingFeatures() throws {
         do {
             _ = try PrivateMemoryVM(kvm: KVM(), gpa: GuestPhysicalAddress(0x10_0000), size: 16 * 4096)
@@ -29,7 +28,7 @@ struct PrivateMemoryRefusalTests {
     }
 }
 
-@Suite("PrivateMemory rig: a SW-protected VM with guest_memfd", .enabled(if: PrivateRig.available, PrivateRig.skipReason))
+@Suite("PrivateMemory rig: a SW-protected VM with guest_memfd", .gate(.privateMemoryVMOnTheRig))
 struct PrivateMemoryRigKernelTests {
     @Test func attributesAndDiscardsOnBothBackings() throws {
         let pvm = try PrivateMemoryVM(kvm: KVM(), gpa: GuestPhysicalAddress(0x10_0000), size: 16 * 4096,

@@ -1,5 +1,6 @@
 import FaultlineCore
 import FaultlineLinux
+import FaultlineTestSupport
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -64,7 +65,7 @@ struct ThreadAndSignalTests {
         #expect(comm.trimmingCharacters(in: .whitespacesAndNewlines) == "settles first")
     }
 
-    @Test(.enabled(if: (ThreadScheduling.lastAllowedCPU() ?? 0) > 0, "needs two CPUs"))
+    @Test(.gate(.threadKeepsOffACPU))
     func aThreadKeepsOffACPUAndComesBack() throws {
         let cpu = try #require(ThreadScheduling.lastAllowedCPU())
         let gate = TimedCondition()
@@ -160,8 +161,7 @@ struct ThreadAndSignalTests {
     }
 }
 
-@Suite("The SIGBUS resolver on the real kernel", .serialized,
-       .enabled(if: Kernel.uffd && Kernel.features.contains(.sigbus), Kernel.reason("needs userfaultfd with UFFD_FEATURE_SIGBUS", Kernel.uffdUnavailable)))
+@Suite("The SIGBUS resolver on the real kernel", .serialized, .gate(.sigbusResolver))
 struct SigbusResolverTests {
     @Test func aMissingPageIsResolvedOnTheFaultingThread() throws {
         let u = try Userfaultfd(required: .sigbus)

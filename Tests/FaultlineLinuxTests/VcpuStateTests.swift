@@ -1,9 +1,9 @@
 import FaultlineCore
 import FaultlineLinux
+import FaultlineTestSupport
 import Testing
 
-@Suite("vCPU registers and state blobs",
-       .enabled(if: Kernel.kvm, Kernel.reason("needs a usable /dev/kvm", Kernel.kvmUnavailable)))
+@Suite("vCPU registers and state blobs", .gate(.vcpuStateBlobs))
 struct VcpuStateTests {
     @Test func registersRoundTrip() throws {
         let t = try TinyVM { a in a.hlt() }
