@@ -80,7 +80,7 @@ public final class FileWriter: @unchecked Sendable {
     public func write(_ bytes: UnsafeRawPointer, length: Int, at offset: UInt64) throws(SystemError) {
         var done = 0
         while done < length {
-            let n = try systemCallSize("pwrite \(path) \(length - done) bytes at \(offset + UInt64(done))") {
+            let n = try systemCall("pwrite \(path) \(length - done) bytes at \(offset + UInt64(done))") {
                 pwrite(file.rawValue, bytes + done, length - done, Int(offset) + done)
             }
             guard n > 0 else { throw SystemError("pwrite \(path): wrote nothing", errno: EIO) }
@@ -114,7 +114,7 @@ public enum FileSystem {
         let chunk = UnsafeMutableRawPointer.allocate(byteCount: 65536, alignment: 16)
         defer { chunk.deallocate() }
         while true {
-            let n = try systemCallSize("read \(path)") { Glibc.read(fd.rawValue, chunk, 65536) }
+            let n = try systemCall("read \(path)") { Glibc.read(fd.rawValue, chunk, 65536) }
             if n == 0 { return out }
             out.append(contentsOf: UnsafeRawBufferPointer(start: chunk, count: n))
             guard out.count <= limit else { throw SystemError("read \(path): more than \(limit) bytes", errno: EFBIG) }

@@ -177,6 +177,10 @@ public final class ListeningSocket: @unchecked Sendable {
         self.endpoint = SocketEndpoint(host: endpoint.host, port: UInt16(bigEndian: bound.sin_port))
     }
 
+    /// Stops listening: a thread waiting in ``accept(timeoutSeconds:)`` wakes and fails, and so
+    /// does every later call (shutdown, which unlike close is safe while another thread polls).
+    public func shutdown() { _ = Glibc.shutdown(fd.rawValue, Int32(SHUT_RDWR)) }
+
     /// Waits up to `timeoutSeconds` (nil: forever) for a connection; nil on timeout.
     public func accept(timeoutSeconds: Double? = nil) throws(SystemError) -> StreamSocket? {
         if let timeoutSeconds {

@@ -1,3 +1,4 @@
+import FaultlineTestSupport
 import Foundation
 import Testing
 #if canImport(Glibc)
@@ -8,7 +9,7 @@ import Glibc
 /// running guest is snapshotted, checked, and restored lazily in every fault mode this kernel
 /// allows and eagerly; the restored guest's memory digest is read back from its memory and
 /// its own check stays green. Bad snapshots are refused with a clear error.
-@Suite("Snapshot and restore (CLI)", .serialized, .enabled(if: kvmUsable && isRoot, "needs /dev/kvm and a privileged userfaultfd"))
+@Suite("Snapshot and restore (CLI)", .serialized, .gate(.snapshotAndRestore))
 struct SnapshotCLITests {
     /// One snapshot of a running selfcheck guest, shared by the tests of this suite.
     static let folder: String = {
@@ -39,7 +40,7 @@ struct SnapshotCLITests {
         let probe = try run(["probe", "--json"], timeout: 60)
         let modes = (lastJSON(probe.stdout)?["modes"] as? [String: Bool]) ?? [:]
         var ran = 0
-        for mode in ["vcpu-exit", "uffd-missing", "uffd-minor"] where modes[mode] == true {
+        for mode in ["vcpu-exit", "uffd-missing", "uffd-minor"] where modes[mode + " (kvm)"] == true {
             let r = try run(["restore", Self.folder, "--lazy", "--fault-mode", mode, "--run-after", "0.3", "--json"], timeout: 120)
             #expect(r.status == 0, "\(mode): \(r.stdout)\n\(r.stderr)")
             let j = lastJSON(r.stdout)

@@ -50,6 +50,7 @@ public enum TestGate: String, CaseIterable, Sendable {
     case kvmRefusedToOtherUsers
     case probeShowsTheFaultVerdict
     case liveMigration
+    case snapshotAndRestore
     case everyFaultModeMigrates
     case cpuLatencyHeldDuringPostcopy
     case netnsMigration
@@ -100,6 +101,8 @@ public enum TestGate: String, CaseIterable, Sendable {
         case .probeShowsTheFaultVerdict: [.kvm, .uffdKernel, .uffdMissing]
         // A destination's userfaultfd catches KVM's own (kernel-mode) accesses to guest memory.
         case .liveMigration, .migrationMatrix, .chaos, .migrationFailures: [.kvm, .uffdKernel]
+        // The bad-snapshot test restores lazily in uffd-missing; the others pick the modes offered.
+        case .snapshotAndRestore: [.kvm, .uffdKernel, .uffdMissing]
         case .cpuLatencyHeldDuringPostcopy: [.kvm, .uffdKernel, .cpuDMALatency]
         case .netnsMigration: [.kvm, .uffdKernel, .netNamespaces]
         case .longModeMigration: [.kvm, .uffdKernel, .uffdMissing]

@@ -54,6 +54,9 @@ public enum SnapshotRestore {
                 sourceThread = try? OSThread(name: "snapshot server") {
                     let outcome = Result { try SourceMigration.run(machine, options: sourceOptions).1 }
                     sourceOutcome.withLock { $0 = outcome }
+                    // The snapshot side gave up (a corrupt chunk found before the vCPUs started):
+                    // there is no one to retry, so the new guest's side stops waiting for it.
+                    if case .failure = outcome { destination.stopAccepting() }
                 }
             }
         } catch {

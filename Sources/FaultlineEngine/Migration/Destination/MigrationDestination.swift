@@ -158,6 +158,9 @@ public final class MigrationDestination: @unchecked Sendable {
         listener = try ListeningSocket(endpoint: options.listen)
     }
 
+    /// No further attempt will come (the one source gave up): a wait for one ends at once.
+    public func stopAccepting() { listener.shutdown() }
+
     /// The port actually bound (for `--listen :0`).
     public var endpoint: SocketEndpoint { listener.endpoint }
 
