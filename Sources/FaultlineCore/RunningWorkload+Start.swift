@@ -1,12 +1,14 @@
 /// The general registers a vCPU running a ``RunningWorkload`` starts with, at full width:
-/// what the VMM loads with `KVM_SET_REGS` in either ``GuestMode`` (`rsp`, `r8`-`r15` are 0).
+/// what the VMM loads with `KVM_SET_REGS` in either ``GuestMode`` (`r8`-`r15` are 0; `rsp` is
+/// the scattered dirtier's page counter, else 0).
 public struct RunningWorkloadStart: Equatable, Sendable {
     public var rax: UInt64 = 0, rcx: UInt64 = 0, rdx: UInt64 = 0, rbx: UInt64 = 0
-    public var rbp: UInt64 = 0, rsi: UInt64 = 0, rdi: UInt64 = 0
+    public var rsp: UInt64 = 0, rbp: UInt64 = 0, rsi: UInt64 = 0, rdi: UInt64 = 0
 
-    public init(rax: UInt64 = 0, rcx: UInt64 = 0, rdx: UInt64 = 0, rbx: UInt64 = 0, rbp: UInt64 = 0, rsi: UInt64 = 0, rdi: UInt64 = 0) {
+    public init(rax: UInt64 = 0, rcx: UInt64 = 0, rdx: UInt64 = 0, rbx: UInt64 = 0, rsp: UInt64 = 0, rbp: UInt64 = 0,
+                rsi: UInt64 = 0, rdi: UInt64 = 0) {
         (self.rax, self.rcx, self.rdx, self.rbx) = (rax, rcx, rdx, rbx)
-        (self.rbp, self.rsi, self.rdi) = (rbp, rsi, rdi)
+        (self.rsp, self.rbp, self.rsi, self.rdi) = (rsp, rbp, rsi, rdi)
     }
 }
 
@@ -20,13 +22,14 @@ extension RunningWorkload {
         case .protected32:
             let r = initialRegisters(vcpu: id, chunkBase: chunkBase)
             return RunningWorkloadStart(rax: UInt64(r.eax), rcx: UInt64(r.ecx), rdx: UInt64(r.edx), rbx: UInt64(r.ebx),
-                                        rbp: UInt64(r.ebp), rsi: UInt64(r.esi), rdi: UInt64(r.edi))
+                                        rsp: UInt64(r.esp), rbp: UInt64(r.ebp), rsi: UInt64(r.esi), rdi: UInt64(r.edi))
         case .long64:
             precondition(chunkBase % UInt64(GuestWorkload.pageSize) == 0 && chunkBase <= mode.ramLimit
                          && chunkSize <= mode.ramLimit - chunkBase,
                          "chunk at \(chunkBase) must be page aligned and end at or below \(mode.ramLimit)")
             let ecx = kind == .dirtier ? UInt32(Self.dirtierSecondWordOffset(pass: 1)) : Self.tag(vcpu: id, pass: 0)
-            return RunningWorkloadStart(rcx: UInt64(ecx), rdx: chunkBase, rbx: UInt64(Self.tag(vcpu: id, pass: 1)), rbp: 1,
+            return RunningWorkloadStart(rcx: UInt64(ecx), rdx: chunkBase, rbx: UInt64(Self.tag(vcpu: id, pass: 1)),
+                                        rsp: order == .scattered ? UInt64(workingSetPages) : 0, rbp: 1,
                                         rsi: chunkBase, rdi: chunkBase + chunkSize)
         }
     }

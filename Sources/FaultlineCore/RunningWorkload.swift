@@ -7,12 +7,24 @@ public enum RunningWorkloadKind: String, CaseIterable, Sendable {
     case selfcheck
 }
 
+/// The order a dirtier visits its working set in.
+public enum AccessOrder: String, CaseIterable, Sendable {
+    /// Page after page, from the chunk's start.
+    case sequential
+    /// A fixed permutation of the chunk's N pages: page `(i x stride) mod N` at step `i`, with
+    /// an odd stride near `0.618 N`, so consecutive touches land far apart (no read-ahead or
+    /// fault-around helps). A pass takes the first working-set-many steps, so the working set
+    /// is spread over the whole chunk. The chunk must be a power of two pages.
+    case scattered
+}
+
 /// Reasons a ``RunningWorkload`` cannot be built.
 public enum RunningWorkloadError: Error, Equatable, Sendable, CustomStringConvertible {
     case invalidPageCount(Int)
     case tooManyPages(Int, limit: Int)
     case invalidWorkingSet(Int, pagesPerVcpu: Int)
     case selfcheckNeedsWholeChunk(workingSetPages: Int, pagesPerVcpu: Int)
+    case scatteredNeedsPowerOfTwo(pagesPerVcpu: Int)
 
     public var description: String {
         switch self {
@@ -24,6 +36,8 @@ public enum RunningWorkloadError: Error, Equatable, Sendable, CustomStringConver
             "running workload: working set must be 1...\(chunk) pages, the size of the chunk (got \(pages))"
         case .selfcheckNeedsWholeChunk(let pages, let chunk):
             "running workload: selfcheck checks every page of the chunk, so its working set must be all \(chunk) pages (got \(pages))"
+        case .scatteredNeedsPowerOfTwo(let pages):
+            "running workload: a scattered order needs a dirtier whose chunk is a power of two pages, at most 2^19 (got \(pages) per vCPU)"
         }
     }
 }
@@ -113,6 +127,8 @@ public struct RunningWorkload: Sendable {
     public let spinIterations: UInt32
     /// The CPU mode the program is assembled for.
     public let mode: GuestMode
+    /// Dirtier: the order of the pages within a pass (selfcheck is always sequential).
+    public let order: AccessOrder
 
     /// Port written after each full pass, with `eax` = the pass number.
     public static let progressPort: UInt8 = 0x10
@@ -138,7 +154,7 @@ public struct RunningWorkload: Sendable {
     /// - Throws: ``RunningWorkloadError`` if `pagesPerVcpu` is not in `1...maxPagesPerVcpu` or
     ///   the working set is not in `1...pagesPerVcpu` (or, for selfcheck, not all of it).
     public init(kind: RunningWorkloadKind, pagesPerVcpu: Int, workingSetPages: Int? = nil, spinIterations: UInt32 = 0,
-                mode: GuestMode = .protected32) throws {
+                mode: GuestMode = .protected32, order: AccessOrder = .sequential) throws {
         guard pagesPerVcpu >= 1 else { throw RunningWorkloadError.invalidPageCount(pagesPerVcpu) }
         guard pagesPerVcpu <= Self.maxPagesPerVcpu(mode) else {
             throw RunningWorkloadError.tooManyPages(pagesPerVcpu, limit: Self.maxPagesPerVcpu(mode))
@@ -150,6 +166,12 @@ public struct RunningWorkload: Sendable {
         guard kind == .dirtier || workingSet == pagesPerVcpu else {
             throw RunningWorkloadError.selfcheckNeedsWholeChunk(workingSetPages: workingSet, pagesPerVcpu: pagesPerVcpu)
         }
+        if order == .scattered {
+            guard kind == .dirtier, pagesPerVcpu & (pagesPerVcpu - 1) == 0, pagesPerVcpu <= 1 << 19 else {
+                throw RunningWorkloadError.scatteredNeedsPowerOfTwo(pagesPerVcpu: pagesPerVcpu)
+            }
+        }
+        self.order = order
         self.kind = kind
         self.pagesPerVcpu = pagesPerVcpu
         self.workingSetPages = workingSet
@@ -180,7 +202,8 @@ public struct RunningWorkload: Sendable {
         let base = UInt32(chunkBase)
         return RunningWorkloadRegisters(
             ecx: kind == .dirtier ? UInt32(Self.dirtierSecondWordOffset(pass: 1)) : Self.tag(vcpu: id, pass: 0),
-            edx: base, ebx: Self.tag(vcpu: id, pass: 1), ebp: 1, esi: base, edi: base + UInt32(chunkSize))
+            edx: base, ebx: Self.tag(vcpu: id, pass: 1), esp: order == .scattered ? UInt32(workingSetPages) : 0, ebp: 1,
+            esi: base, edi: base + UInt32(chunkSize))
     }
 
     /// What selfcheck page `page` must hold in its first and last word when vCPU `id` is paused
@@ -203,6 +226,7 @@ public struct RunningWorkload: Sendable {
     public func program() throws -> [UInt8] {
         var asm = X86Assembler(mode: mode)
         switch kind {
+        case .dirtier where order == .scattered: emitScatteredDirtier(into: &asm)
         case .dirtier: emitDirtier(into: &asm)
         case .selfcheck: emitSelfcheck(into: &asm)
         }
@@ -276,6 +300,45 @@ public struct RunningWorkload: Sendable {
         asm.movPointer(.edx, .esi)                  // rewind: every page now "after" the cursor
         asm.mov(.ebx, .eax)                         // write tag(k + 1)
         asm.inc(.ebp)
+        asm.jmp(page)
+    }
+
+    /// The step between consecutive pages of a scattered pass: odd, so `i x stride mod N`
+    /// visits every page of the power-of-two chunk once in N steps.
+    public var scatterStride: Int { pagesPerVcpu <= 2 ? 1 : Int(Double(pagesPerVcpu) * 0.6180339887) | 1 }
+
+    /// The page step `i` of a scattered pass visits (the order ``program()`` walks).
+    public func scatteredPage(step i: Int) -> Int { (i &* scatterStride) & (pagesPerVcpu - 1) }
+
+    /// Like the dirtier, but the cursor moves through the chunk by ``scatterStride`` pages
+    /// (modulo its size) and `esp` counts the steps left in the pass; a pass starts again at
+    /// the chunk's start.
+    private func emitScatteredDirtier(into asm: inout X86Assembler) {
+        let page = asm.makeLabel()
+        asm.bind(page)
+        asm.storePointed(.ebx, to: .edx)            // first word
+        asm.movPointer(.eax, .edx)
+        asm.addPointer(.eax, .ecx)
+        asm.storePointed(.ebx, to: .eax)            // second word, at this pass's offset
+        asm.mov(.eax, .edx)                         // offset in the chunk (it fits 32 bits)
+        asm.sub(.eax, .esi)
+        asm.add(.eax, imm: UInt32(scatterStride * GuestWorkload.pageSize))
+        asm.and(.eax, imm: UInt32(pagesPerVcpu * GuestWorkload.pageSize - 1))
+        asm.movPointer(.edx, .esi)
+        asm.addPointer(.edx, .eax)                  // the next page of the permutation
+        emitSpin(into: &asm)
+        asm.dec(.esp)
+        asm.jne(page)
+        emitPassEnd(into: &asm)
+        asm.inc(.ebp)
+        emitNextTag(into: &asm)
+        asm.mov(.ebx, .eax)
+        asm.mov(.ecx, .ebp)
+        asm.shl(.ecx, by: 6)
+        asm.and(.ecx, imm: 0xFC0)
+        asm.add(.ecx, imm: 4)                       // ecx = dirtierSecondWordOffset(ebp)
+        asm.mov(.esp, imm: UInt32(workingSetPages))
+        asm.movPointer(.edx, .esi)
         asm.jmp(page)
     }
 

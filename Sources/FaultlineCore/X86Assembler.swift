@@ -128,6 +128,8 @@ public struct X86Assembler: Sendable {
     /// `add dst, src` (`01 /r`).
     public mutating func add(_ dst: Register32, _ src: Register32) { emitRegisters(0x01, rm: dst, reg: src) }
     /// `xor dst, src` (`31 /r`).
+    public mutating func sub(_ dst: Register32, _ src: Register32) { emitRegisters(0x29, rm: dst, reg: src) }
+    /// `dst ^= src`
     public mutating func xor(_ dst: Register32, _ src: Register32) { emitRegisters(0x31, rm: dst, reg: src) }
     /// `cmp lhs, rhs` (`39 /r`, r/m = `lhs`): flags of `lhs - rhs`.
     public mutating func cmp(_ lhs: Register32, _ rhs: Register32) { emitRegisters(0x39, rm: lhs, reg: rhs) }

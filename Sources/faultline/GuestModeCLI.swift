@@ -24,10 +24,12 @@ let guestModeHelp = ArgumentHelp(
 
 /// The machine and its running workload for `demo` and `run`, from their options.
 func migrationGuest(vcpus: Int, memory: String, mode: GuestModeChoice, workload: RunningWorkloadKind,
-                    workingSet: Int?, spin: UInt32 = 0) throws -> (layout: MachineLayout, workload: RunningWorkload) {
+                    workingSet: Int?, spin: UInt32 = 0, order: AccessOrder = .sequential) throws -> (layout: MachineLayout, workload: RunningWorkload) {
     guard let size = parseSize(memory) else { throw CLIError(description: "cannot read --memory '\(memory)'") }
     let layout = try MachineLayout(vcpus: vcpus, ramSize: size, mode: mode.mode)
     let wl = try RunningWorkload(kind: workload, pagesPerVcpu: layout.pagesPerVcpu, workingSetPages: workingSet,
-                                 spinIterations: spin, mode: layout.mode)
+                                 spinIterations: spin, mode: layout.mode, order: order)
     return (layout, wl)
 }
+
+extension AccessOrder: ExpressibleByArgument {}

@@ -174,6 +174,10 @@ struct Run: ParsableCommand {
     @Option(help: "dirtier | selfcheck") var workload: RunningWorkloadKind = .selfcheck
     @Option(name: .customLong("working-set"), help: "dirtier: pages per vCPU rewritten each pass (default: all)") var workingSet: Int?
     @Option(help: "Busy-loop iterations between page writes (lower = faster dirtying)") var spin: UInt32 = 0
+    @Option(help: "dirtier: sequential | scattered (its working set spread over the chunk by a fixed permutation; the chunk must be a power of two pages)")
+    var order: AccessOrder = .sequential
+    @Flag(help: "dirtier: fill guest RAM with non-zero bytes before the boot, as a guest that has used all its memory holds it")
+    var prefill = false
     @Option(name: .customLong("migrate-to"), help: "HOST:PORT of `faultline receive`") var migrateTo: String?
     @Option(name: .customLong("migrate-after"), help: "Seconds to run before migrating") var migrateAfter = 1.0
     @OptionGroup var migration: SourceMigrationArguments
@@ -192,7 +196,7 @@ struct Run: ParsableCommand {
         do {
             try HeapPolicy.keepHeapForFaultPath()
             let (layout, wl) = try migrationGuest(vcpus: vcpus, memory: memory, mode: guestMode, workload: workload,
-                                                  workingSet: workingSet, spin: spin)
+                                                  workingSet: workingSet, spin: spin, order: order)
             let size = layout.ramSize
             var target: SocketEndpoint?
             if let migrateTo {
@@ -204,6 +208,10 @@ struct Run: ParsableCommand {
             if !json { print("backend: kvm; guest: \(vcpus) vCPU(s), \(size >> 20) MiB, \(layout.mode) mode, workload \(workload)") }
             let vm = try MigratableVM(layout: layout, backing: .anonymous)
             try vm.boot(workload: wl)
+            if prefill {
+                guard workload == .dirtier else { throw CLIError(description: "--prefill needs --workload dirtier (selfcheck starts from zeroed memory)") }
+                for page in layout.lowPages..<layout.totalPages { SourcePattern.fill(page: page, at: vm.pagePointer(page)) }
+            }
             try vm.start()
             if let snapshotTo {
                 guard target == nil else { throw CLIError(description: "--snapshot-to and --migrate-to cannot be combined") }

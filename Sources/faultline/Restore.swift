@@ -48,6 +48,12 @@ struct Restore: ParsableCommand {
     @Option(name: .customLong("fault-around"), help: faultAroundHelp) var faultAround = 16
     @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
     @Option(name: .customLong("run-after"), help: "Seconds the guest keeps running after every page is in") var runAfter = 1.0
+    @Option(name: .customLong("record-working-set"), help: "Write the pages the guest touches, in first-touch order, to this file")
+    var recordWorkingSet: String?
+    @Option(name: .customLong("record-seconds"), help: "With --record-working-set: how long every touch is served on demand before the background fill starts")
+    var recordSeconds = 3.0
+    @Option(help: "Replay a working set recorded with --record-working-set: its pages are sent first, in order")
+    var prefetch: String?
     @Flag(help: "One JSON line") var json = false
 
     enum RestoreMode: String, EnumerableFlag { case lazy, eager }
@@ -67,7 +73,25 @@ struct Restore: ParsableCommand {
             options.destination.faultPathCPU = faultCPU
             options.destination.runAfterSeconds = runAfter
             options.source.faultPathCPU = faultCPU
+            if recordWorkingSet != nil {
+                guard lazy == .lazy, prefetch == nil else {
+                    throw CLIError(description: "--record-working-set needs a lazy restore without --prefetch")
+                }
+                options.recordWorkingSetSeconds = recordSeconds
+            }
+            if let prefetch {
+                guard lazy == .lazy else { throw CLIError(description: "--prefetch needs a lazy restore") }
+                do {
+                    options.prefetch = try JSONDecoder().decode(WorkingSet.self, from: Data(contentsOf: URL(fileURLWithPath: prefetch)))
+                } catch {
+                    throw CLIError(description: "cannot read the working set \(prefetch): \(error)")
+                }
+            }
             let report = try SnapshotRestore.run(snapshot, options: options, started: started)
+            if let recordWorkingSet, let set = report.workingSet {
+                try Data(try jsonLine(set).utf8).write(to: URL(fileURLWithPath: recordWorkingSet))
+                if !json { print("working set: \(set.pages.count) pages recorded in \(recordWorkingSet)") }
+            }
             print(json ? try jsonLine(report) : report.text)
             if !report.digestMatch || !report.guestCheck {
                 fputs("faultline: error: the restored guest's memory does not match the snapshot\n", stderr)

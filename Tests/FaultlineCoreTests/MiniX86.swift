@@ -124,7 +124,7 @@ struct MiniX86 {
         case 0x89:  // mov r/m32, r32
             let (reg, rm) = try modRM()
             try write(rm, registers[reg])
-        case 0x01, 0x31, 0x39:  // add/xor/cmp r/m32, r32
+        case 0x01, 0x29, 0x31, 0x39:  // add/sub/xor/cmp r/m32, r32
             let (reg, rm) = try modRM()
             let result = try alu(opcode, read(rm), registers[reg])
             if opcode != 0x39 { try write(rm, result) }

@@ -103,7 +103,7 @@ private func tag(_ id: Int, _ pass: UInt32) -> UInt32 { RunningWorkload.tag(vcpu
 private func dirtierImage(_ w: RunningWorkload, vcpu id: Int, passes: UInt32) -> [UInt32] {
     var image = [UInt32](repeating: 0, count: Int(w.chunkSize) / 4)
     for pass in stride(from: UInt32(1), through: passes, by: 1) {
-        for page in 0..<w.workingSetPages {
+        for page in w.order == .scattered ? (0..<w.workingSetPages).map(w.scatteredPage(step:)) : Array(0..<w.workingSetPages) {
             image[page * pageSize / 4] = tag(id, pass)
             image[(page * pageSize + RunningWorkload.dirtierSecondWordOffset(pass: pass)) / 4] = tag(id, pass)
         }
@@ -141,6 +141,49 @@ struct RunningWorkloadTests {
         }
         #expect((5..<8).allSatisfy { page in (0..<pageSize / 4).allSatisfy { guest.word(page: page, offset: $0 * 4) == 0 } })
         #expect(guest.mismatches.isEmpty)
+    }
+
+    @Test(arguments: [1, 2, 8, 64])
+    func scatteredDirtierVisitsEveryWorkingSetPageOncePerPassInThePermutation(workingSet: Int) throws {
+        let w = try RunningWorkload(kind: .dirtier, pagesPerVcpu: 64, workingSetPages: workingSet, order: .scattered)
+        var guest = try Guest(w, vcpu: 2)
+        for pass in UInt32(1)...3 {
+            let accessesBefore = guest.cpu.accesses.count
+            try guest.run(passes: 1)
+            #expect(guest.cpu.dataWords == dirtierImage(w, vcpu: 2, passes: pass), "pass \(pass)")
+            let offset = RunningWorkload.dirtierSecondWordOffset(pass: pass)
+            let expected = (0..<workingSet).flatMap { step in
+                [0, offset].map { MiniX86.Access(address: guest.address(page: w.scatteredPage(step: step), offset: $0), isWrite: true,
+                                                 value: tag(2, pass)) }
+            }
+            #expect(Array(guest.cpu.accesses[accessesBefore...]) == expected)
+        }
+        #expect(Set((0..<64).map(w.scatteredPage(step:))) == Set(0..<64), "a permutation of the chunk")
+        #expect(abs(w.scatteredPage(step: 1) - w.scatteredPage(step: 0)) > 1, "not sequential")
+        let untouched = Set(0..<64).subtracting((0..<workingSet).map(w.scatteredPage(step:)))
+        #expect(untouched.allSatisfy { page in (0..<pageSize / 4).allSatisfy { guest.word(page: page, offset: $0 * 4) == 0 } })
+    }
+
+    @Test func scatteredOrderNeedsAPowerOfTwoDirtierChunk() {
+        #expect(throws: RunningWorkloadError.scatteredNeedsPowerOfTwo(pagesPerVcpu: 12)) {
+            try RunningWorkload(kind: .dirtier, pagesPerVcpu: 12, workingSetPages: 8, order: .scattered)
+        }
+        #expect(throws: Never.self) { try RunningWorkload(kind: .dirtier, pagesPerVcpu: 16, workingSetPages: 6, order: .scattered) }
+        #expect(throws: RunningWorkloadError.self) { try RunningWorkload(kind: .selfcheck, pagesPerVcpu: 8, order: .scattered) }
+    }
+
+    @Test(arguments: [1, 5, 33, 100])
+    func scatteredDirtierContinuesAfterAMigrationAtAnyPoint(pause: Int) throws {
+        let w = try RunningWorkload(kind: .dirtier, pagesPerVcpu: 16, workingSetPages: 16, order: .scattered)
+        var source = try Guest(w, vcpu: 1)
+        try source.run(steps: pause)
+        var destination = try Guest(w, vcpu: 1)  // a new machine: registers and memory copied over
+        destination.cpu.state = source.cpu.state
+        try destination.run(passes: 3)
+        try source.run(passes: 3)
+        #expect(destination.passes == source.passes.suffix(3))
+        #expect(destination.cpu.state == source.cpu.state)
+        #expect(destination.cpu.dataWords == dirtierImage(w, vcpu: 1, passes: UInt32(source.passes.count)))
     }
 
     @Test func dirtierCyclesThroughCacheLinesOfTheWholeChunk() throws {

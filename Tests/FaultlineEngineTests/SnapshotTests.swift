@@ -187,3 +187,66 @@ struct RestoreWithFakesTests {
         #expect(mapper == nil, "no guest was built")
     }
 }
+
+@Suite("Working-set record and replay against fakes (no kernel)")
+struct WorkingSetTests {
+    func restore(_ folder: SnapshotFolder, configure: (inout SnapshotRestore.Options) -> Void,
+                 faults: [UInt64] = [], beforeBulkMap: ((Int, Int) -> Void)? = nil) throws -> RestoreReport {
+        let snapshot = try Snapshot(folder: folder.path)
+        var options = SnapshotRestore.Options()
+        options.destination.faultMode = .vcpuExit
+        options.destination.runAfterSeconds = 0
+        options.destination.faultPathCPU = .unpinned
+        options.source.faultPathCPU = .unpinned
+        options.source.peerTimeoutSeconds = 5
+        options.destination.machineFactory = { layout in
+            let m = MemoryMachine(layout: layout)
+            m.simulatedFaults = faults
+            let mapper = MemoryPageMapper(pages: layout.totalPages)
+            mapper.beforeBulkMap = beforeBulkMap
+            return (m, mapper)
+        }
+        configure(&options)
+        return try SnapshotRestore.run(snapshot, options: options, started: MonotonicClock.nanoseconds())
+    }
+
+    @Test func recordingKeepsTheFirstTouchOrder() throws {
+        let folder = SnapshotFolder()
+        let machine = try patternedMachine(ramPages: 2048)
+        _ = try SnapshotWriter.write(machine, to: folder.path, workload: "test")
+        let touched = [1500, 20, 777, 1999, 300]  // RAM page offsets, in touch order
+        // The stream waits longer than the test's touches take: each touch is a fault of its own.
+        let report = try restore(folder, configure: { $0.recordWorkingSetSeconds = 2 },
+                                 faults: touched.map { UInt64($0) * 4096 })
+        #expect(report.digestMatch)
+        let low = machine.layout.lowPages
+        #expect(report.workingSet?.pages == touched.map { $0 + low })
+        #expect(report.workingSet?.snapshotDigest == (try Snapshot(folder: folder.path)).manifest.memoryDigest)
+    }
+
+    @Test func replaySendsTheWorkingSetFirstInItsOrder() throws {
+        let folder = SnapshotFolder()
+        let machine = try patternedMachine(ramPages: 2048)
+        _ = try SnapshotWriter.write(machine, to: folder.path, workload: "test")
+        let snapshot = try Snapshot(folder: folder.path)
+        let low = machine.layout.lowPages
+        let set = WorkingSet(snapshotDigest: snapshot.manifest.memoryDigest, pages: [1800, 40, 1200].map { $0 + low })
+        let mapped = Locked<[Int]>([])
+        let report = try restore(folder, configure: { $0.prefetch = set },
+                                 beforeBulkMap: { first, count in mapped.withLock { $0.append(contentsOf: first..<first + count) } })
+        #expect(report.digestMatch)
+        #expect(report.prefetchPages == 3)
+        let order = mapped.withLock { $0 }
+        #expect(Array(order.prefix(3)) == set.pages, "the working set went first: \(order.prefix(8))")
+    }
+
+    @Test func aWorkingSetOfAnotherSnapshotIsRefused() throws {
+        let folder = SnapshotFolder()
+        _ = try SnapshotWriter.write(try patternedMachine(), to: folder.path, workload: "test")
+        let foreign = WorkingSet(snapshotDigest: 42, pages: [20])
+        #expect { try restore(folder, configure: { $0.prefetch = foreign }) } throws: { "\($0)".contains("another snapshot") }
+        let snapshot = try Snapshot(folder: folder.path)
+        let outside = WorkingSet(snapshotDigest: snapshot.manifest.memoryDigest, pages: [5, 1 << 30])
+        #expect { try restore(folder, configure: { $0.prefetch = outside }) } throws: { "\($0)".contains("outside") }
+    }
+}

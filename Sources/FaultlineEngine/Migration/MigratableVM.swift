@@ -5,6 +5,8 @@ import FaultlineLinux
 /// Counters a running guest reports through its I/O ports.
 public final class GuestCounters: @unchecked Sendable {
     public let passes: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
+    /// Per vCPU: when its second pass here completed (0: not yet).
+    let wholePassAt: UnsafeMutablePointer<UnsafeAtomic<UInt64>.Storage>
     public let mismatches = ManagedAtomic<Int>(0)
     public let count: Int
     private let first = Locked<String?>(nil)
@@ -15,14 +17,35 @@ public final class GuestCounters: @unchecked Sendable {
         count = vcpus
         passes = .allocate(capacity: vcpus)
         passes.initialize(repeating: .init(0), count: vcpus)
+        wholePassAt = .allocate(capacity: vcpus)
+        wholePassAt.initialize(repeating: .init(0), count: vcpus)
     }
 
-    deinit { passes.deallocate() }
+    deinit {
+        passes.deallocate()
+        wholePassAt.deallocate()
+    }
 
     public func passes(of vcpu: Int) -> UInt64 { UnsafeAtomic<UInt64>(at: passes + vcpu).load(ordering: .relaxed) }
     public var totalPasses: UInt64 { (0..<count).reduce(0) { $0 + passes(of: $1) } }
 
-    func recordPass(_ vcpu: Int) { UnsafeAtomic<UInt64>(at: passes + vcpu).wrappingIncrement(ordering: .relaxed) }
+    func recordPass(_ vcpu: Int) {
+        let n = UnsafeAtomic<UInt64>(at: passes + vcpu).loadThenWrappingIncrement(ordering: .relaxed) + 1
+        // The second pass a guest completes here is its first whole one: every page of its
+        // working set was touched in it.
+        if n == 2 { UnsafeAtomic<UInt64>(at: wholePassAt + vcpu).store(MonotonicClock.nanoseconds(), ordering: .relaxed) }
+    }
+
+    /// When every vCPU had completed a whole pass here (monotonic ns), or nil if one has not.
+    public var everyVcpuWholePassAt: UInt64? {
+        var latest: UInt64 = 0
+        for v in 0..<count {
+            let t = UnsafeAtomic<UInt64>(at: wholePassAt + v).load(ordering: .relaxed)
+            if t == 0 { return nil }
+            latest = max(latest, t)
+        }
+        return latest
+    }
 
     func recordMismatch(_ text: String) {
         mismatches.wrappingIncrement(ordering: .relaxed)
@@ -173,7 +196,7 @@ public final class MigratableVM: @unchecked Sendable {
             regs.rip = GuestWorkload.codeAddress
             regs.rflags = 2
             (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (r.rax, r.rbx, r.rcx, r.rdx)
-            (regs.rsi, regs.rdi, regs.rbp) = (r.rsi, r.rdi, r.rbp)
+            (regs.rsi, regs.rdi, regs.rsp, regs.rbp) = (r.rsi, r.rdi, r.rsp, r.rbp)
             try vcpu.setRegisters(regs)
         }
     }

@@ -42,6 +42,14 @@ public struct RestoreReport: Sendable, Codable, Equatable {
     public var firstMismatch: String?
     public var passesAfterRestore: UInt64 = 0
     public var reconnects = 0
+    /// Time from the start until every vCPU completed a whole pass of its program (every page
+    /// of its working set touched since the restore); nil if one did not in the run.
+    public var wholePassMilliseconds: Double?
+    /// Pages of a replayed working set (sent first by the background fill).
+    public var prefetchPages: Int?
+    /// With recording: the pages the guest touched, first touched first (written to a file,
+    /// not into the JSON report).
+    public var workingSet: WorkingSet?
 
     enum CodingKeys: String, CodingKey {
         case side, snapshot, mode, faultMode = "fault_mode", vcpus, memoryBytes = "memory_bytes"
@@ -54,7 +62,7 @@ public struct RestoreReport: Sendable, Codable, Equatable {
         case snapshotDigest = "snapshot_digest", restoredDigest = "restored_digest"
         case digestPagesFromMemory = "digest_pages_from_memory", guestCheck = "guest_check"
         case guestMismatches = "guest_mismatches", firstMismatch = "first_mismatch", passesAfterRestore = "passes_after_restore"
-        case reconnects
+        case reconnects, wholePassMilliseconds = "whole_pass_ms", prefetchPages = "prefetch_pages"
     }
 
     public init(snapshot: String, mode: String, faultMode: String, vcpus: Int, memoryBytes: UInt64, snapshotDataPages: Int) {
@@ -88,6 +96,7 @@ public struct RestoreReport: Sendable, Codable, Equatable {
         passesAfterRestore = d.passesAfterMigration
         guestCheck = d.guestMismatches == 0
         reconnects = d.reconnects + s.reconnects
+        wholePassMilliseconds = d.everyVcpuWholePassAt > 0 ? Double(d.everyVcpuWholePassAt &- started) / 1e6 : nil
     }
 
     /// The text report.
@@ -105,6 +114,8 @@ public struct RestoreReport: Sendable, Codable, Equatable {
             "  guest check              \(guestCheck ? "green" : "RED: \(guestMismatches) mismatches, first: \(firstMismatch ?? "?")"), "
                 + "\(passesAfterRestore) passes after the restore",
         ]
+        if let wholePassMilliseconds { lines.append("  whole pass done          \(ms(wholePassMilliseconds)) ms after the start (every vCPU)") }
+        if let prefetchPages { lines.append("  working set replayed     \(prefetchPages) pages sent first") }
         if let verifySeconds { lines.insert("  snapshot verified        \(ms(verifySeconds * 1000)) ms before the start", at: 1) }
         return lines.joined(separator: "\n")
     }

@@ -14,6 +14,12 @@ public enum SnapshotRestore {
         public var destination: DestinationOptions
         /// How the snapshot is served (batch size, the fault-path CPU ...).
         public var source: MigrationOptions
+        /// Record the pages the guest touches, in first-touch order (``RestoreReport/workingSet``):
+        /// the background fill waits this many seconds so that every first touch faults, and
+        /// each fault asks for its page alone.
+        public var recordWorkingSetSeconds: Double?
+        /// Replay a recorded working set: the background fill sends its pages first, in order.
+        public var prefetch: WorkingSet?
 
         public init() {
             let loopback = SocketEndpoint(parsing: "127.0.0.1:0")!
@@ -34,12 +40,22 @@ public enum SnapshotRestore {
         var destinationOptions = options.destination
         destinationOptions.listen = SocketEndpoint(parsing: "127.0.0.1:0")!
         destinationOptions.acceptSeconds = 30
+        if options.recordWorkingSetSeconds != nil {
+            destinationOptions.recordFirstTouches = true
+            destinationOptions.faultAround = 1  // every page its own fault: none arrives unasked
+        }
         let destination = try MigrationDestination(options: destinationOptions)
         var sourceOptions = options.source
         sourceOptions.destination = destination.endpoint
         sourceOptions.precopyRounds = 0
         sourceOptions.retries = 0
         sourceOptions.progress = false
+        if let seconds = options.recordWorkingSetSeconds { sourceOptions.streamDelaySeconds = seconds }
+        if let prefetch = options.prefetch {
+            try prefetch.validate(for: snapshot.manifest)
+            sourceOptions.streamFirst = prefetch.pages
+            report.prefetchPages = prefetch.pages.count
+        }
         if options.lazy {
             sourceOptions.postcopy = .always
         } else {
@@ -73,6 +89,9 @@ public enum SnapshotRestore {
         case nil: throw RestoreFailed(cause: MigrationError.protocolViolation("the snapshot server did not start"), destination: nil)
         }
         report.fill(destination: destinationReport, source: sourceReport, started: started)
+        if options.recordWorkingSetSeconds != nil {
+            report.workingSet = WorkingSet(snapshotDigest: snapshot.manifest.memoryDigest, pages: destinationReport.firstTouches)
+        }
         return report
     }
 }

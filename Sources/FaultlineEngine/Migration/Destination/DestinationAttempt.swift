@@ -296,6 +296,8 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         }
         let vcpuError = tearDown()
         if let vcpuError { throw MigrationError.peerError("destination \(vcpuError)") }
+        report.everyVcpuWholePassAt = machine.counters.everyVcpuWholePassAt ?? 0
+        if options.recordFirstTouches { report.firstTouches = book.pagesInRequestOrder() }
 
         report.totalSeconds = Double(MonotonicClock.nanoseconds() - t0) / 1e9
         report.switchoverMilliseconds = Double(tRunning &- tSwitch) / 1e6

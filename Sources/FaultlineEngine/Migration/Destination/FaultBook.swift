@@ -142,6 +142,13 @@ final class FaultBook: @unchecked Sendable {
         (0..<vcpus).map { Double(UnsafeAtomic<UInt64>(at: stallNanoseconds + $0).load(ordering: .relaxed)) / 1e6 }
     }
 
+    /// Every page a fault asked for, ordered by when it was first asked for.
+    func pagesInRequestOrder() -> [Int] {
+        var pages: [Int] = []
+        requested.forEachSetPage { if requestTime[$0] != 0 { pages.append($0) } }  // re-requests after a cut carry no time
+        return pages.sorted { requestTime[$0] < requestTime[$1] }
+    }
+
     /// p50, p90, p99 and max in microseconds (zeros without faults).
     var latencyMicroseconds: (p50: Double, p90: Double, p99: Double, max: Double) {
         latency.withLock { h in

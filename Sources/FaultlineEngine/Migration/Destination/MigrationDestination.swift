@@ -49,6 +49,9 @@ public struct DestinationOptions: Sendable {
     /// Build a guest_memfd VM (KVM_X86_SW_PROTECTED_VM, RAM in a KVM_MEM_GUEST_MEMFD memslot);
     /// the source must be one too (`--vm-type sw-protected` on both sides).
     public var guestMemfdVM = false
+    /// Report the pages the guest asked for, in the order of their first fault
+    /// (``DestinationReport/firstTouches``).
+    public var recordFirstTouches = false
     /// Builds the guest and its page mapper (nil: a KVM guest under userfaultfd).
     public var machineFactory: DestinationMachineFactory?
 
@@ -141,6 +144,10 @@ public struct DestinationReport: Sendable {
     /// measures both from its own start).
     public var guestStartedAt: UInt64 = 0
     public var everyPageInAt: UInt64 = 0
+    /// When every vCPU had completed a whole pass of its program after the start (0: not all did).
+    public var everyVcpuWholePassAt: UInt64 = 0
+    /// With ``DestinationOptions/recordFirstTouches``: the pages faults asked for, first asked first.
+    public var firstTouches: [Int] = []
 }
 
 /// The destination side: listens, takes one migration attempt at a time and returns when one

@@ -44,6 +44,12 @@ public struct MigrationOptions: Sendable {
     /// served this many demand pages (at most 10 s), so that demand faults are certain to be
     /// answered on the fault connection rather than overtaken by the stream.
     public var holdStreamUntilDemandPages: Int?
+    /// Post-copy's background stream sends these pages first, in this order (a recorded
+    /// working set, replayed), then everything else in address order.
+    public var streamFirst: [Int] = []
+    /// Post-copy's background stream starts this long after the commit: until then every page
+    /// the guest touches is asked for, so the faults record its first touches.
+    public var streamDelaySeconds = 0.0
     /// The CPU the fault server runs on (see ``FaultPathCPU``).
     public var faultPathCPU: FaultPathCPU = .automatic
     /// While post-copy runs, hold a PM QoS request that keeps idle CPUs within this many

@@ -38,6 +38,13 @@ extension MigrationSource {
                 MonotonicClock.sleep(seconds: 0.001)
             }
         }
+        if options.streamDelaySeconds > 0 {
+            let until = MonotonicClock.deadline(after: options.streamDelaySeconds)
+            while MonotonicClock.nanoseconds() < until && failures.failure == nil && !faultServer.broken.load(ordering: .relaxed) {
+                MonotonicClock.sleep(seconds: 0.005)  // the fault server answers meanwhile
+            }
+        }
+        var streamFirstNext = 0
         while true {
             do {
                 if let failure = failures.failure { throw failure }
@@ -47,8 +54,7 @@ extension MigrationSource {
                     injectedViolation = true
                     encoder.appendZeroPage(index: UInt64(layout.totalPages + 7))  // outside guest memory
                 }
-                while let page = done.firstClear(from: cursor.load(ordering: .relaxed)) {
-                    cursor.store(page + 1 < layout.totalPages ? page + 1 : 0, ordering: .relaxed)
+                while let page = nextBackgroundPage(&streamFirstNext) {
                     guard done.insert(page) else { continue }
                     let corrupt = options.corruptOnePage && !injectedCorruption
                     if try sender.append(page, to: &encoder, channel: bulk, corrupt: corrupt) {
@@ -91,6 +97,20 @@ extension MigrationSource {
         }
         report.backgroundPages = sentBackground
         if options.progress && StandardError.isTerminal { progressBar(layout.totalPages, layout.totalPages); StandardError.write("\n") }
+    }
+
+    /// The next page for the background stream: the pages of ``MigrationOptions/streamFirst``
+    /// not sent yet, in their order, then the first unsent page from the cursor (which the fault
+    /// server moves next to each fault). Nil when every page is sent.
+    func nextBackgroundPage(_ streamFirstNext: inout Int) -> Int? {
+        while streamFirstNext < options.streamFirst.count {
+            let page = options.streamFirst[streamFirstNext]
+            streamFirstNext += 1
+            if page >= 0 && page < layout.totalPages && !done.contains(page) { return page }
+        }
+        guard let page = done.firstClear(from: cursor.load(ordering: .relaxed)) else { return nil }
+        cursor.store(page + 1 < layout.totalPages ? page + 1 : 0, ordering: .relaxed)
+        return page
     }
 
     /// After the commit: reconnect on a lost connection, give up with the cause otherwise.
