@@ -94,8 +94,14 @@ struct SnapshotTests {
     @Test func anInconsistentManifestIsRefused() throws {
         let folder = SnapshotFolder()
         _ = try SnapshotWriter.write(try patternedMachine(), to: folder.path, workload: "test")
-        try folder.editManifest { $0["chunk_crc32c"] = [1, 2, 3] }
+        try folder.editManifest { $0["chunk_count"] = 3 }
         #expect { try Snapshot(folder: folder.path) } throws: { "\($0)".contains("3 chunk checksums for") }
+        _ = try SnapshotWriter.write(try patternedMachine(), to: folder.path, workload: "test")
+        try Data([1, 2, 3, 4]).write(to: URL(fileURLWithPath: folder.path + "/chunks.crc32c"))
+        #expect { try Snapshot(folder: folder.path) } throws: { "\(String(describing: $0))".contains("truncated") }
+        _ = try SnapshotWriter.write(try patternedMachine(), to: folder.path, workload: "test")
+        try folder.editManifest { $0["chunk_file_crc32c"] = 7 }
+        #expect { try Snapshot(folder: folder.path) } throws: { "\($0)".contains("the chunk file's CRC32C") }
         _ = try SnapshotWriter.write(try patternedMachine(), to: folder.path, workload: "test")
         try folder.editManifest { $0["ram_size"] = 4096 * 513 }
         #expect { try Snapshot(folder: folder.path) } throws: { "\($0)".contains("do not add up") }

@@ -14,6 +14,8 @@ public struct SnapshotManifest: Codable, Sendable, Equatable {
     public static let currentVersion = 1
     public static let manifestFileName = "manifest.json"
     public static let memoryFileName = "memory.bin"
+    /// The chunk checksums, little-endian UInt32s (binary: a big snapshot has many chunks).
+    public static let chunkFileName = "chunks.crc32c"
     /// Pages per checksum chunk (256 KiB): small enough to check on the first fault in it.
     public static let defaultChunkPages = 64
     /// Feature names this build understands; a manifest naming another is refused.
@@ -39,7 +41,11 @@ public struct SnapshotManifest: Codable, Sendable, Equatable {
     public var memoryFile: String
     public var memorySize: UInt64
     public var chunkPages: Int
-    /// One CRC32C per chunk of `chunkPages` pages, holes read as zeros.
+    /// Chunks in the memory file, and the CRC32C of the chunk file that holds their checksums.
+    public var chunkFileCount: Int
+    public var chunkFileChecksum: UInt32
+    /// One CRC32C per chunk of `chunkPages` pages, holes read as zeros: read from the chunk
+    /// file (``chunkFileName``), not from the manifest's JSON.
     public var chunkChecksums: [UInt32]
     /// The page digest of all of memory (``MemoryDigest``: per-page CRC32C mixed with the index).
     public var memoryDigest: UInt64
@@ -65,6 +71,8 @@ public struct SnapshotManifest: Codable, Sendable, Equatable {
         memorySize = lowSize + ramSize
         self.chunkPages = chunkPages
         self.chunkChecksums = chunkChecksums
+        chunkFileCount = chunkChecksums.count
+        chunkFileChecksum = Self.checksum(ofChunkFile: Self.chunkFileBytes(chunkChecksums))
         self.memoryDigest = memoryDigest
         self.dataPages = dataPages
         self.vcpus = vcpus
@@ -74,8 +82,58 @@ public struct SnapshotManifest: Codable, Sendable, Equatable {
     enum CodingKeys: String, CodingKey {
         case format, version, features, vcpuCount = "vcpu_count", guestMode = "guest_mode", lowSize = "low_size"
         case ramBase = "ram_base", ramSize = "ram_size", pageSize = "page_size", memoryFile = "memory_file"
-        case memorySize = "memory_size", chunkPages = "chunk_pages", chunkChecksums = "chunk_crc32c"
+        case memorySize = "memory_size", chunkPages = "chunk_pages", chunkFileCount = "chunk_count"
+        case chunkFileChecksum = "chunk_file_crc32c"
         case memoryDigest = "memory_digest", dataPages = "data_pages", vcpus, workload
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        format = try c.decode(String.self, forKey: .format)
+        version = try c.decode(Int.self, forKey: .version)
+        features = try c.decode([String].self, forKey: .features)
+        vcpuCount = try c.decode(Int.self, forKey: .vcpuCount)
+        guestMode = try c.decode(String.self, forKey: .guestMode)
+        lowSize = try c.decode(UInt64.self, forKey: .lowSize)
+        ramBase = try c.decode(UInt64.self, forKey: .ramBase)
+        ramSize = try c.decode(UInt64.self, forKey: .ramSize)
+        pageSize = try c.decode(UInt64.self, forKey: .pageSize)
+        memoryFile = try c.decode(String.self, forKey: .memoryFile)
+        memorySize = try c.decode(UInt64.self, forKey: .memorySize)
+        chunkPages = try c.decode(Int.self, forKey: .chunkPages)
+        chunkFileCount = try c.decode(Int.self, forKey: .chunkFileCount)
+        chunkFileChecksum = try c.decode(UInt32.self, forKey: .chunkFileChecksum)
+        memoryDigest = try c.decode(UInt64.self, forKey: .memoryDigest)
+        dataPages = try c.decode(Int.self, forKey: .dataPages)
+        vcpus = try c.decode([VcpuState].self, forKey: .vcpus)
+        workload = try c.decode(String.self, forKey: .workload)
+        chunkChecksums = []
+    }
+
+    /// The chunk file's bytes for `checksums`.
+    public static func chunkFileBytes(_ checksums: [UInt32]) -> [UInt8] {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(checksums.count * 4)
+        for c in checksums { withUnsafeBytes(of: c.littleEndian) { bytes.append(contentsOf: $0) } }
+        return bytes
+    }
+
+    public static func checksum(ofChunkFile bytes: [UInt8]) -> UInt32 { bytes.withUnsafeBytes { CRC32C.checksum($0) } }
+
+    /// Takes the chunk checksums from the chunk file's bytes, checking them against the manifest.
+    public mutating func loadChunkFile(_ bytes: [UInt8]) throws(SnapshotError) {
+        guard bytes.count == chunkFileCount * 4 else {
+            throw .truncated(expected: UInt64(chunkFileCount * 4), found: UInt64(bytes.count))
+        }
+        let crc = Self.checksum(ofChunkFile: bytes)
+        guard crc == chunkFileChecksum else {
+            throw .invalidManifest("the chunk file's CRC32C is \(String(crc, radix: 16)), the manifest says \(String(chunkFileChecksum, radix: 16))")
+        }
+        var checksums = [UInt32](repeating: 0, count: chunkFileCount)
+        bytes.withUnsafeBytes { raw in
+            for i in 0..<checksums.count { checksums[i] = UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: i * 4, as: UInt32.self)) }
+        }
+        chunkChecksums = checksums
     }
 
     public var totalPages: Int { Int(memorySize / pageSize) }
@@ -109,8 +167,8 @@ public struct SnapshotManifest: Codable, Sendable, Equatable {
             throw .invalidManifest("memory file '\(memoryFile)' (expected '\(Self.memoryFileName)' inside the snapshot folder)")
         }
         guard chunkPages >= 1, chunkPages <= 1 << 16 else { throw .invalidManifest("chunk_pages \(chunkPages)") }
-        guard chunkChecksums.count == chunkCount else {
-            throw .invalidManifest("\(chunkChecksums.count) chunk checksums for \(chunkCount) chunks")
+        guard chunkFileCount == chunkCount else {
+            throw .invalidManifest("\(chunkFileCount) chunk checksums for \(chunkCount) chunks")
         }
         guard dataPages >= 0, dataPages <= totalPages else { throw .invalidManifest("data_pages \(dataPages) of \(totalPages)") }
         guard vcpus.map(\.id) == Array(0..<vcpuCount), vcpus.allSatisfy({ !$0.state.isEmpty }) else {

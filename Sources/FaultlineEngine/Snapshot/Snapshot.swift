@@ -26,13 +26,16 @@ public final class Snapshot: @unchecked Sendable {
             throw SnapshotError.missing("\(folder) has no \(SnapshotManifest.manifestFileName)")
         }
         let bytes = try FileSystem.read(manifestPath, limit: 256 << 20)
-        let manifest: SnapshotManifest
+        var manifest: SnapshotManifest
         do {
             manifest = try JSONDecoder().decode(SnapshotManifest.self, from: Data(bytes))
         } catch {
             throw SnapshotError.foreign("\(manifestPath) is not a snapshot manifest (\(Self.describe(error)))")
         }
         try manifest.validate()
+        let chunkPath = folder + "/" + SnapshotManifest.chunkFileName
+        guard FileSystem.exists(chunkPath) else { throw SnapshotError.missing("\(chunkPath) does not exist") }
+        try manifest.loadChunkFile(try FileSystem.read(chunkPath, limit: manifest.chunkFileCount * 4 + 1))
         self.manifest = manifest
         layout = try MachineLayout(vcpus: manifest.vcpuCount, ramSize: manifest.ramSize,
                                    mode: GuestMode(rawValue: manifest.guestMode))

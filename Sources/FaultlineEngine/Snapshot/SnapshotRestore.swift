@@ -66,7 +66,7 @@ public enum SnapshotRestore {
         var sourceThread: OSThread?
         let destinationReport: DestinationReport
         do {
-            destinationReport = try destination.run { _ in
+            destinationReport = try destination.run(expecting: snapshot.layout) { _ in
                 sourceThread = try? OSThread(name: "snapshot server") {
                     let outcome = Result { try SourceMigration.run(machine, options: sourceOptions).1 }
                     sourceOutcome.withLock { $0 = outcome }

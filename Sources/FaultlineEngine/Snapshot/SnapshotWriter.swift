@@ -89,6 +89,9 @@ public enum SnapshotWriter {
                                         chunkChecksums: chunkCRCs, memoryDigest: digest, dataPages: dataPages, vcpus: vcpus,
                                         workload: workload)
         try manifest.validate()
+        let chunkFile = try FileWriter(creating: folder + "/" + SnapshotManifest.chunkFileName)
+        try chunkFile.write(SnapshotManifest.chunkFileBytes(chunkCRCs))
+        try chunkFile.sync()
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         try FileSystem.writeAtomically(Array(try encoder.encode(manifest)), to: manifestPath)

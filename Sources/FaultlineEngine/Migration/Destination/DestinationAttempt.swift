@@ -66,7 +66,20 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     // MARK: set-up
 
     func build(_ hello: WireMessage.Hello) throws {
-        layout = try MachineLayout(vcpus: Int(hello.vcpuCount), memory: try hello.memoryLayout())
+        let announced = try MachineLayout(vcpus: Int(hello.vcpuCount), memory: try hello.memoryLayout())
+        if let layout {  // built ahead for the layout the caller expected
+            guard announced == layout else {
+                throw MigrationError.protocolViolation("the source announced \(announced.vcpus) vCPUs and \(announced.ramSize) bytes of RAM; "
+                                                       + "\(layout.vcpus) and \(layout.ramSize) were expected")
+            }
+            return
+        }
+        try build(layout: announced)
+    }
+
+    /// Builds the guest, its page mapper and the fault path for `layout` (before or after the hello).
+    func build(layout: MachineLayout) throws {
+        self.layout = layout
         report.guestMode = layout.mode
         if let factory = options.machineFactory {
             (machine, mapper) = try factory(layout)

@@ -182,7 +182,9 @@ public final class MigrationDestination: @unchecked Sendable {
         pool = DestinationPool(pages: pages)
     }
 
-    public func run(onReady: ((SocketEndpoint) -> Void)? = nil) throws -> DestinationReport {
+    /// `expecting`: the layout the source will announce, when the caller knows it (a restore):
+    /// the first attempt's guest is built while the source connects, not after its hello.
+    public func run(expecting expected: MachineLayout? = nil, onReady: ((SocketEndpoint) -> Void)? = nil) throws -> DestinationReport {
         var preallocated: GuestMemoryRegion?
         if options.preallocBytes > 0 {
             if options.faultMode == .uffdMinor {
@@ -195,11 +197,20 @@ public final class MigrationDestination: @unchecked Sendable {
         }
         onReady?(listener.endpoint)
         let sessions = SessionAcceptor(listener: listener)
+        var prebuilt: DestinationAttempt?
+        if let expected {
+            let attempt = DestinationAttempt(options: options, destination: self, sessions: sessions, prepared: preallocated)
+            preallocated = nil
+            do { try attempt.build(layout: expected) } catch { attempt.tearDown(); throw error }
+            prebuilt = attempt
+        }
         var abandoned: [String] = []
-        var next = try sessions.acceptPair(timeout: options.acceptSeconds, session: nil)
+        var next: SessionAcceptor.Pair
+        do { next = try sessions.acceptPair(timeout: options.acceptSeconds, session: nil) } catch { prebuilt?.tearDown(); throw error }
         while true {
-            let attempt = DestinationAttempt(options: options, destination: self, sessions: sessions,
-                                             prepared: preallocated)
+            let attempt = prebuilt ?? DestinationAttempt(options: options, destination: self, sessions: sessions,
+                                                         prepared: preallocated)
+            prebuilt = nil
             preallocated = nil  // one attempt's memory is never reused by the next
             do {
                 var report = try attempt.run(bulk: next.bulk, fault: next.fault, hello: next.hello)
