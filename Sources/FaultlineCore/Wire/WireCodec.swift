@@ -320,6 +320,16 @@ public struct WireEncoder: Sendable {
         batch = open
     }
 
+    /// Closes the open batch (a `pages` frame, opened without a request id) and returns its
+    /// pages as a ``PageBatch``, for pages handed over inside one process with no socket in
+    /// between. The frame stays in ``bytes``; the batch shares its storage.
+    public mutating func endPagesAsBatch() -> PageBatch {
+        guard let open = batch else { preconditionFailure("endPagesAsBatch without beginPages") }
+        endPages()
+        return PageBatch(pageSize: UInt32(open.pageSize), count: open.pageCount,
+                         wire: bytes[(open.frameStart + WireProtocol.headerSize)...])
+    }
+
     /// Closes the open batch, completing its frame.
     public mutating func endPages() {
         guard let open = batch else { preconditionFailure("endPages without beginPages") }

@@ -37,7 +37,9 @@ public enum SnapshotRestore {
             let verified = try snapshot.verify()  // nothing is installed from a snapshot that fails
             report.verifySeconds = verified.seconds
         }
+        let machine = SnapshotMachine(snapshot: snapshot)
         var destinationOptions = options.destination
+        destinationOptions.localPages = machine  // faults read the file on their own thread
         destinationOptions.listen = SocketEndpoint(parsing: "127.0.0.1:0")!
         destinationOptions.acceptSeconds = 30
         if options.recordWorkingSetSeconds != nil {
@@ -61,7 +63,6 @@ public enum SnapshotRestore {
         } else {
             sourceOptions.immediateStopAndCopy = "eager restore: every page before the vCPUs start"
         }
-        let machine = SnapshotMachine(snapshot: snapshot)
         let sourceOutcome = Locked<Result<SourceReport, Error>?>(nil)
         var sourceThread: OSThread?
         let destinationReport: DestinationReport

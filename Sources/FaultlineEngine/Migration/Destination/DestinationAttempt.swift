@@ -114,6 +114,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         installer.damageAfterInstall = options.damageInstalledPage
         if options.faultMode == .vcpuExit { installer.afterBatch = { [waiters] in waiters.broadcast() } }
         requester = try FaultRequester(table: table, book: book, failures: failures, faultPathCPU: faultCPU, faultAround: options.faultAround)
+        requester.local = options.localPages.map { LocalDemand(supplier: $0, installer: installer) }
         failures.onFailure = { [weak self] in self?.abortOnThreadFailure() }
         // Post-copy's background stream: ready before the switch-over, so that starting it costs
         // nothing between the pause and the guest running. MINOR: a fault on a page staged for

@@ -28,6 +28,16 @@ final class FaultRequester: @unchecked Sendable {
     /// After a request went out: maps the page if it was staged meanwhile
     /// (``InstallPipeline/lookAgainAfterRequest(_:)``).
     var lookAgainAfterRequest: ((Int) throws -> Void)?
+    /// Pages this process can read itself: a fault is served on its own thread, not requested.
+    /// Set before the readers and vCPUs start.
+    var local: LocalDemand? {
+        didSet {
+            guard local != nil else { return }
+            vcpuScratches = (0..<max(book.vcpus, 1)).map { _ in PageInstaller.Scratch(pages: faultAround) }
+            for v in 0..<max(book.vcpus, 1) { vcpuEncoders[v].reserve(faultAround) }
+        }
+    }
+    private var vcpuScratches: [PageInstaller.Scratch] = []
 
     init(table: DestinationPageTable, book: FaultBook, failures: FailureSlot, faultPathCPU: Int32?, faultAround: Int = 1) throws {
         self.faultAround = max(faultAround, 1)
@@ -54,10 +64,21 @@ final class FaultRequester: @unchecked Sendable {
     /// the first one already installed: a guest that walks memory faults once per window,
     /// not once per page. Only `page` counts as a fault (latency, requested set); the others
     /// are read ahead (the source sends them even where its stream already did).
-    func request(_ page: Int, vcpu: Int, faultTime: UInt64 = MonotonicClock.nanoseconds(), encoder: inout WireEncoder) {
-        guard book.noteRequest(page, vcpu: vcpu, at: faultTime), let channel = currentChannel else { return }
+    func request(_ page: Int, vcpu: Int, faultTime: UInt64 = MonotonicClock.nanoseconds(), encoder: inout WireEncoder,
+                 scratch: PageInstaller.Scratch? = nil) {
+        guard book.noteRequest(page, vcpu: vcpu, at: faultTime) else { return }
         var count = 1
         while count < faultAround && page + count < table.count && !table.installed.contains(page + count) { count += 1 }
+        if let local, let scratch {
+            do {
+                book.noteSent(page, at: MonotonicClock.nanoseconds())
+                try local.serve(page..<page + count, encoder: &encoder, scratch: scratch)
+            } catch {
+                failures.record("local page supplier", error)
+            }
+            return
+        }
+        guard let channel = currentChannel else { return }
         do {
             try encoder.encode(.pageRequest(requestID: UInt64(page), pageIndex: UInt64(page), count: UInt32(count)))
             try channel.flush(&encoder)
@@ -85,7 +106,8 @@ final class FaultRequester: @unchecked Sendable {
     /// Called on vCPU thread `vcpu` (only there: the encoder is that thread's): asks for the
     /// page it faulted on.
     func requestFromVcpu(_ page: Int, vcpu: Int, time: UInt64) {
-        request(page, vcpu: vcpu, faultTime: time, encoder: &vcpuEncoders[min(max(vcpu, 0), max(book.vcpus, 1) - 1)])
+        let v = min(max(vcpu, 0), max(book.vcpus, 1) - 1)
+        request(page, vcpu: vcpu, faultTime: time, encoder: &vcpuEncoders[v], scratch: vcpuScratches.isEmpty ? nil : vcpuScratches[v])
     }
 
     // MARK: userfaultfd readers
@@ -107,6 +129,8 @@ final class FaultRequester: @unchecked Sendable {
                             writeLog: PageBitmap?, vcpuForThread: (UInt32) -> Int) {
         var events = UffdEventBuffer(capacity: 16)
         var encoder = WireEncoder(reservingCapacity: 64)
+        let scratch = local.map { _ in PageInstaller.Scratch(pages: faultAround) }
+        if local != nil { encoder.reserve(faultAround) }
         do {
             while try uffd.waitReadable(orStop: stopEvent.fd) {
                 let n = try uffd.readEvents(into: &events)
@@ -131,7 +155,7 @@ final class FaultRequester: @unchecked Sendable {
                                                         now: MonotonicClock.nanoseconds())
                         continue
                     }
-                    request(page, vcpu: vcpuForThread(tid), faultTime: faultTime, encoder: &encoder)
+                    request(page, vcpu: vcpuForThread(tid), faultTime: faultTime, encoder: &encoder, scratch: scratch)
                     try lookAgainAfterRequest?(page)
                 }
             }
@@ -146,5 +170,13 @@ final class FaultRequester: @unchecked Sendable {
         stopEvent.signal()
         for t in threads { t.join() }
         threads = []
+    }
+}
+
+extension WireEncoder {
+    /// Room for a batch of `pages` data pages, so that encoding one on the fault path never grows it.
+    mutating func reserve(_ pages: Int) {
+        var bigger = WireEncoder(reservingCapacity: (pages + 1) * (4096 + WireProtocol.pageDescriptorSize) + 4096)
+        swap(&self, &bigger)
     }
 }

@@ -49,6 +49,9 @@ public struct DestinationOptions: Sendable {
     /// Build a guest_memfd VM (KVM_X86_SW_PROTECTED_VM, RAM in a KVM_MEM_GUEST_MEMFD memslot);
     /// the source must be one too (`--vm-type sw-protected` on both sides).
     public var guestMemfdVM = false
+    /// Pages this process can read itself (a snapshot being restored): faults are served on the
+    /// faulting thread, not requested from the source.
+    public var localPages: LocalPageSupplier?
     /// Report the pages the guest asked for, in the order of their first fault
     /// (``DestinationReport/firstTouches``).
     public var recordFirstTouches = false
