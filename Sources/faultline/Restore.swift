@@ -49,11 +49,13 @@ struct Restore: ParsableCommand {
     @Option(name: .customLong("fault-cpu"), help: faultCPUHelp) var faultCPU: FaultPathCPU = .automatic
     @Option(name: .customLong("run-after"), help: "Seconds the guest keeps running after every page is in") var runAfter = 1.0
     @Flag(help: "One JSON line") var json = false
+    @OptionGroup(title: "Clones") var clone: CloneArguments
 
     enum RestoreMode: String, EnumerableFlag { case lazy, eager }
 
     func run() {
         let started = MonotonicClock.nanoseconds()
+        if clone.requested { return runClone(started: started) }
         do {
             try HeapPolicy.keepHeapForFaultPath()
             let (mode, _) = try FaultModeSelection.resolve(requested: faultMode)
