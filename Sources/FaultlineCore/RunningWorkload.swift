@@ -5,6 +5,10 @@ public enum RunningWorkloadKind: String, CaseIterable, Sendable {
     /// Checks every page still holds what the previous pass wrote, then overwrites it: any page
     /// lost or corrupted by a migration is reported by the guest itself.
     case selfcheck
+    /// Checks every page on every pass as selfcheck does, but after pass 1 (which fills the
+    /// whole chunk) rewrites only the working set; the other pages keep pass 1's tag and are
+    /// only read: a guest that reads all its memory and writes a known part of it.
+    case readmostly
 }
 
 /// The order a dirtier visits its working set in.
@@ -83,7 +87,8 @@ public struct RunningWorkloadRegisters: Equatable, Sendable {
 }
 
 /// A guest program that never halts, for live migration: it keeps writing (and, for
-/// ``RunningWorkloadKind/selfcheck``, verifying) its vCPU's chunk until the VMM stops it.
+/// ``RunningWorkloadKind/selfcheck`` and ``RunningWorkloadKind/readmostly``, verifying) its
+/// vCPU's chunk until the VMM stops it.
 ///
 /// The VMM loads ``program()`` at ``GuestWorkload/codeAddress`` (one code page shared by every
 /// vCPU) and starts each vCPU there in ``mode``: 32-bit protected mode (flat segments, paging
@@ -105,23 +110,24 @@ public struct RunningWorkloadRegisters: Equatable, Sendable {
 /// | `esi`, `edi` | the chunk `[esi, edi)` (constant) |
 /// | `ebp` | the current pass `k`, counting from 1 |
 /// | `ebx` | ``tag(vcpu:pass:)`` of pass `k`: the value this pass writes |
-/// | `ecx` | dirtier: ``dirtierSecondWordOffset(pass:)`` of pass `k`; selfcheck: the tag of pass `k - 1`, which every page must still hold |
-/// | `edx` | the cursor: start of the next page to visit (selfcheck: or the last word of the page being checked) |
+/// | `ecx` | dirtier: ``dirtierSecondWordOffset(pass:)`` of pass `k`; selfcheck: the tag of pass `k - 1`, which every page must still hold (readmostly: every working-set page) |
+/// | `edx` | the cursor: start of the next page to visit (selfcheck, readmostly: or the last word of the page being checked) |
 /// | `eax` | scratch (loaded value, spin counter, `out` value) |
-/// | `esp` | unused (0) |
+/// | `esp` | dirtier, selfcheck: unused (0); readmostly: ``readMostlyColdValue(vcpu:)``, set by the program's first instruction |
 ///
 /// Port exits (`out imm8, eax`, so the 4 bytes of I/O data equal `eax`):
 /// - ``progressPort`` after every full pass: `eax` = `ebp` = the pass just completed
 ///   (1, 2, …, wrapping at 2^32). For selfcheck, every page now holds `ebx` in both words.
-/// - ``mismatchPort`` (selfcheck only): `eax` = the wrong value read, `edx` (`rdx` in long mode)
-///   = the guest-physical address of that word, `ecx` = the value expected, `ebp` = the pass. The VMM reads `edx`
+/// - ``mismatchPort`` (selfcheck, readmostly): `eax` = the wrong value read, `edx` (`rdx` in long
+///   mode) = the guest-physical address of that word, `ecx` = the value expected (readmostly's
+///   pages outside the working set: `esp`), `ebp` = the pass. The VMM reads `edx`
 ///   (and `ecx`, `ebp` if it wants them) with `KVM_GET_REGS` during the exit. The guest then
 ///   goes on (overwriting the word) when resumed; whether to stop is the VMM's decision.
 public struct RunningWorkload: Sendable {
     public let kind: RunningWorkloadKind
     public let pagesPerVcpu: Int
     /// Dirtier: pages `0..<workingSetPages` of the chunk are rewritten, the rest never touched.
-    /// Selfcheck: always ``pagesPerVcpu``.
+    /// Readmostly: those are rewritten after pass 1, the rest only read. Selfcheck: always ``pagesPerVcpu``.
     public let workingSetPages: Int
     /// Busy-loop iterations (`dec eax; jne`) after each page, 0 for none: sets the dirty rate.
     public let spinIterations: UInt32
@@ -163,7 +169,7 @@ public struct RunningWorkload: Sendable {
         guard (1...pagesPerVcpu).contains(workingSet) else {
             throw RunningWorkloadError.invalidWorkingSet(workingSet, pagesPerVcpu: pagesPerVcpu)
         }
-        guard kind == .dirtier || workingSet == pagesPerVcpu else {
+        guard kind != .selfcheck || workingSet == pagesPerVcpu else {
             throw RunningWorkloadError.selfcheckNeedsWholeChunk(workingSetPages: workingSet, pagesPerVcpu: pagesPerVcpu)
         }
         if order == .scattered {
@@ -229,6 +235,7 @@ public struct RunningWorkload: Sendable {
         case .dirtier where order == .scattered: emitScatteredDirtier(into: &asm)
         case .dirtier: emitDirtier(into: &asm)
         case .selfcheck: emitSelfcheck(into: &asm)
+        case .readmostly: emitReadMostly(into: &asm)
         }
         return try asm.assemble()
     }
@@ -343,7 +350,7 @@ public struct RunningWorkload: Sendable {
     }
 
     /// `eax = spinIterations; do { eax -= 1 } while eax != 0`, or nothing for 0 iterations.
-    private func emitSpin(into asm: inout X86Assembler) {
+    func emitSpin(into asm: inout X86Assembler) {
         guard spinIterations > 0 else { return }
         let spin = asm.makeLabel()
         asm.mov(.eax, imm: spinIterations)
@@ -353,14 +360,14 @@ public struct RunningWorkload: Sendable {
     }
 
     /// `out progressPort` with `eax` = the pass just completed.
-    private func emitPassEnd(into asm: inout X86Assembler) {
+    func emitPassEnd(into asm: inout X86Assembler) {
         asm.mov(.eax, .ebp)
         asm.out(port: Self.progressPort)
     }
 
     /// `eax` = the tag after `ebx`: `ebx + 1`, wrapping the low 24 bits from `tagCycle` back to
     /// 1 (never 0) without touching the vCPU id. Clobbers `ecx`.
-    private func emitNextTag(into asm: inout X86Assembler) {
+    func emitNextTag(into asm: inout X86Assembler) {
         let done = asm.makeLabel()
         asm.mov(.eax, .ebx)
         asm.inc(.eax)

@@ -14,6 +14,11 @@ public enum MemoryBacking: String, CaseIterable, Sendable, CustomStringConvertib
     case hugetlb
     /// KVM guest_memfd with the MMAP flag: fd-based guest memory; no userfaultfd support.
     case guestMemfd = "guest-memfd"
+    /// A regular file mapped private and writable (copy-on-write): pages never written are the
+    /// file's page cache, shared with every other mapping of it; a written page becomes this
+    /// mapping's own anonymous copy and the file never changes. Made only by
+    /// ``GuestMemoryRegion/init(privateMappingOf:offset:size:label:)`` (it needs a file).
+    case privateFile = "private-file"
 
     public var description: String { rawValue }
 
@@ -63,12 +68,14 @@ public final class GuestMemoryRegion: @unchecked Sendable {
     public enum RegionError: Error, CustomStringConvertible {
         case noHugePages(needed: Int, free: Int)
         case needsVM
+        case needsFile
         case badSize(UInt64, pageSize: UInt64)
         public var description: String {
             switch self {
             case .noHugePages(let needed, let free):
                 return "hugetlb backing needs \(needed) free 2 MiB huge pages, the system has \(free) (reserve some: echo N > /proc/sys/vm/nr_hugepages)"
             case .needsVM: return "guest-memfd backing needs a KVM VM (not available with the soft backend)"
+            case .needsFile: return "private-file backing maps an existing file: it has no anonymous form"
             case .badSize(let s, let p): return "region size \(s) is not a positive multiple of the page size \(p)"
             }
         }
@@ -96,6 +103,8 @@ public final class GuestMemoryRegion: @unchecked Sendable {
             try systemCall("ftruncate \(owned) to \(size)") { ftruncate(fd, off_t(size)) }
             file = owned
             mapping = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        case .privateFile:
+            throw RegionError.needsFile
         case .guestMemfd:
             guard let vm else { throw RegionError.needsVM }
             let g = try vm.createGuestMemfd(size: size, flags: [.mmap, .initShared])
@@ -121,6 +130,16 @@ public final class GuestMemoryRegion: @unchecked Sendable {
         self.guestMemfd = gmem
     }
 
+    /// Takes over a mapping made elsewhere (``init(privateMappingOf:offset:size:label:)``).
+    init(backing: MemoryBacking, size: UInt64, base: UnsafeMutableRawPointer, file: FileDescriptor?) {
+        self.backing = backing
+        self.size = size
+        self.base = base
+        self.file = file
+        self.guestMemfd = nil
+        self.alias = nil
+    }
+
     deinit {
         munmap(base, Int(size))
         if let alias { munmap(alias, Int(size)) }
@@ -129,7 +148,7 @@ public final class GuestMemoryRegion: @unchecked Sendable {
     /// Allocates the page cache of the whole file (memfd/hugetlb): MINOR faults need pages
     /// to exist in the cache but not in this mapping's page tables.
     public func allocateFile() throws(SystemError) {
-        guard let file else { return }
+        guard let file, backing != .privateFile else { return }  // never grow or fill a file mapped privately
         try systemCall("fallocate \(file) \(size)") { fl_fallocate(file.rawValue, 0, 0, Int64(size)) }
     }
 
@@ -137,7 +156,9 @@ public final class GuestMemoryRegion: @unchecked Sendable {
     /// mapping (the first half of "write, then UFFDIO_CONTINUE").
     @inlinable
     public func writeFile(at offset: UInt64, from source: UnsafeRawPointer, length: Int) throws(SystemError) {
-        guard let file else { throw SystemError("pwrite: \(backing) memory has no file", errno: EINVAL) }
+        guard let file, backing != .privateFile else {
+            throw SystemError("pwrite: \(backing) memory has no file of its own to write", errno: EINVAL)
+        }
         if backing == .hugetlb, let alias {
             (alias + Int(offset)).copyMemory(from: source, byteCount: length)
             return
@@ -160,7 +181,8 @@ public final class GuestMemoryRegion: @unchecked Sendable {
         (alias + Int(offset)).copyMemory(from: source, byteCount: length)
     }
 
-    /// MADV_DONTNEED over a range: drops the pages so they fault again.
+    /// MADV_DONTNEED over a range: drops the pages so they fault again (a private file mapping's
+    /// written pages go back to the file's contents).
     public func discard(offset: UInt64, length: UInt64) throws(SystemError) {
         try systemCall("madvise DONTNEED +\(offset) \(length)") { madvise(base + Int(offset), Int(length), MADV_DONTNEED) }
         if backing == .memfd || backing == .hugetlb, let file {

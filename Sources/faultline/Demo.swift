@@ -12,8 +12,8 @@ struct Demo: ParsableCommand {
     @Option(help: "Number of vCPUs") var vcpus = 2
     @Option(help: "Guest RAM") var memory = "512M"
     @Option(name: .customLong("guest-mode"), help: guestModeHelp) var guestMode: GuestModeChoice = .auto
-    @Option(help: "dirtier | selfcheck") var workload: RunningWorkloadKind = .selfcheck
-    @Option(name: .customLong("working-set"), help: "dirtier: pages per vCPU rewritten each pass (default: all)") var workingSet: Int?
+    @Option(help: "dirtier | selfcheck | readmostly") var workload: RunningWorkloadKind = .selfcheck
+    @Option(name: .customLong("working-set"), help: "dirtier, readmostly: pages per vCPU rewritten each pass (default: all)") var workingSet: Int?
     @Option(name: .customLong("fault-mode"), help: faultModeHelp) var faultMode: FaultModeChoice = .auto
     @Option(help: "single | per-vcpu (uffd modes)") var uffd: UffdTopology = .single
     @Option(name: .customLong("precopy-rounds"), help: "The most pre-copy rounds before the switch-over") var precopyRounds = 1

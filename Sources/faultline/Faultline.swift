@@ -72,7 +72,8 @@ func jsonEscape(_ s: String) -> String {
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Benchmarks (JSON with --json).",
-                                                    subcommands: [DemandPaging.self, BenchChaos.self, BenchInstall.self, BenchConversions.self, BenchPreFault.self])
+                                                    subcommands: [DemandPaging.self, BenchChaos.self, BenchInstall.self, BenchConversions.self, BenchPreFault.self,
+                                                                  BenchClones.self])
 }
 
 extension FaultMode: ExpressibleByArgument {}

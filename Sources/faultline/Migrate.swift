@@ -171,8 +171,8 @@ struct Run: ParsableCommand {
     @Option(help: "Number of vCPUs") var vcpus = 2
     @Option(help: "Guest RAM, e.g. 512M or 1G") var memory = "512M"
     @Option(name: .customLong("guest-mode"), help: guestModeHelp) var guestMode: GuestModeChoice = .auto
-    @Option(help: "dirtier | selfcheck") var workload: RunningWorkloadKind = .selfcheck
-    @Option(name: .customLong("working-set"), help: "dirtier: pages per vCPU rewritten each pass (default: all)") var workingSet: Int?
+    @Option(help: "dirtier | selfcheck | readmostly") var workload: RunningWorkloadKind = .selfcheck
+    @Option(name: .customLong("working-set"), help: "dirtier, readmostly: pages per vCPU rewritten each pass (default: all)") var workingSet: Int?
     @Option(help: "Busy-loop iterations between page writes (lower = faster dirtying)") var spin: UInt32 = 0
     @Option(help: "dirtier: sequential | scattered (its working set spread over the chunk by a fixed permutation; the chunk must be a power of two pages)")
     var order: AccessOrder = .sequential

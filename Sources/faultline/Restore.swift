@@ -55,11 +55,13 @@ struct Restore: ParsableCommand {
     @Option(help: "Replay a working set recorded with --record-working-set: its pages are sent first, in order")
     var prefetch: String?
     @Flag(help: "One JSON line") var json = false
+    @OptionGroup(title: "Clones") var clone: CloneArguments
 
     enum RestoreMode: String, EnumerableFlag { case lazy, eager }
 
     func run() {
         let started = MonotonicClock.nanoseconds()
+        if clone.requested { return runClone(started: started) }
         do {
             try HeapPolicy.keepHeapForFaultPath()
             let (mode, _) = try FaultModeSelection.resolve(requested: faultMode)

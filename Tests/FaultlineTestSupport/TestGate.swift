@@ -41,6 +41,7 @@ public enum TestGate: String, CaseIterable, Sendable {
     case privateMemoryRunOnTheRig
     case privateMemoryRunRefusedWithoutIt
     case privateMemoryFaultOnTheRig
+    case cloneRestoreOnKVM
 
     // FaultlineCLITests
     case hugetlbRefusedWithoutReservedPages
@@ -63,6 +64,7 @@ public enum TestGate: String, CaseIterable, Sendable {
     case guestMemfdMigration
     case privateMemoryCLIRefusedWithoutIt
     case kernelRig
+    case clonesCLI
 
     /// What must be there (each measured present and not hidden, with its prerequisites).
     public var needs: [Capability] {
@@ -70,6 +72,8 @@ public enum TestGate: String, CaseIterable, Sendable {
         case .kvmOnTheRealKernel, .vmKeepsItsMemoryAlive, .longModeVcpus, .vcpuStateBlobs, .kvmDemandPaging,
              .longModeGuests, .guestMemoryLimits:
             [.kvm]
+        // A clone's RAM is a private file mapping: no userfaultfd, only a VM.
+        case .cloneRestoreOnKVM, .clonesCLI: [.kvm]
         case .guestMemfdSlotSharedWithItsMapping, .guestMemfdBaselines: [.kvm, .guestMemfdInitShared]
         case .userfaultfdOnTheRealKernel: [.uffdKernel]
         case .uffdMoveStepsOverMappedPages: [.uffdKernel, .uffdMove]
