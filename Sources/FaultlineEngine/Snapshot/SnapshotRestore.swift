@@ -20,6 +20,9 @@ public enum SnapshotRestore {
         public var recordWorkingSetSeconds: Double?
         /// Replay a recorded working set: the background fill sends its pages first, in order.
         public var prefetch: WorkingSet?
+        /// The background fill read by the new guest's side from the file, not streamed over
+        /// loopback (the default; off: the restore is exactly a migration from the snapshot).
+        public var localFill = true
 
         public init() {
             let loopback = SocketEndpoint(parsing: "127.0.0.1:0")!
@@ -39,30 +42,35 @@ public enum SnapshotRestore {
         }
         let machine = SnapshotMachine(snapshot: snapshot)
         var destinationOptions = options.destination
-        destinationOptions.localPages = machine  // faults read the file on their own thread
+        var sourceOptions = options.source
         destinationOptions.listen = SocketEndpoint(parsing: "127.0.0.1:0")!
         destinationOptions.acceptSeconds = 30
-        if options.recordWorkingSetSeconds != nil {
+        destinationOptions.localPages = machine  // faults read the file on their own thread
+        // The background fill read here too, unless a recording needs the source's held stream.
+        let localFill = options.localFill && options.recordWorkingSetSeconds == nil
+        destinationOptions.localFill = localFill
+        sourceOptions.noBackgroundStream = localFill
+        if let seconds = options.recordWorkingSetSeconds {
             destinationOptions.recordFirstTouches = true
             destinationOptions.faultAround = 1  // every page its own fault: none arrives unasked
+            sourceOptions.streamDelaySeconds = seconds
         }
-        let destination = try MigrationDestination(options: destinationOptions)
-        var sourceOptions = options.source
-        sourceOptions.destination = destination.endpoint
-        sourceOptions.precopyRounds = 0
-        sourceOptions.retries = 0
-        sourceOptions.progress = false
-        if let seconds = options.recordWorkingSetSeconds { sourceOptions.streamDelaySeconds = seconds }
         if let prefetch = options.prefetch {
             try prefetch.validate(for: snapshot.manifest)
             sourceOptions.streamFirst = prefetch.pages
+            destinationOptions.localFillFirst = prefetch.pages
             report.prefetchPages = prefetch.pages.count
         }
+        sourceOptions.precopyRounds = 0
+        sourceOptions.retries = 0
+        sourceOptions.progress = false
         if options.lazy {
             sourceOptions.postcopy = .always
         } else {
             sourceOptions.immediateStopAndCopy = "eager restore: every page before the vCPUs start"
         }
+        let destination = try MigrationDestination(options: destinationOptions)
+        sourceOptions.destination = destination.endpoint
         let sourceOutcome = Locked<Result<SourceReport, Error>?>(nil)
         var sourceThread: OSThread?
         let destinationReport: DestinationReport

@@ -68,6 +68,10 @@ extension DestinationAttempt {
         guestStarted = true
         try machine.startGuest(faultHandler: report.postcopy && options.faultMode == .vcpuExit ? self : nil,
                                scheduling: report.postcopy ? postcopyVcpuScheduling : .normal)
+        if report.postcopy, options.localFill, let supplier = options.localPages, let pipeline {
+            localFill = try LocalFill(supplier: supplier, pipeline: pipeline, table: table, first: options.localFillFirst,
+                                      failures: failures, stopping: { [stopping] in stopping.load(ordering: .relaxed) })
+        }
     }
 
     /// After losing the connection between `ready` and `commit`.

@@ -39,6 +39,8 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     var pipeline: InstallPipeline?
     /// Pre-copy rounds: staged here, stored in order by an installer thread.
     var precopyPipeline: InstallPipeline?
+    /// Post-copy's background fill, read in this process (``DestinationOptions/localFill``).
+    var localFill: LocalFill?
     var report = DestinationReport()
     var bytesFromClosedChannels: UInt64 = 0
     let faultCPU: Int32?
@@ -227,6 +229,8 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     }
                     phase = .completion
                     if !verified {
+                        localFill?.join()  // it has handed every page to the pipeline (or failed)
+                        if let failure = failures.failure { throw failure }
                         try pipeline?.drain()
                         try waitForEveryPage()
                         tComplete = MonotonicClock.nanoseconds()
@@ -369,6 +373,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
         // Write-tracked RAM: unregistering lifts the protection and wakes a vCPU waiting on a
         // write-protect fault, before the readers that would answer it stop.
         if mapper != nil && tracksWritesWithUserfaultfd { mapper.disarmFaults() }
+        localFill?.join()  // `stopping` ends it
         precopyPipeline?.stop()
         pipeline?.stop()
         requester?.stop()

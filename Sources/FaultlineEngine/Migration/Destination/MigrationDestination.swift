@@ -52,6 +52,10 @@ public struct DestinationOptions: Sendable {
     /// Pages this process can read itself (a snapshot being restored): faults are served on the
     /// faulting thread, not requested from the source.
     public var localPages: LocalPageSupplier?
+    /// With ``localPages``: post-copy's background fill is read here too (``LocalFill``), the
+    /// working set in ``localFillFirst`` first; the source then streams nothing.
+    public var localFill = false
+    public var localFillFirst: [Int] = []
     /// Report the pages the guest asked for, in the order of their first fault
     /// (``DestinationReport/firstTouches``).
     public var recordFirstTouches = false

@@ -50,6 +50,9 @@ public struct MigrationOptions: Sendable {
     /// Post-copy's background stream starts this long after the commit: until then every page
     /// the guest touches is asked for, so the faults record its first touches.
     public var streamDelaySeconds = 0.0
+    /// Post-copy sends no background stream: the destination reads the pages itself (a
+    /// restore in the snapshot's own process). Requests are still answered.
+    public var noBackgroundStream = false
     /// The CPU the fault server runs on (see ``FaultPathCPU``).
     public var faultPathCPU: FaultPathCPU = .automatic
     /// While post-copy runs, hold a PM QoS request that keeps idle CPUs within this many

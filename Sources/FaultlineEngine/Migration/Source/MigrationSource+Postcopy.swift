@@ -7,6 +7,9 @@ extension MigrationSource {
     /// answers requests meanwhile), the digest of the paused state, and the verdict. A lost
     /// connection is resumed; anything else is unrecoverable.
     func postcopy(_ encoder: inout WireEncoder) throws {
+        // Without a stream the destination reads the owed pages itself: their digest entries
+        // come from this memory too (it is a snapshot: it does not change).
+        if options.noBackgroundStream { done.forEachClearRange { self.carried.insert($0) } }
         // Digest entries of the carried pages, from the paused memory (a helper thread).
         var carriedDigest: UInt64 = 0
         let carried = self.carried
@@ -54,7 +57,7 @@ extension MigrationSource {
                     injectedViolation = true
                     encoder.appendZeroPage(index: UInt64(layout.totalPages + 7))  // outside guest memory
                 }
-                while let page = nextBackgroundPage(&streamFirstNext) {
+                while !options.noBackgroundStream, let page = nextBackgroundPage(&streamFirstNext) {
                     guard done.insert(page) else { continue }
                     let corrupt = options.corruptOnePage && !injectedCorruption
                     if try sender.append(page, to: &encoder, channel: bulk, corrupt: corrupt) {
