@@ -12,4 +12,10 @@ public final class Locked<Value>: @unchecked Sendable {
     public func withLock<T>(_ body: (inout sending Value) throws -> sending T) rethrows -> sending T {
         try mutex.withLock(body)
     }
+
+    /// Runs `body` with exclusive access when no other thread holds it; nil (without running
+    /// `body`) when one does.
+    public func withLockIfAvailable<T>(_ body: (inout sending Value) throws -> sending T) rethrows -> sending T? {
+        try mutex.withLockIfAvailable(body)
+    }
 }

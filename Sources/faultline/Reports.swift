@@ -40,7 +40,7 @@ extension SourceReport {
             "\"precopy\":[" + precopyRounds.map {
                 "{\"pages\":\($0.pages),\"data_pages\":\($0.dataPages),\"seconds\":\(fmt($0.seconds, 6)),\"dirty_after\":\($0.dirtyAfter),\"cut_short\":\($0.cutShort)}"
             }.joined(separator: ",") + "]",
-            "\"precopy_stop\":\"\(jsonEscape(precopyStop))\"", "\"mode\":\"\(mode)\"", "\"stop_and_copy_pages\":\(stopAndCopyPages)",
+            "\"precopy_stop\":\"\(jsonEscape(precopyStop))\"", "\"mode\":\"\(mode)\"", "\"stop_and_copy_pages\":\(stopAndCopyPages)", "\"owed_pages\":\(owedPages)",
             "\"downtime_parts_ms\":{" + downtimeParts.map { "\"\($0.name)\":\(fmt($0.milliseconds, 3))" }.joined(separator: ",") + "}",
             "\"failed_attempts\":[" + failedAttempts.map { "\"\(jsonEscape($0))\"" }.joined(separator: ",") + "]",
             "\"background_pages\":\(backgroundPages)", "\"zero_pages\":\(zeroPages)", "\"bytes_sent\":\(bytesSent)",

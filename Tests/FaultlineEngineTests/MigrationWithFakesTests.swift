@@ -108,6 +108,34 @@ struct MigrationWithFakesTests {
         #expect(pair.destinationMapper!.bytes(of: low + 3).load(as: UInt8.self) == 0xC3)
     }
 
+    @Test func aRoundCutAtItsLastCheckCountsThePagesItSentAndPostcopySendsTheRest() throws {
+        // The time limit passes while the first round sends its last 256 pages: the round stops
+        // at its last check (index 4095 of 4096), one page short. Its count says 4095, and that
+        // page goes over in post-copy with the pages the guest dirtied meanwhile.
+        let pair = try FakePair(ramPages: 4096)
+        let low = pair.layout.lowPages
+        let limit = 2.0
+        let held = Locked(false)
+        pair.source.onRead = { page in
+            guard page == low + 4094, !held.withLock({ let was = $0; $0 = true; return was }) else { return }
+            // The round reads its second-last page: hold it here until the time limit is past.
+            let until = MonotonicClock.deadline(after: limit)
+            while MonotonicClock.nanoseconds() < until { MonotonicClock.sleep(seconds: MonotonicClock.secondsLeft(until: until)) }
+        }
+        pair.source.onCollect = { m, n in if n == 0 { m.write(page: low + 3, byte: 0xC3) } }
+        let r = try pair.migrate(source: { $0.precopyRounds = 1; $0.precopySeconds = limit; $0.postcopy = .always })
+        let s = try r.source.get(), d = try r.destination.get()
+        #expect(s.precopyRounds.count == 1)
+        #expect(s.precopyRounds.first?.cutShort == true)
+        #expect(s.precopyRounds.first?.pages == 4095)
+        #expect(s.precopyPages == 4095)
+        #expect(s.owedPages == 2, "the unsent last page and the page written after it was sent")
+        #expect(s.demandPages + s.backgroundPages == s.owedPages)
+        #expect(d.demandPages + d.backgroundPages == s.owedPages)
+        #expect(d.digestMatch && pair.memoriesMatch())
+        #expect(pair.destinationMapper!.bytes(of: low + 3).load(as: UInt8.self) == 0xC3)
+    }
+
     @Test func withoutPostcopyARoundIsNotCutShort() throws {
         let pair = try FakePair(ramPages: 2048)
         let r = try pair.migrate(source: { $0.precopyRounds = 1; $0.precopySeconds = 1e-9; $0.postcopy = .never

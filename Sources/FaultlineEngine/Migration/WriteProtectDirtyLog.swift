@@ -18,6 +18,14 @@ final class WriteProtectDirtyLog: @unchecked Sendable {
     private let stopEvent: EventFD
     private var reader: OSThread?
     private let failure = Locked<String?>(nil)
+    /// Held by the reader from noting a page to lifting its protection, and by `collect`
+    /// throughout: a collection between the two would protect the page again, the reader
+    /// would then lift that protection, and the page's later writes would go unseen.
+    private let noting = Locked(())
+    /// Test hooks: the reader has noted `page` and not yet lifted its protection (it holds
+    /// `noting`); `collect` found `noting` held and is about to wait for it.
+    var afterNoting: ((Int) -> Void)?
+    var collectWaits: (() -> Void)?
 
     /// Starts tracking writes to `pages` pages at `base`, all protected from now on.
     init(base: HostAddress, pages: Int) throws {
@@ -42,8 +50,11 @@ final class WriteProtectDirtyLog: @unchecked Sendable {
                     guard case .pagefault(let address, let flags, _) = events[i], flags.contains(.writeProtect) else { continue }
                     let offset = (address.rawValue &- base.rawValue) & ~4095
                     guard offset < UInt64(pages) * 4096 else { continue }
-                    written.insert(Int(offset / 4096))  // before the write can happen
-                    try uffd.writeProtect(start: HostAddress(rawValue: base.rawValue + offset), length: 4096, protect: false)
+                    try noting.withLock { _ in
+                        written.insert(Int(offset / 4096))  // before the write can happen
+                        afterNoting?(Int(offset / 4096))
+                        try uffd.writeProtect(start: HostAddress(rawValue: base.rawValue + offset), length: 4096, protect: false)
+                    }
                 }
             }
         } catch {
@@ -55,6 +66,14 @@ final class WriteProtectDirtyLog: @unchecked Sendable {
     /// protects them again.
     func collect(into dirty: PageBitmap, firstPage: Int) throws {
         if let f = failure.withLock({ $0 }) { throw MachineLayout.Invalid(description: f) }
+        if try noting.withLockIfAvailable({ _ in try collectNoted(into: dirty, firstPage: firstPage) }) == nil {
+            collectWaits?()
+            try noting.withLock { _ in try collectNoted(into: dirty, firstPage: firstPage) }
+        }
+    }
+
+    /// `collect`'s work, with `noting` held.
+    private func collectNoted(into dirty: PageBitmap, firstPage: Int) throws {
         var runStart = -1
         func protect(_ range: Range<Int>) throws {
             try uffd.writeProtect(start: HostAddress(rawValue: base.rawValue + UInt64(range.lowerBound) * 4096),

@@ -17,6 +17,9 @@ public final class MemoryMachine: SourceMachine, DestinationMachine, @unchecked 
     /// Called at every dirty-log collection with its number (0 = after the first round): the
     /// "guest" writes pages here (with `write`), and they show up as dirty.
     public var onCollect: ((MemoryMachine, Int) -> Void)?
+    /// Called with the page whenever the migration takes a page's address to read it (the
+    /// source's sender, digest and fault server): the "guest" can hold a round there.
+    public var onRead: ((Int) -> Void)?
     /// Destination: pages the "guest" rewrote after installation (excluded from the memory digest).
     public let guestWrites: PageBitmap
     /// Destination: RAM offsets a simulated vCPU touches right after the start (vcpu-exit faults).
@@ -41,11 +44,14 @@ public final class MemoryMachine: SourceMachine, DestinationMachine, @unchecked 
         memory.deallocate()
     }
 
-    public func pagePointer(_ page: Int) -> UnsafeMutableRawPointer { memory + page * 4096 }
+    public func pagePointer(_ page: Int) -> UnsafeMutableRawPointer {
+        onRead?(page)
+        return memory + page * 4096
+    }
 
     /// A guest store: fills the page with `byte` and marks it dirty.
     public func write(page: Int, byte: UInt8) {
-        pagePointer(page).initializeMemory(as: UInt8.self, repeating: byte, count: 4096)
+        (memory + page * 4096).initializeMemory(as: UInt8.self, repeating: byte, count: 4096)
         if logging { dirty.insert(page) }
     }
 

@@ -110,6 +110,9 @@ public struct SourceReport: Sendable {
     public var precopyStop = "no pre-copy"
     public var mode = "postcopy"
     public var stopAndCopyPages = 0
+    /// Pages the destination still lacked after the switch-over, which post-copy then sent
+    /// (on demand or in the background): 0 after a stop-and-copy.
+    public var owedPages = 0
     public var demandPages = 0
     public var backgroundPages = 0
     public var zeroPages = 0

@@ -275,6 +275,7 @@ public final class MigrationSource: @unchecked Sendable {
         }
         var owed: [Range<UInt64>] = []
         done.forEachClearRange { owed.append(UInt64($0.lowerBound)..<UInt64($0.upperBound)) }
+        report.owedPages = owed.reduce(0) { $0 + $1.count }
         try bulk.send(.pageSetSummary(owed))
         part("page_set_summary")
         switch try bulk.receive() {
