@@ -2,26 +2,13 @@
 import Dispatch
 import FaultlineCore
 import FaultlineLinux
+import FaultlineTestSupport
 import Testing
-
-/// Why the write-protect dirty log cannot run here, or nil.
-enum UffdWriteProtect {
-    static let unavailable: String? = {
-        do {
-            guard try Userfaultfd.availableFeatures().contains(.wpUnpopulated) else {
-                return "the kernel has no UFFD_FEATURE_WP_UNPOPULATED"
-            }
-            _ = try Userfaultfd(required: [.wpUnpopulated])
-            return nil
-        } catch { return "\(error)" }
-    }()
-    static let reason = Comment(rawValue: "needs a userfaultfd with WP_UNPOPULATED: \(unavailable ?? "")")
-}
 
 /// The dirty log of guest_memfd pre-copy (``WriteProtectDirtyLog``) on a plain mapping: a
 /// store from a thread of this process stands in for the guest's.
 @Suite("Write-protect dirty log (userfaultfd WP)", .timeLimit(.minutes(1)),
-       .enabled(if: UffdWriteProtect.unavailable == nil, UffdWriteProtect.reason))
+       .gate(.writeProtectDirtyLog))
 struct WriteProtectDirtyLogTests {
     @Test func aCollectionBetweenNotingAPageAndLiftingItsProtectionWaitsAndTheNextWriteIsSeen() throws {
         let ram = try AnonymousMapping(size: 4 * 4096, label: "test ram")

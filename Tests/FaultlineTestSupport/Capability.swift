@@ -42,7 +42,8 @@ public enum Capability: String, CaseIterable, Sendable {
     case uffdMinor = "uffd_minor"
     /// UFFD_FEATURE_MISSING_HUGETLBFS and MINOR_HUGETLBFS.
     case uffdHugetlbfs = "uffd_hugetlbfs"
-    /// A write-protect registration of anonymous memory (UFFD_FEATURE_PAGEFAULT_FLAG_WP).
+    /// A write-protect registration of anonymous memory (UFFD_FEATURE_PAGEFAULT_FLAG_WP), with
+    /// WP_UNPOPULATED (what the write-protect dirty log needs).
     case uffdWP = "uffd_wp"
     /// UFFD_FEATURE_MOVE (UFFDIO_MOVE).
     case uffdMove = "uffd_move"

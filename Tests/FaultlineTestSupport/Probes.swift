@@ -56,8 +56,8 @@ enum Probes {
             uffdRegisters(backing: .memfd, features: [.minorShmem, .missingShmem], mode: [.minor, .missing],
                           what: "MINOR|MISSING on shmem")
         case .uffdWP:
-            uffdRegisters(backing: .anonymous, features: [.pagefaultFlagWP], mode: [.missing, .writeProtect],
-                          what: "MISSING|WP on anonymous memory")
+            uffdRegisters(backing: .anonymous, features: [.pagefaultFlagWP, .wpUnpopulated], mode: [.missing, .writeProtect],
+                          what: "MISSING|WP on anonymous memory, with WP_UNPOPULATED")
         case .uffdHugetlbfs: uffdOffers([.missingHugetlbfs, .minorHugetlbfs])
         case .uffdMove: uffdOffers(.move)
         case .uffdSigbus: uffdOffers(.sigbus)

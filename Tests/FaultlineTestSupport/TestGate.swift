@@ -11,6 +11,7 @@ public enum TestGate: String, CaseIterable, Sendable {
     case guestMemfdSlotSharedWithItsMapping
     case userfaultfdOnTheRealKernel
     case uffdMoveStepsOverMappedPages
+    case writeProtectDirtyLog
     case uffdMinorWriteThenContinue
     case sigbusResolver
     case vmKeepsItsMemoryAlive
@@ -77,6 +78,7 @@ public enum TestGate: String, CaseIterable, Sendable {
         case .guestMemfdSlotSharedWithItsMapping, .guestMemfdBaselines: [.kvm, .guestMemfdInitShared]
         case .userfaultfdOnTheRealKernel: [.uffdKernel]
         case .uffdMoveStepsOverMappedPages: [.uffdKernel, .uffdMove]
+        case .writeProtectDirtyLog: [.uffdUser, .uffdWP]
         case .uffdMinorWriteThenContinue: [.uffdKernel, .uffdMinor]
         case .sigbusResolver: [.uffdKernel, .uffdSigbus]
         case .cpuLatencyRequest, .postcopyCPULatencyHeld: [.cpuDMALatency]
