@@ -11,7 +11,10 @@ public struct RestoreReport: Sendable, Codable, Equatable {
     }
 
     public var side = "restore"
+    /// The snapshot folder, or for a remote restore the server and the snapshot's name.
     public var snapshot: String
+    /// Remote: the `serve-snapshot` server the snapshot came from (nil: this process).
+    public var from: String?
     /// "lazy" or "eager".
     public var mode: String
     public var faultMode: String
@@ -33,7 +36,9 @@ public struct RestoreReport: Sendable, Codable, Equatable {
     public var pagesBeforeStart = 0
     public var zeroPages = 0
     public var pagesInstalledFromStaging = 0
+    /// The restored memory's digest matched the source's, and the source's the snapshot manifest's.
     public var digestMatch = false
+    /// The manifest's whole-memory digest.
     public var snapshotDigest: UInt64 = 0
     public var restoredDigest: UInt64 = 0
     public var digestPagesFromMemory = 0
@@ -44,7 +49,7 @@ public struct RestoreReport: Sendable, Codable, Equatable {
     public var reconnects = 0
 
     enum CodingKeys: String, CodingKey {
-        case side, snapshot, mode, faultMode = "fault_mode", vcpus, memoryBytes = "memory_bytes"
+        case side, snapshot, from, mode, faultMode = "fault_mode", vcpus, memoryBytes = "memory_bytes"
         case snapshotDataPages = "snapshot_data_pages", verifySeconds = "verify_seconds"
         case firstInstructionMilliseconds = "first_instruction_ms", residentMilliseconds = "resident_ms", faults
         case vcpuExitFaults = "vcpu_exit_faults", faultLatencyMicroseconds = "fault_latency_us"
@@ -66,7 +71,7 @@ public struct RestoreReport: Sendable, Codable, Equatable {
         self.snapshotDataPages = snapshotDataPages
     }
 
-    mutating func fill(destination d: DestinationReport, source s: SourceReport, started: UInt64) {
+    mutating func fill(destination d: DestinationReport, sourceReconnects: Int, started: UInt64) {
         firstInstructionMilliseconds = Double(d.guestStartedAt &- started) / 1e6
         residentMilliseconds = Double(max(d.everyPageInAt, d.guestStartedAt) &- started) / 1e6
         faults = d.faults
@@ -80,14 +85,13 @@ public struct RestoreReport: Sendable, Codable, Equatable {
         zeroPages = d.zeroPages
         pagesInstalledFromStaging = d.pagesInstalledFromStaging
         digestMatch = d.digestMatch
-        snapshotDigest = d.sourceDigest
         restoredDigest = d.destinationDigest
         digestPagesFromMemory = d.digestPagesFromMemory
         guestMismatches = d.guestMismatches
         firstMismatch = d.firstMismatch
         passesAfterRestore = d.passesAfterMigration
         guestCheck = d.guestMismatches == 0
-        reconnects = d.reconnects + s.reconnects
+        reconnects = d.reconnects + sourceReconnects
     }
 
     /// The text report.
