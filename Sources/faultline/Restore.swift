@@ -34,12 +34,13 @@ struct SnapshotCommand: ParsableCommand {
     }
 }
 
-/// `faultline restore DIR`.
+/// `faultline restore DIR`, `faultline restore --from HOST:PORT`.
 struct Restore: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Restore a snapshot into a new guest and run it: lazily (pages on demand and in the background) or eagerly.")
 
-    @Argument(help: "The snapshot folder") var folder: String
+    @Argument(help: "The snapshot folder (none with --from)") var folder: String?
+    @OptionGroup var remote: RemoteRestoreArguments
     @Flag(help: "--lazy: start the vCPUs at once, fetch memory on demand; --eager: check and copy everything first")
     var lazy: RestoreMode = .lazy
     @Option(name: .customLong("fault-mode"), help: faultModeHelp) var faultMode: FaultModeChoice = .auto
@@ -57,7 +58,6 @@ struct Restore: ParsableCommand {
         do {
             try HeapPolicy.keepHeapForFaultPath()
             let (mode, _) = try FaultModeSelection.resolve(requested: faultMode)
-            let snapshot = try Snapshot(folder: folder)
             var options = SnapshotRestore.Options()
             options.lazy = lazy == .lazy
             options.destination.faultMode = mode
@@ -67,15 +67,14 @@ struct Restore: ParsableCommand {
             options.destination.faultPathCPU = faultCPU
             options.destination.runAfterSeconds = runAfter
             options.source.faultPathCPU = faultCPU
-            let report = try SnapshotRestore.run(snapshot, options: options, started: started)
+            let report = try remote.restore(folder: folder, options: options, started: started)
             print(json ? try jsonLine(report) : report.text)
             if !report.digestMatch || !report.guestCheck {
                 fputs("faultline: error: the restored guest's memory does not match the snapshot\n", stderr)
                 Foundation.exit(1)
             }
         } catch {
-            if json { print((try? jsonLine(["side": "restore", "outcome": "failed", "error": "\(error)"])) ?? "{}") }
-            fail(error)
+            restoreFailed(error, json: json)
         }
     }
 }

@@ -98,10 +98,7 @@ public struct RestoreRequest: Codable, Sendable, Equatable {
 
     /// Everything a server checks before it looks at a snapshot; the error says what is wrong.
     public func validate() throws(ServiceRequestError) {
-        guard type == Self.typeName else { throw .invalid("unknown request type '\(type)' (this server takes '\(Self.typeName)')") }
-        guard version == Self.currentVersion else {
-            throw .invalid("request version \(version) is not supported (this server speaks version \(Self.currentVersion))")
-        }
+        try ServiceEnvelope(type: type, version: version).check()
         guard (1...65535).contains(dialBackPort) else { throw .invalid("dial-back port \(dialBackPort) (1...65535)") }
         guard mode == "lazy" || mode == "eager" else { throw .invalid("unknown mode '\(mode)' (lazy or eager)") }
         guard (0...Self.maxRetries).contains(retries) else { throw .invalid("retries \(retries) (0...\(Self.maxRetries))") }
@@ -116,6 +113,24 @@ public struct RestoreRequest: Codable, Sendable, Equatable {
         }
         guard !name.isEmpty, name.utf8.count <= 255, allowed, !name.hasPrefix(".") else {
             throw .invalid("snapshot name '\(name)' is not a folder name (letters, digits, '.', '_', '-'; not starting with '.')")
+        }
+    }
+}
+
+/// The fields every request has, read before the rest, so that a request of another type or
+/// version is refused as such rather than for a field it lacks.
+public struct ServiceEnvelope: Codable, Sendable, Equatable {
+    public var type: String?
+    public var version: Int?
+
+    public func check() throws(ServiceRequestError) {
+        guard let type else { throw .invalid("a request without a 'type'") }
+        guard type == RestoreRequest.typeName else {
+            throw .invalid("unknown request type '\(type)' (this server takes '\(RestoreRequest.typeName)')")
+        }
+        guard let version else { throw .invalid("a request without a 'version'") }
+        guard version == RestoreRequest.currentVersion else {
+            throw .invalid("request version \(version) is not supported (this server speaks version \(RestoreRequest.currentVersion))")
         }
     }
 }

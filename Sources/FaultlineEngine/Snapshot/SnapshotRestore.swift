@@ -66,10 +66,14 @@ public enum SnapshotRestore {
         destinationOptions.acceptSeconds = options.acceptSeconds
         let destination = try MigrationDestination(options: destinationOptions)
         let dial = try options.dialThrough?(destination.endpoint) ?? destination.endpoint
+        let stoppedWaiting = Locked(false)
         let served = try feed.start(dialing: dial, lazy: options.lazy) { [destination] final in
             // The snapshot side gave up: no retry will come, so the new guest stops waiting for
             // one. A control connection lost after the start leaves the resume window open.
-            if final || !destination.guestHasStarted { destination.stopAccepting() }
+            if final || !destination.guestHasStarted {
+                stoppedWaiting.withLock { $0 = true }
+                destination.stopAccepting()
+            }
         }
         var report = RestoreReport(snapshot: feed.label, mode: options.lazy ? "lazy" : "eager",
                                    faultMode: options.destination.faultMode.description, vcpus: served.vcpus,
@@ -80,9 +84,12 @@ public enum SnapshotRestore {
             destinationReport = try destination.run()
         } catch {
             let side = feed.finish(waitingSeconds: 10)
-            // The snapshot side's cause (a corrupt chunk, say) is the one worth naming.
-            throw RestoreFailed(cause: side?.error ?? error, destination: side?.error == nil ? nil : error,
-                                guestStarted: destination.guestHasStarted)
+            let started = destination.guestHasStarted
+            guard let sideError = side?.error else { throw RestoreFailed(cause: error, destination: nil, guestStarted: started) }
+            // The snapshot side's cause (a corrupt chunk, say) is the one worth naming; the new
+            // guest's own error adds nothing when it is only its wait for the snapshot side ended.
+            let waitEnded = !started && stoppedWaiting.withLock { $0 }
+            throw RestoreFailed(cause: sideError, destination: waitEnded ? nil : error, guestStarted: started)
         }
         let side = feed.finish(waitingSeconds: 10)
         if let error = side?.error, !(error is ControlConnectionLost) {

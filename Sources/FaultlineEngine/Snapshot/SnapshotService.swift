@@ -122,6 +122,7 @@ public final class SnapshotService: @unchecked Sendable {
             guard let payload = try channel.receivePayload(seconds: options.requestSeconds) else {
                 return refuse("the connection closed without a request")
             }
+            try ServiceChannel.decode(ServiceEnvelope.self, payload, what: "not a request").check()
             request = try ServiceChannel.decode(RestoreRequest.self, payload, what: "not a restore request")
             try request.validate()
         } catch {
@@ -153,7 +154,9 @@ public final class SnapshotService: @unchecked Sendable {
                              demandPages: report.demandPages, backgroundPages: report.backgroundPages,
                              failedAttempts: report.failedAttempts)
         } catch let failed as MigrationFailedBeforeSwitchover {
-            end = RestoreEnd(outcome: "failed", committed: false, error: "\(failed)", reconnects: 0, demandPages: 0,
+            let causes = failed.causes.enumerated().map { "session \($0.offset + 1): \($0.element)" }.joined(separator: "; ")
+            end = RestoreEnd(outcome: "failed", committed: false, error: "every session failed before the commit (\(causes))",
+                             reconnects: 0, demandPages: 0,
                              backgroundPages: 0, failedAttempts: failed.causes)
         } catch {
             end = RestoreEnd(outcome: "failed", committed: true, error: "\(error)", reconnects: 0, demandPages: 0,
