@@ -123,6 +123,11 @@ public struct ServiceEnvelope: Codable, Sendable, Equatable {
     public var type: String?
     public var version: Int?
 
+    public init(type: String?, version: Int?) {
+        self.type = type
+        self.version = version
+    }
+
     public func check() throws(ServiceRequestError) {
         guard let type else { throw .invalid("a request without a 'type'") }
         guard type == RestoreRequest.typeName else {
