@@ -63,6 +63,11 @@ func rawExchange(_ server: SocketEndpoint, _ bytes: [UInt8]) throws -> [String: 
     return try JSONSerialization.jsonObject(with: Data(payload)) as? [String: Any]
 }
 
+struct HarnessFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
 @Suite("Remote restore against fakes (no kernel)", .serialized)
 struct RemoteRestoreTests {
     /// A library folder holding the snapshot `good` (and what a test adds), and the machine it was written from.
@@ -132,6 +137,22 @@ struct RemoteRestoreTests {
         let records = server.records(2)
         #expect(records.map(\.outcome) == ["refused", "completed"])
         #expect(records.first?.error?.contains("snapshot memory is corrupt") == true, "the server says why too")
+    }
+
+    @Test func restoresRunSideBySide() throws {
+        let (folder, machine) = try library()
+        let server = try TestSnapshotServer(folder: folder.path)
+        let results = Locked<[Result<RestoreReport, Error>]>([])
+        let threads = try (0..<3).map { i in
+            try OSThread(name: "restorer \(i)") {
+                let (result, mapper) = restore(from: server, name: "good")
+                let whole = mapper.map { memcmp($0.memory, machine.memory, machine.layout.totalPages * 4096) == 0 } ?? false
+                results.withLock { $0.append(whole ? result : .failure(HarnessFailure("restorer \(i): memory differs"))) }
+            }
+        }
+        for thread in threads { thread.join() }
+        for result in results.withLock({ $0 }) { #expect(try result.get().digestMatch) }
+        #expect(server.records(3).map(\.outcome) == ["completed", "completed", "completed"])
     }
 
     @Test func aSnapshotChangedOnDiskAfterItsCheckIsCheckedAgain() throws {
