@@ -26,7 +26,11 @@ final class RemoteSnapshotFeed: SnapshotFeed, @unchecked Sendable {
         self.name = name
         self.retries = retries
         self.answerSeconds = answerSeconds
-        channel = ServiceChannel(socket: try StreamSocket.connect(to: server, timeoutSeconds: connectSeconds))
+        do {
+            channel = ServiceChannel(socket: try StreamSocket.connect(to: server, timeoutSeconds: connectSeconds))
+        } catch {
+            throw RestoreRequestFailed(server: "\(server)", cause: error)
+        }
     }
 
     deinit {
@@ -38,11 +42,16 @@ final class RemoteSnapshotFeed: SnapshotFeed, @unchecked Sendable {
     var listenHost: String { channel.socket.localHost ?? "0.0.0.0" }
 
     func start(dialing endpoint: SocketEndpoint, lazy: Bool, onGaveUp: @escaping @Sendable (_ final: Bool) -> Void) throws -> ServedSnapshot {
-        try channel.send(RestoreRequest(dialBackPort: Int(endpoint.port), snapshot: name, lazy: lazy, retries: retries))
-        guard let payload = try channel.receivePayload(seconds: answerSeconds) else {
-            throw RestoreRefused(server: label, reason: "the server closed the connection without answering")
+        let answer: RestoreAnswer
+        do {
+            try channel.send(RestoreRequest(dialBackPort: Int(endpoint.port), snapshot: name, lazy: lazy, retries: retries))
+            guard let payload = try channel.receivePayload(seconds: answerSeconds) else {
+                throw MigrationError.connectionClosed("the server closed the connection without answering")
+            }
+            answer = try ServiceChannel.decode(RestoreAnswer.self, payload, what: "the server's answer is not a restore answer")
+        } catch {
+            throw RestoreRequestFailed(server: label, cause: error)
         }
-        let answer = try ServiceChannel.decode(RestoreAnswer.self, payload, what: "the server's answer is not a restore answer")
         guard answer.isAccepted, let served = answer.snapshot else {
             throw RestoreRefused(server: label, reason: answer.error ?? "refused without a reason")
         }
@@ -79,6 +88,14 @@ public struct RestoreRefused: Error, CustomStringConvertible {
     public let server: String
     public let reason: String
     public var description: String { "the snapshot server \(server) refused the restore: \(reason)" }
+}
+
+/// The request got no answer: the server could not be reached, went away, or does not speak
+/// the snapshot service protocol.
+public struct RestoreRequestFailed: Error, CustomStringConvertible {
+    public let server: String
+    public let cause: Error
+    public var description: String { "asking the snapshot server \(server) for a restore failed: \(cause)" }
 }
 
 /// The server accepted, then failed serving the restore: its cause, as it reported it.
