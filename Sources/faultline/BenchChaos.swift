@@ -27,7 +27,8 @@ struct BenchChaos: ParsableCommand {
     @Option(name: .customLong("max-events"), help: "The most events per schedule") var maxEvents = 3
     @Option(help: "Seconds before a run counts as hung and is killed") var timeout = 180.0
     @Flag(help: "One JSON line per run and a JSON summary") var json = false
-    @Option(name: .customLong("log-dir"), help: "Keep each run's output there (seed-N.stdout, seed-N.stderr)") var logDir: String?
+    @Option(name: .customLong("log-dir"), help: "Keep each run's output there (seed-N.stdout, seed-N.stderr; --path restore: server.stdout, server.stderr too)")
+    var logDir: String?
     @Option(help: "migration (demo migrations) | restore (serve-snapshot and restore --from, through the proxy)")
     var path: ChaosPath = .migration
     @Option(help: "--path restore: the snapshot to serve (default: one written first, of a selfcheck guest of --memory)")

@@ -42,6 +42,10 @@ extension BenchChaos {
         }
         let alive = server.isRunning
         let served = server.stop()
+        if let logDir {
+            try? served.stdout.write(toFile: "\(logDir)/server.stdout", atomically: false, encoding: .utf8)
+            try? served.stderr.write(toFile: "\(logDir)/server.stderr", atomically: false, encoding: .utf8)
+        }
         var outcomes: [String: Int] = [:]
         for line in served.stdout.split(separator: "\n") where line.hasPrefix("{") {
             guard let o = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], o["request"] != nil else { continue }
