@@ -61,7 +61,9 @@ struct RemoteRestoreCLITests {
         #expect(j?["digest_match"] as? Bool == true, "\(r.stdout)")
         #expect(j?["guest_check"] as? Bool == true)
         #expect((j?["passes_after_restore"] as? Int ?? 0) > 0, "the restored guest ran")
-        #expect((j?["digest_pages_from_memory"] as? Int ?? 0) > 1000, "the digest was read from the restored memory")
+        // Pages the guest rewrote after they arrived enter the digest with the checksum they came
+        // with; how many depends on the guest's pace, so any page read back shows the read-back ran.
+        #expect((j?["digest_pages_from_memory"] as? Int ?? 0) > 0, "the digest was read from the restored memory")
         #expect((j?["pages_before_start"] as? Int ?? -1) < 100, "lazy: the guest started before RAM was in")
         let record = nextRecord(server)
         #expect(record?["outcome"] as? String == "completed", "\(String(describing: record))")
