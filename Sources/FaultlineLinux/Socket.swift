@@ -140,6 +140,22 @@ public final class StreamSocket: @unchecked Sendable {
     /// Shuts both directions down: wakes a thread blocked in receive on this socket.
     public func shutdown() { _ = Glibc.shutdown(fd.rawValue, Int32(SHUT_RDWR)) }
 
+    /// The IPv4 address of this end (getsockname), e.g. "127.0.0.1"; nil if unknown.
+    public var localHost: String? { address(getsockname) }
+
+    /// The IPv4 address of the other end (getpeername); nil if unknown.
+    public var peerHost: String? { address(getpeername) }
+
+    private func address(_ call: (Int32, UnsafeMutablePointer<sockaddr>?, UnsafeMutablePointer<socklen_t>?) -> Int32) -> String? {
+        var addr = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let rc = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { call(fd.rawValue, $0, &len) } }
+        guard rc == 0, addr.sin_family == sa_family_t(AF_INET) else { return nil }
+        var text = [CChar](repeating: 0, count: 32)
+        guard inet_ntop(AF_INET, &addr.sin_addr, &text, 32) != nil else { return nil }
+        return String(cString: text)
+    }
+
     /// True when the peer has already closed its end (or reset it): the socket is readable
     /// and a peek finds end of stream, or poll reports a hang-up. Consumes nothing.
     public var peerHasClosed: Bool {

@@ -10,10 +10,11 @@ import Foundation
 /// (read back from destination memory) and a green guest; or, when the schedule disturbed more
 /// attempts before the commit than `--retries` allows, it fails before the switch-over with
 /// the source guest still running (its pass counter advances afterwards). Anything else - a
-/// wrong digest, a failure after the switch-over, a hang, a crash - is WRONG.
+/// wrong digest, a failure after the switch-over, a hang, a crash - is WRONG. `--path restore`
+/// runs the schedules against remote restores instead (BenchChaosRestore.swift).
 struct BenchChaos: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "chaos", abstract: "Seeded chaos schedules against live migrations; every run must end correctly.")
+        commandName: "chaos", abstract: "Seeded chaos schedules against live migrations or remote restores; every run must end correctly.")
 
     @Option(help: "Number of schedules") var schedules = 50
     @Option(help: "Seed of the first schedule (schedule i uses seed + i)") var seed: UInt64 = 1
@@ -26,7 +27,14 @@ struct BenchChaos: ParsableCommand {
     @Option(name: .customLong("max-events"), help: "The most events per schedule") var maxEvents = 3
     @Option(help: "Seconds before a run counts as hung and is killed") var timeout = 180.0
     @Flag(help: "One JSON line per run and a JSON summary") var json = false
-    @Option(name: .customLong("log-dir"), help: "Keep each run's output there (seed-N.stdout, seed-N.stderr)") var logDir: String?
+    @Option(name: .customLong("log-dir"), help: "Keep each run's output there (seed-N.stdout, seed-N.stderr; --path restore: server.stdout, server.stderr too)")
+    var logDir: String?
+    @Option(help: "migration (demo migrations) | restore (serve-snapshot and restore --from, through the proxy)")
+    var path: ChaosPath = .migration
+    @Option(help: "--path restore: the snapshot to serve (default: one written first, of a selfcheck guest of --memory)")
+    var snapshot: String?
+
+    enum ChaosPath: String, ExpressibleByArgument { case migration, restore }
 
     struct RunResult {
         let seed: UInt64
@@ -43,13 +51,14 @@ struct BenchChaos: ParsableCommand {
         return FaultModeChoice.migrationModes.filter { FaultModeSelection.obstacle(to: $0, probe: .current) == nil }.map(\.rawValue)
     }
 
+    var binary: String { URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path }
+
     func run() throws {
         let modes = modes()
         guard !modes.isEmpty else { throw CLIError(description: "bench chaos: no fault mode works on this machine") }
-        let binary = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
-        var results: [RunResult] = []
-        for i in 0..<schedules {
-            let s = seed &+ UInt64(i)
+        if path == .restore { return try runRestorePath(modes: modes) }
+        let binary = binary
+        let results = try runSchedules { i, s in
             let mode = modes[i % modes.count]
             let workload = (i / modes.count) % 2 == 0 ? "selfcheck" : "dirtier"
             let arguments = [binary, "demo", "--json", "--memory", memory, "--vcpus", String(vcpus), "--workload", workload,
@@ -57,7 +66,19 @@ struct BenchChaos: ParsableCommand {
                              "--migrate-after", "0.5", "--run-after", "0.5", "--chaos-seed", String(s),
                              "--chaos-events", String(maxEvents)]
             let child = try BoundedChild(arguments: arguments).run(timeout: timeout)
-            let result = Self.judge(child, seed: s, mode: mode, workload: workload)
+            return (child, Self.judge(child, seed: s, mode: mode, workload: workload))
+        }
+        try summarize(results, failedKey: "failed_before_switchover", failedText: "failed before the switch-over with the guest running")
+    }
+
+    /// Runs every schedule (`body` runs schedule `i` with its seed and judges it), printing
+    /// each run's line, and keeping its output in `--log-dir`.
+    func runSchedules(_ body: (Int, UInt64) throws -> (BoundedChild.Outcome, RunResult)) throws -> [RunResult] {
+        var results: [RunResult] = []
+        for i in 0..<schedules {
+            let s = seed &+ UInt64(i)
+            let (child, result) = try body(i, s)
+            let mode = result.mode, workload = result.workload
             if let logDir {
                 try? FileManager.default.createDirectory(atPath: logDir, withIntermediateDirectories: true)
                 try? child.stdout.write(toFile: "\(logDir)/seed-\(s).stdout", atomically: false, encoding: .utf8)
@@ -77,22 +98,33 @@ struct BenchChaos: ParsableCommand {
             }
             fflush(stdout)
         }
+        return results
+    }
+
+    /// The summary line; exits 1 if any run was wrong, or `batchWrong` names something wrong
+    /// beyond the runs. `failedKey`: the outcome of a clean failure on this path; `extra`: more
+    /// JSON fields (and text) for the summary.
+    func summarize(_ results: [RunResult], failedKey: String, failedText: String, extra: [(json: String, text: String)] = [],
+                   batchWrong: String? = nil) throws {
         let wrong = results.filter { $0.wrong != nil }
         let completed = results.filter { $0.outcome == "completed" }.count
-        let failedBefore = results.filter { $0.outcome == "failed_before_switchover" }.count
+        let failedBefore = results.filter { $0.outcome == failedKey }.count
         var phases: [String: Int] = [:]
         for r in results { for p in r.chaos["fired_phases"] as? [String] ?? [] { phases[p, default: 0] += 1 } }
         let phaseText = phases.sorted { $0.key < $1.key }.map { "\"\($0.key)\":\($0.value)" }.joined(separator: ",")
         if json {
-            print("{\"schedules\":\(results.count),\"completed\":\(completed),\"failed_before_switchover\":\(failedBefore),"
+            print("{\"path\":\"\(path.rawValue)\",\"schedules\":\(results.count),\"completed\":\(completed),\"\(failedKey)\":\(failedBefore),"
                   + "\"wrong\":\(wrong.count),\"wrong_seeds\":[\(wrong.map { String($0.seed) }.joined(separator: ","))],"
-                  + "\"events_fired_by_phase\":{\(phaseText)},\"memory\":\"\(memory)\",\"first_seed\":\(seed)}")
+                  + "\"events_fired_by_phase\":{\(phaseText)},\"memory\":\"\(memory)\",\"first_seed\":\(seed)"
+                  + extra.map { "," + $0.json }.joined() + "}")
         } else {
-            print("\(results.count) schedules: \(completed) completed, \(failedBefore) failed before the switch-over "
-                  + "with the guest running, \(wrong.count) WRONG\(wrong.isEmpty ? "" : " (seeds \(wrong.map(\.seed)))"); "
-                  + "events fired by phase: \(phases.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))")
+            print("\(results.count) schedules: \(completed) completed, \(failedBefore) \(failedText), "
+                  + "\(wrong.count) WRONG\(wrong.isEmpty ? "" : " (seeds \(wrong.map(\.seed)))"); "
+                  + "events fired by phase: \(phases.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))"
+                  + extra.map { "; " + $0.text }.joined())
         }
-        if !wrong.isEmpty { throw ExitCode(1) }
+        if let batchWrong { FileHandle.standardError.write(Data("WRONG: \(batchWrong)\n".utf8)) }
+        if !wrong.isEmpty || batchWrong != nil { throw ExitCode(1) }
     }
 
     /// Decides whether a run ended in one of the two allowed ways.

@@ -34,12 +34,13 @@ struct SnapshotCommand: ParsableCommand {
     }
 }
 
-/// `faultline restore DIR`.
+/// `faultline restore DIR`, `faultline restore --from HOST:PORT`.
 struct Restore: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Restore a snapshot into a new guest and run it: lazily (pages on demand and in the background) or eagerly.")
 
-    @Argument(help: "The snapshot folder") var folder: String
+    @Argument(help: "The snapshot folder (none with --from)") var folder: String?
+    @OptionGroup var remote: RemoteRestoreArguments
     @Flag(help: "--lazy: start the vCPUs at once, fetch memory on demand; --eager: check and copy everything first")
     var lazy: RestoreMode = .lazy
     @Option(name: .customLong("fault-mode"), help: faultModeHelp) var faultMode: FaultModeChoice = .auto
@@ -65,7 +66,6 @@ struct Restore: ParsableCommand {
         do {
             try HeapPolicy.keepHeapForFaultPath()
             let (mode, _) = try FaultModeSelection.resolve(requested: faultMode)
-            let snapshot = try Snapshot(folder: folder)
             var options = SnapshotRestore.Options()
             options.lazy = lazy == .lazy
             options.destination.faultMode = mode
@@ -76,20 +76,20 @@ struct Restore: ParsableCommand {
             options.destination.runAfterSeconds = runAfter
             options.source.faultPathCPU = faultCPU
             if recordWorkingSet != nil {
-                guard lazy == .lazy, prefetch == nil else {
-                    throw CLIError(description: "--record-working-set needs a lazy restore without --prefetch")
+                guard lazy == .lazy, prefetch == nil, remote.from == nil else {
+                    throw CLIError(description: "--record-working-set needs a lazy restore of a local snapshot, without --prefetch")
                 }
                 options.recordWorkingSetSeconds = recordSeconds
             }
             if let prefetch {
-                guard lazy == .lazy else { throw CLIError(description: "--prefetch needs a lazy restore") }
+                guard lazy == .lazy, remote.from == nil else { throw CLIError(description: "--prefetch needs a lazy restore of a local snapshot") }
                 do {
                     options.prefetch = try JSONDecoder().decode(WorkingSet.self, from: Data(contentsOf: URL(fileURLWithPath: prefetch)))
                 } catch {
                     throw CLIError(description: "cannot read the working set \(prefetch): \(error)")
                 }
             }
-            let report = try SnapshotRestore.run(snapshot, options: options, started: started)
+            let report = try remote.restore(folder: folder, options: options, started: started)
             if let recordWorkingSet, let set = report.workingSet {
                 try Data(try jsonLine(set).utf8).write(to: URL(fileURLWithPath: recordWorkingSet))
                 if !json { print("working set: \(set.pages.count) pages recorded in \(recordWorkingSet)") }
@@ -100,8 +100,7 @@ struct Restore: ParsableCommand {
                 Foundation.exit(1)
             }
         } catch {
-            if json { print((try? jsonLine(["side": "restore", "outcome": "failed", "error": "\(error)"])) ?? "{}") }
-            fail(error)
+            restoreFailed(error, json: json)
         }
     }
 }

@@ -28,6 +28,7 @@ extension Restore {
             guard faultMode == .auto else {
                 throw CLIError(description: "--clone has no fault path (the kernel reads the file in): --fault-mode does not apply")
             }
+            guard let folder, remote.from == nil else { throw CLIError(description: "--clone maps a local snapshot folder (not --from)") }
             let clone = try SnapshotClone(folder: folder, started: started)
             try clone.start()
             var shortOfPasses: String?

@@ -29,6 +29,24 @@ struct ChaosCLITests {
         }
     }
 
+    /// The restore path: serve-snapshot and `restore --from` through the proxy. Every run ends
+    /// completed and verified, or cleanly before the restored guest started; the server outlives them all.
+    @Test func seededRestoreSchedulesEndCorrectly() throws {
+        let r = try run(["bench", "chaos", "--path", "restore", "--schedules", "8", "--seed", "9001", "--memory", "16M",
+                         "--timeout", "120", "--json"], timeout: 1200)
+        #expect(r.status == 0, "\(r.stdout)\n\(r.stderr.suffix(4000))")
+        let summary = lastJSON(r.stdout)
+        #expect(summary?["path"] as? String == "restore")
+        #expect(summary?["schedules"] as? Int == 8)
+        #expect(summary?["wrong"] as? Int == 0, "\(r.stdout)")
+        #expect(summary?["server_alive"] as? Bool == true)
+        #expect((summary?["completed"] as? Int ?? 0) > 0)
+        #expect((summary?["failed_before_start"] as? Int ?? 0) > 0)
+        let phases = summary?["events_fired_by_phase"] as? [String: Int] ?? [:]
+        #expect(phases["precopy"] == nil, "a restore has no pre-copy: \(phases)")
+        for phase in ["switchover", "postcopy", "completion"] { #expect((phases[phase] ?? 0) > 0, "no event fired in \(phase): \(phases)") }
+    }
+
     /// Forced paths (comma-separated events): the run must end as the table in docs/design.md says.
     @Test(arguments: [
         // Before the commit without retries: a clean failure, the source guest runs on.

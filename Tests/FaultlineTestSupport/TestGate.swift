@@ -53,6 +53,7 @@ public enum TestGate: String, CaseIterable, Sendable {
     case probeShowsTheFaultVerdict
     case liveMigration
     case snapshotAndRestore
+    case remoteRestore
     case everyFaultModeMigrates
     case cpuLatencyHeldDuringPostcopy
     case netnsMigration
@@ -109,6 +110,8 @@ public enum TestGate: String, CaseIterable, Sendable {
         case .liveMigration, .migrationMatrix, .chaos, .migrationFailures: [.kvm, .uffdKernel]
         // The bad-snapshot test restores lazily in uffd-missing; the others pick the modes offered.
         case .snapshotAndRestore: [.kvm, .uffdKernel, .uffdMissing]
+        // serve-snapshot and restore --from in the fault mode `auto` picks.
+        case .remoteRestore: [.kvm, .uffdKernel]
         case .cpuLatencyHeldDuringPostcopy: [.kvm, .uffdKernel, .cpuDMALatency]
         case .netnsMigration: [.kvm, .uffdKernel, .netNamespaces]
         case .longModeMigration: [.kvm, .uffdKernel, .uffdMissing]

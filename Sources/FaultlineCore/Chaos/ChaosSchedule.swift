@@ -114,15 +114,16 @@ public struct ChaosSchedule: Equatable, Sendable, CustomStringConvertible {
     }
 
     /// A schedule of 1 to `maxEvents` events in the lanes above (a phase drawn uniformly, then
-    /// one of its lanes), and 0 to 2 retries.
-    public static func generate(seed: UInt64, vcpus: Int, maxEvents: Int = 3) -> ChaosSchedule {
+    /// one of its lanes), and 0 to 2 retries. `precopy: false` (a restore, which has no
+    /// pre-copy) leaves that phase out.
+    public static func generate(seed: UInt64, vcpus: Int, maxEvents: Int = 3, precopy: Bool = true) -> ChaosSchedule {
         var rng = SplitMix64(seed: seed)
         let lanes = lanes(vcpus: vcpus)
         let count = 1 + Int(rng.next() % UInt64(max(1, maxEvents)))
         var events: [ChaosEvent] = []
+        let phases: [MigrationPhase] = precopy ? [.precopy, .switchover, .postcopy, .completion] : [.switchover, .postcopy, .completion]
         for _ in 0..<count {
             // A phase first (each as likely as the others), then one of its lanes.
-            let phases: [MigrationPhase] = [.precopy, .switchover, .postcopy, .completion]
             let chosen = phases[Int(rng.next() % UInt64(phases.count))]
             let inPhase = lanes.filter { $0.0 == chosen }
             let (phase, role, direction, frames) = inPhase[Int(rng.next() % UInt64(inPhase.count))]

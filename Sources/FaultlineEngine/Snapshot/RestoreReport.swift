@@ -11,7 +11,10 @@ public struct RestoreReport: Sendable, Codable, Equatable {
     }
 
     public var side = "restore"
+    /// The snapshot folder, or for a remote restore the server and the snapshot's name.
     public var snapshot: String
+    /// Remote: the `serve-snapshot` server the snapshot came from (nil: this process).
+    public var from: String?
     /// "lazy" or "eager".
     public var mode: String
     public var faultMode: String
@@ -33,7 +36,9 @@ public struct RestoreReport: Sendable, Codable, Equatable {
     public var pagesBeforeStart = 0
     public var zeroPages = 0
     public var pagesInstalledFromStaging = 0
+    /// The restored memory's digest matched the source's, and the source's the snapshot manifest's.
     public var digestMatch = false
+    /// The manifest's whole-memory digest.
     public var snapshotDigest: UInt64 = 0
     public var restoredDigest: UInt64 = 0
     public var digestPagesFromMemory = 0
@@ -50,9 +55,11 @@ public struct RestoreReport: Sendable, Codable, Equatable {
     /// With recording: the pages the guest touched, first touched first (written to a file,
     /// not into the JSON report).
     public var workingSet: WorkingSet?
+    /// The pages faults asked for, first asked first (kept for the recording; not in the JSON).
+    var firstTouches: [Int] = []
 
     enum CodingKeys: String, CodingKey {
-        case side, snapshot, mode, faultMode = "fault_mode", vcpus, memoryBytes = "memory_bytes"
+        case side, snapshot, from, mode, faultMode = "fault_mode", vcpus, memoryBytes = "memory_bytes"
         case snapshotDataPages = "snapshot_data_pages", verifySeconds = "verify_seconds"
         case firstInstructionMilliseconds = "first_instruction_ms", residentMilliseconds = "resident_ms", faults
         case vcpuExitFaults = "vcpu_exit_faults", faultLatencyMicroseconds = "fault_latency_us"
@@ -74,7 +81,7 @@ public struct RestoreReport: Sendable, Codable, Equatable {
         self.snapshotDataPages = snapshotDataPages
     }
 
-    mutating func fill(destination d: DestinationReport, source s: SourceReport, started: UInt64) {
+    mutating func fill(destination d: DestinationReport, sourceReconnects: Int, started: UInt64) {
         firstInstructionMilliseconds = Double(d.guestStartedAt &- started) / 1e6
         residentMilliseconds = Double(max(d.everyPageInAt, d.guestStartedAt) &- started) / 1e6
         faults = d.faults
@@ -88,15 +95,15 @@ public struct RestoreReport: Sendable, Codable, Equatable {
         zeroPages = d.zeroPages
         pagesInstalledFromStaging = d.pagesInstalledFromStaging
         digestMatch = d.digestMatch
-        snapshotDigest = d.sourceDigest
         restoredDigest = d.destinationDigest
         digestPagesFromMemory = d.digestPagesFromMemory
         guestMismatches = d.guestMismatches
         firstMismatch = d.firstMismatch
         passesAfterRestore = d.passesAfterMigration
         guestCheck = d.guestMismatches == 0
-        reconnects = d.reconnects + s.reconnects
+        reconnects = d.reconnects + sourceReconnects
         wholePassMilliseconds = d.everyVcpuWholePassAt > 0 ? Double(d.everyVcpuWholePassAt &- started) / 1e6 : nil
+        firstTouches = d.firstTouches
     }
 
     /// The text report.

@@ -37,11 +37,12 @@ public final class ChaosProxy: @unchecked Sendable {
     let stopping = Locked(false)
     var acceptor: OSThread?
 
-    /// Listens on a free loopback port and forwards every connection to `upstream`.
-    public init(upstream: SocketEndpoint, schedule: ChaosSchedule) throws {
+    /// Listens on a free port of `host` (loopback unless the source comes from elsewhere) and
+    /// forwards every connection to `upstream`.
+    public init(upstream: SocketEndpoint, schedule: ChaosSchedule, host: String = "127.0.0.1") throws {
         self.upstream = upstream
         tracker = Locked(ChaosTracker(schedule: schedule))
-        listener = try ListeningSocket(endpoint: SocketEndpoint(host: "127.0.0.1", port: 0))
+        listener = try ListeningSocket(endpoint: SocketEndpoint(host: host, port: 0))
         acceptor = try OSThread(name: "chaos accept") { [self] in acceptLoop() }
     }
 

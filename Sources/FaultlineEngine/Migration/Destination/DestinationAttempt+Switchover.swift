@@ -66,6 +66,7 @@ extension DestinationAttempt {
         phase = .postcopy
         awaitingCommit = false
         guestStarted = true
+        destination.guestStarts.wrappingIncrement(ordering: .relaxed)
         try machine.startGuest(faultHandler: report.postcopy && options.faultMode == .vcpuExit ? self : nil,
                                scheduling: report.postcopy ? postcopyVcpuScheduling : .normal)
         if report.postcopy, options.localFill, let supplier = options.localPages, let pipeline {

@@ -1,3 +1,4 @@
+import Atomics
 import FaultlineCore
 import FaultlineLinux
 
@@ -174,6 +175,11 @@ public final class MigrationDestination: @unchecked Sendable {
 
     /// No further attempt will come (the one source gave up): a wait for one ends at once.
     public func stopAccepting() { listener.shutdown() }
+
+    /// True once an attempt has started its guest's vCPUs (from then on a failure is no longer
+    /// one before the start).
+    public var guestHasStarted: Bool { guestStarts.load(ordering: .relaxed) > 0 }
+    let guestStarts = ManagedAtomic<Int>(0)
 
     /// The port actually bound (for `--listen :0`).
     public var endpoint: SocketEndpoint { listener.endpoint }
