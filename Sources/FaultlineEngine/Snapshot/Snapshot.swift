@@ -102,6 +102,8 @@ public final class Snapshot: @unchecked Sendable {
         public var pages: Int
         public var dataPages: Int
         public var seconds: Double
+
+        enum CodingKeys: String, CodingKey { case chunks, pages, dataPages = "data_pages", seconds }
     }
 
     /// One byte per RAM page, bit 0 set where the memory file holds data; holes are zero pages.

@@ -18,6 +18,10 @@ public enum SnapshotWriter {
         public var bytesWritten: UInt64
         public var memoryDigest: UInt64
         public var seconds: Double
+
+        enum CodingKeys: String, CodingKey {
+            case folder, pages, dataPages = "data_pages", bytesWritten = "bytes_written", memoryDigest = "memory_digest", seconds
+        }
     }
 
     /// `machine` must be paused (its memory and vCPU states do not change meanwhile).
