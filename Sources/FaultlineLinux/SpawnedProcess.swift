@@ -76,7 +76,7 @@ public final class SpawnedProcess: @unchecked Sendable {
         do {
             watch = try ProcessWatch(pid: pid)
         } catch {
-            kill(pid, SIGKILL)
+            Glibc.kill(pid, SIGKILL)
             var raw: Int32 = 0
             _ = waitpid(pid, &raw, 0)
             throw error
@@ -89,6 +89,9 @@ public final class SpawnedProcess: @unchecked Sendable {
     /// Sends `signal` through the pidfd; false once it is gone.
     @discardableResult
     public func signal(_ signal: Int32) -> Bool { status == nil && watch.signal(signal) }
+
+    /// Ends it now (SIGKILL).
+    public func kill() { signal(SIGKILL) }
 
     /// Waits for it to exit and reaps it; returns `status`.
     @discardableResult
@@ -105,5 +108,17 @@ public final class SpawnedProcess: @unchecked Sendable {
     /// "exit 2", "SIGKILL", ... for a status from `reap`.
     public static func describe(status: Int32) -> String {
         status > 128 ? TerminationSignals.name(status - 128) : status < 0 ? "reaped elsewhere" : "exit \(status)"
+    }
+}
+
+extension HostProcess {
+    /// This process's id.
+    public static var id: Int32 { getpid() }
+
+    /// Ends this process at once with SIGKILL: a crash as its parent and peers see it (no
+    /// cleanup, no flushed output, descriptors closed by the kernel).
+    public static func crashNow() -> Never {
+        _ = kill(getpid(), SIGKILL)
+        _exit(137)
     }
 }
