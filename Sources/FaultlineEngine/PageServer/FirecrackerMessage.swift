@@ -23,6 +23,35 @@ public struct FirecrackerRegion: Codable, Equatable, Sendable {
         page_size_kib = pageSizeKib
     }
 
+    enum CodingKeys: String, CodingKey { case base_host_virt_addr, size, offset, page_size, page_size_kib }
+
+    /// Each field an unsigned 64-bit integer; a negative, fractional or oversized number is
+    /// named as such (the decoder alone reports those as "not valid JSON").
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        func unsigned(_ key: CodingKeys) throws -> UInt64? {
+            try c.decodeIfPresent(UnsignedNumber.self, forKey: key)?.value
+        }
+        base_host_virt_addr = try unsigned(.base_host_virt_addr)
+        size = try unsigned(.size)
+        offset = try unsigned(.offset)
+        page_size = try unsigned(.page_size)
+        page_size_kib = try unsigned(.page_size_kib)
+    }
+
+    struct UnsignedNumber: Decodable {
+        let value: UInt64
+        init(from decoder: Decoder) throws {
+            let c = try decoder.singleValueContainer()
+            if let v = try? c.decode(UInt64.self) { value = v; return }
+            if let v = try? c.decode(Int64.self) { throw DecodingError.dataCorruptedError(in: c, debugDescription: "\(v) is negative") }
+            if let v = try? c.decode(Double.self) {
+                throw DecodingError.dataCorruptedError(in: c, debugDescription: v >= 0x1p64 ? "\(v) does not fit 64 bits" : "\(v) is not an integer")
+            }
+            throw DecodingError.typeMismatch(UInt64.self, .init(codingPath: c.codingPath, debugDescription: "not a number"))
+        }
+    }
+
     public var fields: SnapshotRegionFields {
         SnapshotRegionFields(base: base_host_virt_addr, size: size, offset: offset, pageSize: page_size, pageSizeKib: page_size_kib)
     }
@@ -54,8 +83,8 @@ public enum FirecrackerMessage {
         switch error {
         case .dataCorrupted(let c) where c.codingPath.isEmpty: return "not valid JSON"
         case .dataCorrupted(let c): return "\(path(c.codingPath)): \(c.debugDescription)"
-        case .typeMismatch(let type, let c):
-            let wanted = type == [FirecrackerRegion].self ? "an array of regions" : type == FirecrackerRegion.self ? "an object" : "an unsigned integer"
+        case .typeMismatch(_, let c):
+            let wanted = c.codingPath.isEmpty ? "an array of regions" : c.codingPath.count == 1 ? "an object" : "an unsigned integer"
             return "\(path(c.codingPath)) is not \(wanted)"
         case .valueNotFound(_, let c): return "\(path(c.codingPath)) is null"
         case .keyNotFound(let k, let c): return "\(path(c.codingPath)) has no \"\(k.stringValue)\""
