@@ -59,14 +59,19 @@ public final class FirecrackerPeer: @unchecked Sendable {
     public var totalPages: Int { regions.reduce(0) { $0 + $1.memory.size / Int(pageSize) } }
 
     /// Reads a byte of every page from `threads` threads at once (thread t takes pages t,
-    /// t + threads, ...), each access a fault the server must fill. Returns the seconds from
-    /// the threads' common start to the last one's end. `pagesDone` counts pages as they go.
-    public func touchAll(threads: Int, pagesDone: Locked<Int>? = nil) throws -> Double {
+    /// t + threads, ... of each region), each access a fault the server must fill. Returns the
+    /// seconds from the threads' common start to the last one's end. `delayMicroseconds`
+    /// paces each thread between pages (a slow guest); `announce` runs once, on the thread
+    /// whose page brings the count to `announceAfter`.
+    public func touchAll(threads: Int, delayMicroseconds: UInt64 = 0, announceAfter: Int? = nil,
+                         announce: (@Sendable () -> Void)? = nil) throws -> Double {
         let gate = TimedCondition()
         var open = false
         var workers: [OSThread] = []
         let step = max(threads, 1), pageSize = Int(self.pageSize)
         let bases = regions.map { ($0.memory.base, $0.memory.size / pageSize) }
+        let counted = announceAfter != nil && announce != nil
+        let done = Locked(0)
         for t in 0..<step {
             workers.append(try OSThread(name: "fc-vcpu-\(t)") {
                 gate.wait { open }
@@ -76,7 +81,8 @@ public final class FirecrackerPeer: @unchecked Sendable {
                     while p < pages {
                         sum &+= UInt64(base.load(fromByteOffset: p * pageSize, as: UInt8.self))
                         p += step
-                        if let pagesDone { pagesDone.withLock { $0 += 1 } }
+                        if counted, done.withLock({ $0 += 1; return $0 }) == announceAfter { announce?() }
+                        if delayMicroseconds > 0 { MonotonicClock.sleep(microseconds: delayMicroseconds) }
                     }
                 }
                 sink.withLock { $0 &+= sum }
