@@ -1,0 +1,158 @@
+import FaultlineLinux
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `faultline uffd-serve` as separate processes: the supervisor, its worker processes, and
+/// Firecracker's side (`uffd-serve client`, which checks every byte it reads). The worker dies
+/// in the middle of serving - by an injected crash at a chosen point, and by a real `kill -9`
+/// - and the faulting threads carry on once the next worker attaches.
+@Suite("faultline uffd-serve (processes)", .serialized, .timeLimit(.minutes(10)),
+       .enabled(if: isRoot, "needs a userfaultfd that catches kernel faults (root here)"))
+struct UffdServeCLITests {
+    /// The server's JSON report, the fields these tests look at.
+    struct Report: Decodable {
+        let workers_started: Int
+        let faults_served: UInt64
+        let pages_copied: UInt64
+        let zero_pages: UInt64
+        let removes_replayed: UInt64
+        let ended_by: String
+    }
+
+    struct ClientResult: Decodable {
+        let pages: Int
+        let mismatched_pages: Int?
+        let first_mismatch: String?
+    }
+
+    /// A memory file of random bytes, removed afterwards.
+    final class MemoryFile {
+        let path = "/tmp/faultline-uffd-cli-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).mem"
+        init(mib: Int) throws {
+            var generator = SystemRandomNumberGenerator()
+            let words = (0..<(mib << 17)).map { _ in generator.next() as UInt64 | 1 }
+            try words.withUnsafeBytes { try Data($0).write(to: URL(fileURLWithPath: path)) }
+        }
+        deinit { unlink(path) }
+    }
+
+    func socketPath() -> String { "/tmp/faultline-uffd-cli-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock" }
+
+    /// Waits (at most `seconds`) until the server is listening at `path`.
+    func waitForSocket(_ path: String, within seconds: Double = 20) -> Bool {
+        let deadline = MonotonicClock.deadline(after: seconds)
+        while MonotonicClock.nanoseconds() < deadline {
+            var info = stat()
+            if stat(path, &info) == 0 && info.st_mode & S_IFMT == S_IFSOCK { return true }
+            MonotonicClock.sleep(microseconds: 10_000)
+        }
+        return false
+    }
+
+    /// The server's worker processes (its children running `uffd-serve worker`).
+    func workers(of server: Int32) -> [ProcessTable.Entry] {
+        ProcessTable.all().filter { $0.parent == server }
+    }
+
+    func decode<T: Decodable>(_ type: T.Type, lastLineOf text: String) -> T? {
+        guard let line = text.split(separator: "\n").last(where: { $0.hasPrefix("{") }) else { return nil }
+        return try? JSONDecoder().decode(T.self, from: Data(line.utf8))
+    }
+
+    /// One served session: a supervisor with `serverArguments`, a client with
+    /// `clientArguments`; returns both sides' results (nil where one failed).
+    func session(file: MemoryFile, serverArguments: [String], clientArguments: [String],
+                 duringClient: ((Child, Child) -> Void)? = nil) throws -> (Report?, ClientResult?, String) {
+        let socket = socketPath()
+        let server = try Child(["uffd-serve", "--socket", socket, "--memory", file.path, "--exit-on-hangup", "--json"] + serverArguments)
+        guard waitForSocket(socket) else {
+            let r = server.finish(timeout: 5)
+            Issue.record("the server never listened: \(r.stderr)")
+            return (nil, nil, r.stderr)
+        }
+        let client = try Child(["uffd-serve", "client", "--socket", socket, "--memory", file.path, "--json"] + clientArguments)
+        duringClient?(server, client)
+        let c = client.finish(timeout: 120)
+        let s = server.finish(timeout: 60)
+        #expect(c.status == 0, "client: \(c.stdout) \(c.stderr)")
+        #expect(s.status == 0, "server: \(s.stderr)")
+        return (decode(Report.self, lastLineOf: s.stdout), decode(ClientResult.self, lastLineOf: c.stdout), s.stderr)
+    }
+
+    @Test("the worker is killed by an injected crash mid-serving, 10 runs: every byte verifies every time")
+    func injectedCrashLoop() throws {
+        let file = try MemoryFile(mib: 32)
+        var passed = 0
+        for run in 1...10 {
+            let (report, client, log) = try session(
+                file: file, serverArguments: ["--inject-worker-exit-after-faults", "\(200 + 150 * run)"],
+                clientArguments: ["--regions", "16M,16M", "--threads", "4"])
+            let ok = client?.mismatched_pages == 0 && client?.pages == 8192 && report?.workers_started == 2
+                && report?.pages_copied == 8192 && log.contains("ended (SIGKILL)")
+            #expect(ok, "run \(run): client \(String(describing: client)), server \(String(describing: report)), log: \(log)")
+            if ok { passed += 1 }
+        }
+        print("uffd-serve injected worker crash: \(passed) of 10 runs passed")
+        #expect(passed == 10)
+    }
+
+    @Test("the worker dies right after reading a REMOVE: the range still reads zeros")
+    func injectedCrashAfterRemove() throws {
+        let file = try MemoryFile(mib: 16)
+        let (report, client, log) = try session(
+            file: file, serverArguments: ["--inject-worker-exit-after-removes", "1"],
+            clientArguments: ["--regions", "8M,8M", "--threads", "2", "--remove", "0:1M:256K", "--remove", "1:0:64K"])
+        #expect(client?.mismatched_pages == 0, "\(String(describing: client))")
+        #expect(report?.workers_started == 2, "\(log)")
+        #expect(report?.removes_replayed == 1)
+        #expect(report?.zero_pages == UInt64((256 << 10) + (64 << 10)) / 4096)
+    }
+
+    @Test("kill -9 of the worker while four threads fault: they continue under the next worker")
+    func realKill() throws {
+        let file = try MemoryFile(mib: 32)
+        var killed: Int32?
+        let (report, client, log) = try session(
+            file: file, serverArguments: [],
+            clientArguments: ["--regions", "32M", "--threads", "4", "--touch-delay-us", "200", "--announce-after", "1500"]
+        ) { server, client in
+            guard client.readLine(timeout: 60) == "touched 1500 pages" else {
+                Issue.record("the client never reported its progress")
+                return
+            }
+            let found = workers(of: server.pid)
+            #expect(found.count == 1, "workers: \(found)")
+            if let worker = found.first, let pinned = PinnedProcess(worker), pinned.signal(SIGKILL) { killed = worker.pid }
+        }
+        #expect(killed != nil, "no worker was killed")
+        #expect(client?.mismatched_pages == 0, "\(String(describing: client))")
+        #expect(client?.pages == 8192)
+        #expect(report?.workers_started == 2, "\(log)")
+        #expect(report?.pages_copied == 8192)
+        if let killed { #expect(log.contains("worker 1 (pid \(killed)) ended (SIGKILL)"), "\(log)") }
+    }
+
+    @Test("bad input from the peer: exit 2 with the reason, nothing served")
+    func badInputExits() throws {
+        let file = try MemoryFile(mib: 1)
+        let socket = socketPath()
+        let server = try Child(["uffd-serve", "--socket", socket, "--memory", file.path])
+        #expect(waitForSocket(socket))
+        // A region larger than the 1 MiB file.
+        let client = try Child(["uffd-serve", "client", "--socket", socket, "--memory", file.path, "--regions", "2M"])
+        let s = server.finish(timeout: 30)
+        client.kill()
+        #expect(s.status == 2)
+        #expect(s.stderr.contains("faultline: error: bad regions: region 0 ends at file offset 2097152, past the end of the memory file (1048576 bytes)"), "\(s.stderr)")
+    }
+
+    @Test("a memory file that does not exist: exit 2 before listening")
+    func missingMemoryFile() throws {
+        let r = try run(["uffd-serve", "--socket", socketPath(), "--memory", "/nonexistent/snapshot.mem"], timeout: 30)
+        #expect(r.status == 2)
+        #expect(r.stderr.contains("memory file /nonexistent/snapshot.mem: open /nonexistent/snapshot.mem: ENOENT"), "\(r.stderr)")
+    }
+}
