@@ -32,9 +32,9 @@ struct UffdServeCLITests {
     final class MemoryFile {
         let path = "/tmp/faultline-uffd-cli-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).mem"
         init(mib: Int) throws {
-            var generator = SystemRandomNumberGenerator()
-            let words = (0..<(mib << 17)).map { _ in generator.next() as UInt64 | 1 }
-            try words.withUnsafeBytes { try Data($0).write(to: URL(fileURLWithPath: path)) }
+            let random = try FileHandle(forReadingFrom: URL(fileURLWithPath: "/dev/urandom"))
+            defer { try? random.close() }
+            try random.readData(ofLength: mib << 20).write(to: URL(fileURLWithPath: path))
         }
         deinit { unlink(path) }
     }

@@ -120,14 +120,9 @@ public final class FirecrackerPeer: @unchecked Sendable {
             for page in 0..<(region.memory.size / pageSize) {
                 let at = page * pageSize
                 let zero = removed.contains { $0.region == r && at >= $0.offset && at < $0.offset + $0.length }
-                let actual = UnsafeRawBufferPointer(start: region.memory.base + at, count: pageSize)
-                let same: Bool
-                if zero {
-                    same = !actual.contains { $0 != 0 }
-                } else {
-                    let expected = UnsafeRawBufferPointer(start: file.base + Int(region.fileOffset) + at, count: pageSize)
-                    same = actual.elementsEqual(expected)
-                }
+                let actual = UnsafeRawPointer(region.memory.base + at)
+                let same = zero ? MemoryBytes.allZero(actual, count: pageSize)
+                    : MemoryBytes.equal(actual, file.base + Int(region.fileOffset) + at, count: pageSize)
                 if !same { mismatches.append(Mismatch(region: r, page: page, expectedZero: zero)) }
             }
         }
