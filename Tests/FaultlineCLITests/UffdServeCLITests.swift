@@ -57,6 +57,14 @@ struct UffdServeCLITests {
         ProcessTable.all().filter { $0.parent == server }
     }
 
+    /// Whether the process `entry` names still runs (exited and not yet reaped is not running).
+    func isRunning(_ entry: ProcessTable.Entry) -> Bool {
+        guard ProcessTable.entry(entry.pid)?.start == entry.start,
+              let stat = try? String(contentsOfFile: "/proc/\(entry.pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return false }
+        return !stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).hasPrefix("Z")
+    }
+
     func decode<T: Decodable>(_ type: T.Type, lastLineOf text: String) -> T? {
         guard let line = text.split(separator: "\n").last(where: { $0.hasPrefix("{") }) else { return nil }
         return try? JSONDecoder().decode(T.self, from: Data(line.utf8))
@@ -133,6 +141,28 @@ struct UffdServeCLITests {
         #expect(report?.workers_started == 2, "\(log)")
         #expect(report?.pages_copied == 8192)
         if let killed { #expect(log.contains("worker 1 (pid \(killed)) ended (SIGKILL)"), "\(log)") }
+    }
+
+    @Test("kill -9 of the supervisor: its worker keeps serving until the peer exits")
+    func supervisorKilled() throws {
+        let file = try MemoryFile(mib: 16)
+        let socket = socketPath()
+        let server = try Child(["uffd-serve", "--socket", socket, "--memory", file.path])
+        #expect(waitForSocket(socket))
+        let client = try Child(["uffd-serve", "client", "--socket", socket, "--memory", file.path, "--regions", "16M",
+                                "--threads", "2", "--touch-delay-us", "100", "--announce-after", "1000", "--json"])
+        #expect(client.readLine(timeout: 60) == "touched 1000 pages")
+        let worker = workers(of: server.pid)
+        #expect(worker.count == 1)
+        #expect(Glibc.kill(server.pid, SIGKILL) == 0)  // not reaped yet: still the server
+        let c = client.finish(timeout: 60)
+        #expect(c.status == 0, "\(c.stderr)")
+        #expect(decode(ClientResult.self, lastLineOf: c.stdout)?.mismatched_pages == 0, "\(c.stdout)")
+        // The orphaned worker holds the server's output pipes until it sees the peer go.
+        let s = server.finish(timeout: 30)
+        #expect(s.status == 128 + SIGKILL)
+        #expect(s.stderr.contains("the supervisor is gone; serving until the peer exits"), "\(s.stderr)")
+        #expect(worker.allSatisfy { !isRunning($0) }, "the worker outlived the peer")
     }
 
     @Test("bad input from the peer: exit 2 with the reason, nothing served")

@@ -123,7 +123,6 @@ public final class PageServerSupervisor: @unchecked Sendable {
             fds += extra.map { ($0, .readable) }
             let ready: [DescriptorPoll.Events]
             do { ready = try DescriptorPoll.wait(fds, timeoutMilliseconds: -1) } catch { throw .system(error) }
-            if !ready[0].isEmpty { return nil }
             if !ready[2].isEmpty {
                 // News from the worker, or its end of the pair closing as it dies.
                 if let (news, _) = try? WorkerControl.receive(WorkerNews.self, from: control), news.kind == .attached {
@@ -142,6 +141,9 @@ public final class PageServerSupervisor: @unchecked Sendable {
                 stop(worker, control: control)
                 return why
             }
+            // Checked after the reasons to stop: a worker killed along with this process (a
+            // terminal's Ctrl-C, a test harness's SIGTERM) is not restarted.
+            if !ready[0].isEmpty { return nil }
         }
     }
 
