@@ -94,6 +94,17 @@ struct PageServerBadInputTests {
         }
     }
 
+    @Test("the peer connects and sends nothing: refused once the wait is over")
+    func silentPeer() throws {
+        var options = PageServerSupervisor.Options()
+        options.timing.firstMessageSeconds = 0.5
+        let held = Locked<UnixConnection?>(nil)
+        try expectRefusal(mentions: "sent nothing in 0.9 s", options: options, { if case .silentPeer = $0 { true } else { false } }) { _, path in
+            let connection = try UnixConnection.connect(to: path)
+            held.withLock { $0 = connection }
+        }
+    }
+
     @Test("three descriptors: the secret-free protocol, not this one")
     func threeDescriptors() throws {
         let file = try SnapshotFile(size: 1 << 20)

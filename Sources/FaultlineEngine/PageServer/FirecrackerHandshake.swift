@@ -81,14 +81,17 @@ public enum FirecrackerHandshake {
     /// without a descriptor are dropped, as there.
     static func receiveMessage(from connection: UnixConnection, timing: Timing) throws(PageServerError) -> ([UInt8], FileDescriptor) {
         var buffer = [UInt8](repeating: 0, count: timing.maxMessageBytes)
-        var bytesWithoutDescriptor = 0
+        var bytesWithoutDescriptor = 0, endOfStream = false
         var first: (bytes: [UInt8], fd: FileDescriptor)?
         for attempt in 1...max(timing.attempts, 1) {
             let wait = attempt == 1 ? Int32(timing.firstMessageSeconds * 1000) : timing.retryMilliseconds
             let part = try receivePart(connection, into: &buffer, waitMilliseconds: wait)
             guard let part else { continue }
             if part.descriptors.count > 1 { throw .unexpectedDescriptors(count: part.descriptors.count) }
-            if part.bytes.isEmpty && part.descriptors.isEmpty { continue }  // end of stream
+            if part.bytes.isEmpty && part.descriptors.isEmpty {
+                endOfStream = true
+                continue
+            }
             guard let fd = part.descriptors.first else {
                 bytesWithoutDescriptor = part.bytes.count
                 continue
@@ -98,7 +101,8 @@ public enum FirecrackerHandshake {
         }
         guard let first else {
             if bytesWithoutDescriptor > 0 { throw .noDescriptor(bytes: bytesWithoutDescriptor, attempts: timing.attempts) }
-            throw .peerClosedEarly(attempts: timing.attempts)
+            if endOfStream { throw .peerClosedEarly(attempts: timing.attempts) }
+            throw .silentPeer(seconds: timing.firstMessageSeconds + Double(timing.attempts - 1) * Double(timing.retryMilliseconds) / 1000)
         }
         var bytes = first.bytes
         let fd = first.fd

@@ -8,6 +8,8 @@ public enum PageServerError: Error, CustomStringConvertible {
     case noPeer(seconds: Double, path: String)
     /// The peer closed the connection (or sent nothing) before its regions and userfaultfd.
     case peerClosedEarly(attempts: Int)
+    /// The peer connected and sent nothing at all in the time allowed.
+    case silentPeer(seconds: Double)
     /// Bytes arrived but no descriptor with them.
     case noDescriptor(bytes: Int, attempts: Int)
     /// More than one descriptor: `count` 3 is the secret-free (guest_memfd) protocol.
@@ -24,6 +26,8 @@ public enum PageServerError: Error, CustomStringConvertible {
         case .noPeer(let s, let p): return "nobody connected to \(p) within \(s) s"
         case .peerClosedEarly(let n):
             return "the peer closed the connection without sending its regions and userfaultfd (\(n) attempts)"
+        case .silentPeer(let s):
+            return "the peer connected but sent nothing in \((s * 10).rounded() / 10) s (expected its regions and userfaultfd)"
         case .noDescriptor(let b, let n):
             return "the peer sent \(b) bytes but no userfaultfd with them (SCM_RIGHTS) in \(n) attempts"
         case .unexpectedDescriptors(let n) where n == 3:
