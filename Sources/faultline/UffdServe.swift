@@ -61,7 +61,7 @@ struct UffdServeServe: ParsableCommand {
                 socketPath: socket, memoryFile: file, launcher: launcher, mode: inProcess ? "in-process" : "supervised",
                 options: options, log: { fputs("uffd-serve: \($0)\n", stderr) })
             fputs("uffd-serve: listening on \(socket) (pid \(HostProcess.id))\n", stderr)
-            let report = try supervisor.run(stopDescriptors: [signals.fd.rawValue])
+            let report = try supervisor.run(stopDescriptors: [(signals.fd.rawValue, "SIGINT or SIGTERM")])
             print(json ? report.json : report.text)
         } catch {
             fail(error)

@@ -58,9 +58,9 @@ public final class PageServerSupervisor: @unchecked Sendable {
     public var workerPIDs: [Int32] { workers.withLock { $0 } }
 
     /// Accepts the peer, serves it until it exits (or hangs up, with `exitOnHangup`), a stop
-    /// is requested, or one of `stopDescriptors` turns readable; then stops the worker and
-    /// reports.
-    public func run(stopDescriptors: [Int32] = []) throws(PageServerError) -> PageServerReport {
+    /// is requested, or one of `stopDescriptors` turns readable (the report's `ended_by` is
+    /// its name); then stops the worker and reports.
+    public func run(stopDescriptors: [(fd: Int32, name: String)] = []) throws(PageServerError) -> PageServerReport {
         let (connection, peer) = try FirecrackerHandshake.accept(on: listener, policy: options.policy,
                                                                  timeoutSeconds: options.connectTimeoutSeconds, log: log)
         let session = try FirecrackerHandshake.receive(from: connection, peer: peer, file: memoryFile, timing: options.timing)
@@ -69,6 +69,7 @@ public final class PageServerSupervisor: @unchecked Sendable {
         do { ledger = try PageServerLedger.create(for: session.layout) } catch { throw .system(error) }
         // Held by the peer's open connection, the pid is still the peer's here.
         let peerWatch = try? ProcessWatch(pid: peer.pid)
+        if peerWatch == nil { log("cannot watch pid \(peer.pid) (no pidfd): serving until stopped") }
         var generation = 0, fruitless = 0
         while true {
             generation += 1
@@ -111,7 +112,7 @@ public final class PageServerSupervisor: @unchecked Sendable {
 
     /// Waits until the worker ends (nil: start another) or the session should end (why).
     func supervise(_ worker: WorkerHandle, control: UnixConnection, session: ServeSession, peerWatch: ProcessWatch?,
-                   extra: [Int32]) throws(PageServerError) -> String? {
+                   extra: [(fd: Int32, name: String)]) throws(PageServerError) -> String? {
         var listening = true
         while true {
             var fds: [(fd: Int32, events: DescriptorPoll.Events)] = [
@@ -120,7 +121,7 @@ public final class PageServerSupervisor: @unchecked Sendable {
                 (peerWatch?.fd.rawValue ?? -1, .readable),
                 (options.exitOnHangup ? session.connection.fd.rawValue : -1, .hangUp),
             ]
-            fds += extra.map { ($0, .readable) }
+            fds += extra.map { ($0.fd, .readable) }
             let ready: [DescriptorPoll.Events]
             do { ready = try DescriptorPoll.wait(fds, timeoutMilliseconds: -1) } catch { throw .system(error) }
             if !ready[2].isEmpty {
@@ -135,7 +136,7 @@ public final class PageServerSupervisor: @unchecked Sendable {
             if !ready[1].isEmpty { why = "stop requested" }
             else if !ready[3].isEmpty { why = "peer exited" }
             else if !ready[4].isEmpty { why = "peer hung up" }
-            else if let i = ready.indices.dropFirst(5).first(where: { !ready[$0].isEmpty }) { why = "signal on descriptor \(fds[i].fd)" }
+            else if let i = ready.indices.dropFirst(5).first(where: { !ready[$0].isEmpty }) { why = extra[i - 5].name }
             else { why = nil }
             if let why {
                 stop(worker, control: control)
