@@ -165,6 +165,19 @@ struct UffdServeCLITests {
         #expect(worker.allSatisfy { !isRunning($0) }, "the worker outlived the peer")
     }
 
+    @Test("without --exit-on-hangup the server ends when the peer process exits")
+    func endsWhenPeerExits() throws {
+        let file = try MemoryFile(mib: 4)
+        let socket = socketPath()
+        let server = try Child(["uffd-serve", "--socket", socket, "--memory", file.path, "--json"])
+        #expect(waitForSocket(socket))
+        let c = try run(["uffd-serve", "client", "--socket", socket, "--memory", file.path, "--regions", "4M"], timeout: 60)
+        #expect(c.status == 0, "\(c.stdout) \(c.stderr)")
+        let s = server.finish(timeout: 30)
+        #expect(s.status == 0, "\(s.stderr)")
+        #expect(decode(Report.self, lastLineOf: s.stdout)?.ended_by == "peer exited", "\(s.stdout)")
+    }
+
     @Test("bad input from the peer: exit 2 with the reason, nothing served")
     func badInputExits() throws {
         let file = try MemoryFile(mib: 1)
