@@ -52,9 +52,15 @@ struct UffdServeCLITests {
         return false
     }
 
-    /// The server's worker processes (its children running `uffd-serve worker`).
-    func workers(of server: Int32) -> [ProcessTable.Entry] {
-        ProcessTable.all().filter { $0.parent == server }
+    /// The server's serving worker: the child holding a userfaultfd (the standby holds none).
+    func servingWorkers(of server: Int32) -> [ProcessTable.Entry] {
+        ProcessTable.all().filter { $0.parent == server && holdsUserfaultfd($0.pid) }
+    }
+
+    func holdsUserfaultfd(_ pid: Int32) -> Bool {
+        let dir = "/proc/\(pid)/fd"
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+        return names.contains { (try? FileManager.default.destinationOfSymbolicLink(atPath: "\(dir)/\($0)")) == "anon_inode:[userfaultfd]" }
     }
 
     /// Whether the process `entry` names still runs (exited and not yet reaped is not running).
@@ -133,12 +139,14 @@ struct UffdServeCLITests {
                     Issue.record("run \(run): the client never reported its progress")
                     return
                 }
-                let found = workers(of: server.pid)
+                let found = servingWorkers(of: server.pid)
                 #expect(found.count == 1, "run \(run): workers \(found)")
                 if let worker = found.first, let pinned = PinnedProcess(worker), pinned.signal(SIGKILL) { killed = worker.pid }
             }
+            // A worker killed between a fill and counting it loses that one count (the page is
+            // in: the client's check covers every byte).
             let ok = killed != nil && client?.mismatched_pages == 0 && client?.pages == 8192 && report?.workers_started == 2
-                && report?.pages_copied == 8192 && log.contains("worker 1 (pid \(killed ?? -1)) ended (SIGKILL)")
+                && (8191...8192).contains(report?.pages_copied ?? 0) && log.contains("worker 1 (pid \(killed ?? -1)) ended (SIGKILL)")
             #expect(ok, "run \(run): killed \(String(describing: killed)), client \(String(describing: client)), server \(String(describing: report)), log: \(log)")
             if ok { passed += 1 }
         }
@@ -155,7 +163,7 @@ struct UffdServeCLITests {
         let client = try Child(["uffd-serve", "client", "--socket", socket, "--memory", file.path, "--regions", "16M",
                                 "--threads", "2", "--touch-delay-us", "100", "--announce-after", "1000", "--json"])
         #expect(client.readLine(timeout: 60) == "touched 1000 pages")
-        let worker = workers(of: server.pid)
+        let worker = servingWorkers(of: server.pid)
         #expect(worker.count == 1)
         #expect(Glibc.kill(server.pid, SIGKILL) == 0)  // not reaped yet: still the server
         let c = client.finish(timeout: 60)

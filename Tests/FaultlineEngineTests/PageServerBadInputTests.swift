@@ -194,7 +194,8 @@ struct PageServerBadInputTests {
         let file = try SnapshotFile(size: 1 << 20)
         let peer = try FirecrackerPeer(sizes: [1 << 20])
         let server = try RunningPageServer(file: file, options: options)
-        try peer.connect(to: server.socketPath)
+        // The send may meet a connection the server has already closed (EPIPE).
+        try? peer.connect(to: server.socketPath)
         let outcome = try server.outcome(within: 20)
         guard case .failure(PageServerError.noPeer) = outcome else {
             Issue.record("expected no allowed peer, got \(outcome)")

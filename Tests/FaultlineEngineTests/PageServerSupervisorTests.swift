@@ -25,7 +25,7 @@ struct PageServerSupervisorTests {
         #expect(report.pages_copied == UInt64(peer.totalPages))
         #expect(report.faults_replayed >= 1, "the dead worker's unfilled faults were not in the landing buffer")
         let log = server.logLines.withLock { $0 }
-        #expect(log.contains { $0.contains("worker 1 ended (injected crash)") }, "\(log)")
+        #expect(log.contains { $0.contains("worker 1 (thread) ended (injected crash)") }, "\(log)")
     }
 
     @Test("a worker dies right after reading a REMOVE: the next one replays it, the pages read zeros")

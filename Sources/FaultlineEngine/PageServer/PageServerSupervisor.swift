@@ -36,20 +36,35 @@ public final class PageServerSupervisor: @unchecked Sendable {
     let log: (String) -> Void
     let stopEvent: EventFD
     private let workers = Locked<[Int32]>([])
+    private var launched = 0
+    /// The first standby, started (and ready) before the socket is bound.
+    private var firstStandby: Worker?
 
-    /// Binds `socketPath` (mode 0600) at once: a peer may connect as soon as this returns.
+    /// Starts a standby worker and waits (up to 10 s) until it is ready, then binds
+    /// `socketPath` (mode 0600): a peer may connect as soon as this returns, and its first
+    /// fault finds a worker waiting.
     public init(socketPath: String, memoryFile: FileDescriptor, launcher: WorkerLauncher, mode: String,
                 options: Options, log: @escaping (String) -> Void) throws(PageServerError) {
-        do {
-            listener = try UnixListener(path: socketPath, mode: 0o600)
-            stopEvent = try EventFD()
-        } catch { throw .system(error) }
+        do { stopEvent = try EventFD() } catch { throw .system(error) }
         self.memoryFile = memoryFile
         self.launcher = launcher
         self.mode = mode
         self.options = options
         self.log = log
+        let standby = try Self.launch(launcher, number: 1)
+        if (try? standby.control.waitReadable(timeoutMilliseconds: 10_000)) != true {
+            log("the standby worker (\(standby.name)) is not ready after 10 s; listening anyway")
+        }
+        do { listener = try UnixListener(path: socketPath, mode: 0o600) } catch {
+            Self.retire(standby, log: log)
+            throw .system(error)
+        }
+        launched = 1
+        if let pid = standby.handle.pid { workers.withLock { $0.append(pid) } }
+        firstStandby = standby
     }
+
+    deinit { if let firstStandby { Self.retire(firstStandby, log: log) } }
 
     /// Ends `run` from another thread (it stops its worker and reports).
     public func requestStop() { stopEvent.signal() }
@@ -57,10 +72,24 @@ public final class PageServerSupervisor: @unchecked Sendable {
     /// Process ids of the workers started so far (none for thread workers), oldest first.
     public var workerPIDs: [Int32] { workers.withLock { $0 } }
 
+    /// A started worker: a standby waiting for an assignment, or the one serving.
+    struct Worker {
+        let control: UnixConnection
+        let handle: WorkerHandle
+        var name: String { handle.pid.map { "pid \($0)" } ?? "thread" }
+    }
+
     /// Accepts the peer, serves it until it exits (or hangs up, with `exitOnHangup`), a stop
     /// is requested, or one of `stopDescriptors` turns readable (the report's `ended_by` is
     /// its name); then stops the worker and reports.
+    ///
+    /// A standby worker is always started ahead of need - before the peer connects, and again
+    /// each time one is put to work - so neither the first fault nor a worker's replacement
+    /// waits for a process to start.
     public func run(stopDescriptors: [(fd: Int32, name: String)] = []) throws(PageServerError) -> PageServerReport {
+        var standby = firstStandby
+        firstStandby = nil
+        defer { if let standby { retire(standby) } }
         let (connection, peer) = try FirecrackerHandshake.accept(on: listener, policy: options.policy,
                                                                  timeoutSeconds: options.connectTimeoutSeconds, log: log)
         let session = try FirecrackerHandshake.receive(from: connection, peer: peer, file: memoryFile, timing: options.timing)
@@ -74,10 +103,13 @@ public final class PageServerSupervisor: @unchecked Sendable {
         while true {
             generation += 1
             let served = ledger[.faultsServed]
-            let (control, worker) = try start(generation: generation, session: session, ledger: ledger, peerWatch: peerWatch)
-            let outcome = try supervise(worker, control: control, session: session, peerWatch: peerWatch, extra: stopDescriptors)
-            let how = worker.reap()
-            let who = worker.pid.map { "worker \(generation) (pid \($0))" } ?? "worker \(generation)"
+            let active: Worker
+            if let ready = standby { active = ready } else { active = try launch() }
+            standby = nil
+            assign(active, generation: generation, session: session, ledger: ledger, peerWatch: peerWatch)
+            standby = try? launch()
+            let outcome = try supervise(active, standby: &standby, session: session, peerWatch: peerWatch, extra: stopDescriptors)
+            let how = active.handle.reap()
             if let endedBy = outcome {
                 return PageServerReport(ledger: ledger, session: session, mode: mode, workersStarted: generation, endedBy: endedBy)
             }
@@ -85,49 +117,59 @@ public final class PageServerSupervisor: @unchecked Sendable {
             guard fruitless < options.maxFruitlessWorkers else {
                 throw .worker("\(fruitless) workers in a row ended without serving a fault; the last: \(how)")
             }
-            log("\(who) ended (\(how)) after \(ledger[.faultsServed]) faults served in all; starting worker \(generation + 1)")
+            log("worker \(generation) (\(active.name)) ended (\(how)) after \(ledger[.faultsServed]) faults served in all; worker \(generation + 1) takes over")
         }
     }
 
-    /// Starts worker `generation` and hands it the session's descriptors.
-    func start(generation: Int, session: ServeSession, ledger: PageServerLedger, peerWatch: ProcessWatch?)
-        throws(PageServerError) -> (UnixConnection, WorkerHandle) {
+    /// Starts a worker that waits for an assignment.
+    func launch() throws(PageServerError) -> Worker {
+        launched += 1
+        let worker = try Self.launch(launcher, number: launched)
+        if let pid = worker.handle.pid { workers.withLock { $0.append(pid) } }
+        return worker
+    }
+
+    static func launch(_ launcher: WorkerLauncher, number: Int) throws(PageServerError) -> Worker {
         do {
-            let (mine, theirs) = try UnixConnection.pair(label: "worker \(generation) control")
-            let worker = try launcher.launch(control: theirs, generation: generation)
-            if let pid = worker.pid { workers.withLock { $0.append(pid) } }
-            let assignment = PageServerWorker.assignment(for: session.layout, generation: generation,
-                                                         crash: generation == 1 ? options.crash : nil, hasPeerWatch: peerWatch != nil)
-            var fds = [session.uffd.fd.rawValue, ledger.memory.fd.rawValue, session.file.rawValue]
-            if let peerWatch { fds.append(peerWatch.fd.rawValue) }
-            // A worker that dies before reading this is handled like any other death.
-            try? WorkerControl.send(assignment, on: mine, descriptors: fds)
-            return (mine, worker)
-        } catch let error as PageServerError {
-            throw error
+            let (mine, theirs) = try UnixConnection.pair(label: "worker control \(number)")
+            return Worker(control: mine, handle: try launcher.launch(control: theirs, generation: number))
+        } catch let error as SystemError {
+            throw .system(error)
         } catch {
-            throw .worker("starting worker \(generation): \(error)")
+            throw .worker("starting a worker: \(error)")
         }
     }
 
-    /// Waits until the worker ends (nil: start another) or the session should end (why).
-    func supervise(_ worker: WorkerHandle, control: UnixConnection, session: ServeSession, peerWatch: ProcessWatch?,
+    /// Hands `worker` the session's descriptors as worker `generation`.
+    func assign(_ worker: Worker, generation: Int, session: ServeSession, ledger: PageServerLedger, peerWatch: ProcessWatch?) {
+        let assignment = PageServerWorker.assignment(for: session.layout, generation: generation,
+                                                     crash: generation == 1 ? options.crash : nil, hasPeerWatch: peerWatch != nil)
+        var fds = [session.uffd.fd.rawValue, ledger.memory.fd.rawValue, session.file.rawValue]
+        if let peerWatch { fds.append(peerWatch.fd.rawValue) }
+        // A worker that died before this is handled like any other death.
+        try? WorkerControl.send(assignment, on: worker.control, descriptors: fds)
+    }
+
+    /// Waits until the serving worker ends (nil: put the standby to work) or the session
+    /// should end (why). A standby that dies is replaced, up to 5 times in a row.
+    func supervise(_ worker: Worker, standby: inout Worker?, session: ServeSession, peerWatch: ProcessWatch?,
                    extra: [(fd: Int32, name: String)]) throws(PageServerError) -> String? {
-        var listening = true
+        var listening = true, standbyDeaths = 0
         while true {
             var fds: [(fd: Int32, events: DescriptorPoll.Events)] = [
-                (worker.exitDescriptor, .readable), (stopEvent.fd, .readable),
-                (listening ? control.fd.rawValue : -1, .readable),
+                (worker.handle.exitDescriptor, .readable), (stopEvent.fd, .readable),
+                (listening ? worker.control.fd.rawValue : -1, .readable),
                 (peerWatch?.fd.rawValue ?? -1, .readable),
                 (options.exitOnHangup ? session.connection.fd.rawValue : -1, .hangUp),
+                (standby?.handle.exitDescriptor ?? -1, .readable),
             ]
             fds += extra.map { ($0.fd, .readable) }
             let ready: [DescriptorPoll.Events]
             do { ready = try DescriptorPoll.wait(fds, timeoutMilliseconds: -1) } catch { throw .system(error) }
             if !ready[2].isEmpty {
                 // News from the worker, or its end of the pair closing as it dies.
-                if let (news, _) = try? WorkerControl.receive(WorkerNews.self, from: control), news.kind == .attached {
-                    log(worker.pid.map { "worker (pid \($0)) attached" } ?? "worker thread attached")
+                if let (news, _) = try? WorkerControl.receive(WorkerNews.self, from: worker.control) {
+                    if news.kind == .attached { log("worker (\(worker.name)) attached") }
                 } else {
                     listening = false
                 }
@@ -136,25 +178,44 @@ public final class PageServerSupervisor: @unchecked Sendable {
             if !ready[1].isEmpty { why = "stop requested" }
             else if !ready[3].isEmpty { why = "peer exited" }
             else if !ready[4].isEmpty { why = "peer hung up" }
-            else if let i = ready.indices.dropFirst(5).first(where: { !ready[$0].isEmpty }) { why = extra[i - 5].name }
+            else if let i = ready.indices.dropFirst(6).first(where: { !ready[$0].isEmpty }) { why = extra[i - 6].name }
             else { why = nil }
             if let why {
-                stop(worker, control: control)
+                stop(worker)
                 return why
             }
             // Checked after the reasons to stop: a worker killed along with this process (a
             // terminal's Ctrl-C, a test harness's SIGTERM) is not restarted.
             if !ready[0].isEmpty { return nil }
+            if !ready[5].isEmpty, let dead = standby {
+                let how = dead.handle.reap()
+                standbyDeaths += 1
+                standby = standbyDeaths < 5 ? try? launch() : nil
+                log("the standby worker (\(dead.name)) ended (\(how))\(standby == nil ? "; none is kept now" : "; another is started")")
+            }
         }
     }
 
-    /// Asks the worker to stop and waits for it (5 s, then SIGKILL).
-    func stop(_ worker: WorkerHandle, control: UnixConnection) {
-        try? control.send([UInt8]("{\"stop\":true}".utf8))
-        let ready = try? DescriptorPoll.wait([(worker.exitDescriptor, .readable)], timeoutMilliseconds: 5000)
+    /// Asks the serving worker to stop and waits for it (5 s, then SIGKILL).
+    func stop(_ worker: Worker) {
+        try? worker.control.send([UInt8]("{\"stop\":true}".utf8))
+        Self.wait(for: worker, log: log)
+    }
+
+    func retire(_ worker: Worker) { Self.retire(worker, log: log) }
+
+    /// Lets a standby go: its control socket closes, it exits.
+    static func retire(_ worker: Worker, log: (String) -> Void) {
+        worker.control.shutdown()
+        wait(for: worker, log: log)
+        _ = worker.handle.reap()
+    }
+
+    static func wait(for worker: Worker, log: (String) -> Void) {
+        let ready = try? DescriptorPoll.wait([(worker.handle.exitDescriptor, .readable)], timeoutMilliseconds: 5000)
         if ready?.first?.isEmpty ?? true {
-            log("the worker did not stop within 5 s: killing it")
-            worker.kill()
+            log("worker (\(worker.name)) did not stop within 5 s: killing it")
+            worker.handle.kill()
         }
     }
 }

@@ -7,11 +7,14 @@ import Foundation
 #endif
 
 /// The supervisor-worker protocol, over a seqpacket socket pair (one message per packet,
-/// JSON): the supervisor sends an assignment with the descriptors attached (SCM_RIGHTS: the
+/// JSON). A worker starts as a standby with nothing but its control socket, says `ready`,
+/// and waits. The
+/// supervisor sends it an assignment with the descriptors attached (SCM_RIGHTS: the
 /// userfaultfd, the ledger memfd, the memory file, and the peer's pidfd when known); the
 /// worker answers `attached` once it serves; any later supervisor packet means "stop", and
-/// the worker answers `stopped`. A worker whose supervisor goes away keeps serving until the
-/// peer exits (it holds the userfaultfd, so the peer's memory stays served).
+/// the worker answers `stopped`. A standby whose control socket closes exits quietly. A
+/// worker whose supervisor goes away keeps serving until the peer exits (it holds the
+/// userfaultfd, so the peer's memory stays served).
 struct WorkerAssignment: Codable {
     var generation: Int
     var regions: [FirecrackerRegion]
@@ -21,7 +24,7 @@ struct WorkerAssignment: Codable {
 }
 
 struct WorkerNews: Codable {
-    enum Kind: String, Codable { case attached, stopped }
+    enum Kind: String, Codable { case ready, attached, stopped }
     var kind: Kind
     var pid: Int32
 }
@@ -41,14 +44,14 @@ enum WorkerControl {
 
 /// The worker's side: take an assignment, serve, stop when told.
 public enum PageServerWorker {
-    /// Serves what the supervisor at the other end of `control` assigns, until told to stop
-    /// (or, if the supervisor is gone, until the peer exits). `crash` runs where the assignment
-    /// asks for an injected crash; it must not return normally.
+    /// Waits for an assignment from the supervisor at the other end of `control` and serves
+    /// it until told to stop (or, if the supervisor is gone, until the peer exits). Returns at
+    /// once, quietly, if the supervisor closes the socket first (a standby not needed). `crash`
+    /// runs where the assignment asks for an injected crash; it must not return normally.
     public static func serve(control: UnixConnection, crash: @escaping () throws -> Void) throws {
-        guard try control.waitReadable(timeoutMilliseconds: 10_000),
-              let (assignment, fds) = try WorkerControl.receive(WorkerAssignment.self, from: control) else {
-            throw PageServerError.worker("no assignment from the supervisor within 10 s")
-        }
+        try? WorkerControl.send(WorkerNews(kind: .ready, pid: HostProcess.id), on: control)
+        _ = try control.waitReadable(timeoutMilliseconds: -1)
+        guard let (assignment, fds) = try WorkerControl.receive(WorkerAssignment.self, from: control) else { return }
         guard fds.count == (assignment.hasPeerWatch ? 4 : 3) else {
             throw PageServerError.worker("the assignment came with \(fds.count) descriptors")
         }
