@@ -63,14 +63,6 @@ struct UffdServeCLITests {
         return names.contains { (try? FileManager.default.destinationOfSymbolicLink(atPath: "\(dir)/\($0)")) == "anon_inode:[userfaultfd]" }
     }
 
-    /// Whether the process `entry` names still runs (exited and not yet reaped is not running).
-    func isRunning(_ entry: ProcessTable.Entry) -> Bool {
-        guard ProcessTable.entry(entry.pid)?.start == entry.start,
-              let stat = try? String(contentsOfFile: "/proc/\(entry.pid)/stat", encoding: .utf8),
-              let close = stat.lastIndex(of: ")") else { return false }
-        return !stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).hasPrefix("Z")
-    }
-
     func decode<T: Decodable>(_ type: T.Type, lastLineOf text: String) -> T? {
         guard let line = text.split(separator: "\n").last(where: { $0.hasPrefix("{") }) else { return nil }
         return try? JSONDecoder().decode(T.self, from: Data(line.utf8))
@@ -165,6 +157,7 @@ struct UffdServeCLITests {
         #expect(client.readLine(timeout: 60) == "touched 1000 pages")
         let worker = servingWorkers(of: server.pid)
         #expect(worker.count == 1)
+        let watches = worker.compactMap { entry in (try? ProcessWatch(pid: entry.pid)).flatMap { ProcessTable.entry(entry.pid)?.start == entry.start ? $0 : nil } }
         #expect(Glibc.kill(server.pid, SIGKILL) == 0)  // not reaped yet: still the server
         let c = client.finish(timeout: 60)
         #expect(c.status == 0, "\(c.stderr)")
@@ -173,7 +166,9 @@ struct UffdServeCLITests {
         let s = server.finish(timeout: 30)
         #expect(s.status == 128 + SIGKILL)
         #expect(s.stderr.contains("the supervisor is gone; serving until the peer exits"), "\(s.stderr)")
-        #expect(worker.allSatisfy { !isRunning($0) }, "the worker outlived the peer")
+        // Its output closes as it exits, a moment before the exit is complete: wait for that.
+        let ended = watches.allSatisfy { (try? DescriptorPoll.wait([($0.fd.rawValue, .readable)], timeoutMilliseconds: 10_000))?.first?.isEmpty == false }
+        #expect(watches.count == 1 && ended, "the worker outlived the peer")
     }
 
     @Test("without --exit-on-hangup the server ends when the peer process exits")

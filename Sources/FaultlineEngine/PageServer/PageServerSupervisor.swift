@@ -37,12 +37,12 @@ public final class PageServerSupervisor: @unchecked Sendable {
     let stopEvent: EventFD
     private let workers = Locked<[Int32]>([])
     private var launched = 0
-    /// The first standby, started (and ready) before the socket is bound.
-    private var firstStandby: Worker?
+    /// Workers started (and ready) before the socket is bound, not yet handed to `run`.
+    private var earlyWorkers: [Worker] = []
 
-    /// Starts a standby worker and waits (up to 10 s) until it is ready, then binds
-    /// `socketPath` (mode 0600): a peer may connect as soon as this returns, and its first
-    /// fault finds a worker waiting.
+    /// Starts two workers - the one that will serve, and a standby - and waits (up to 10 s)
+    /// until they are ready, then binds `socketPath` (mode 0600): a peer may connect as soon
+    /// as this returns, and its first fault finds a worker waiting.
     public init(socketPath: String, memoryFile: FileDescriptor, launcher: WorkerLauncher, mode: String,
                 options: Options, log: @escaping (String) -> Void) throws(PageServerError) {
         do { stopEvent = try EventFD() } catch { throw .system(error) }
@@ -51,20 +51,23 @@ public final class PageServerSupervisor: @unchecked Sendable {
         self.mode = mode
         self.options = options
         self.log = log
-        let standby = try Self.launch(launcher, number: 1)
-        if (try? standby.control.waitReadable(timeoutMilliseconds: 10_000)) != true {
-            log("the standby worker (\(standby.name)) is not ready after 10 s; listening anyway")
+        var early: [Worker] = []
+        do throws(PageServerError) {
+            for number in 1...2 { early.append(try Self.launch(launcher, number: number)) }
+            for w in early where (try? w.control.waitReadable(timeoutMilliseconds: 10_000)) != true {
+                log("worker (\(w.name)) is not ready after 10 s; listening anyway")
+            }
+            do { listener = try UnixListener(path: socketPath, mode: 0o600) } catch { throw PageServerError.system(error) }
+        } catch {
+            for w in early { Self.retire(w, log: log) }
+            throw error
         }
-        do { listener = try UnixListener(path: socketPath, mode: 0o600) } catch {
-            Self.retire(standby, log: log)
-            throw .system(error)
-        }
-        launched = 1
-        if let pid = standby.handle.pid { workers.withLock { $0.append(pid) } }
-        firstStandby = standby
+        launched = early.count
+        workers.withLock { $0 += early.compactMap(\.handle.pid) }
+        earlyWorkers = early
     }
 
-    deinit { if let firstStandby { Self.retire(firstStandby, log: log) } }
+    deinit { for w in earlyWorkers { Self.retire(w, log: log) } }
 
     /// Ends `run` from another thread (it stops its worker and reports).
     public func requestStop() { stopEvent.signal() }
@@ -83,13 +86,14 @@ public final class PageServerSupervisor: @unchecked Sendable {
     /// is requested, or one of `stopDescriptors` turns readable (the report's `ended_by` is
     /// its name); then stops the worker and reports.
     ///
-    /// A standby worker is always started ahead of need - before the peer connects, and again
-    /// each time one is put to work - so neither the first fault nor a worker's replacement
-    /// waits for a process to start.
+    /// Workers are started ahead of need: two before the peer connects (one serves, one
+    /// stands by), and a new standby each time the standby takes over from a dead worker. So
+    /// neither the first fault nor a replacement waits for a process to start, and no process
+    /// starts while the guest is faulting normally.
     public func run(stopDescriptors: [(fd: Int32, name: String)] = []) throws(PageServerError) -> PageServerReport {
-        var standby = firstStandby
-        firstStandby = nil
-        defer { if let standby { retire(standby) } }
+        var spares = earlyWorkers
+        earlyWorkers = []
+        defer { for w in spares { retire(w) } }
         let (connection, peer) = try FirecrackerHandshake.accept(on: listener, policy: options.policy,
                                                                  timeoutSeconds: options.connectTimeoutSeconds, log: log)
         let session = try FirecrackerHandshake.receive(from: connection, peer: peer, file: memoryFile, timing: options.timing)
@@ -103,12 +107,10 @@ public final class PageServerSupervisor: @unchecked Sendable {
         while true {
             generation += 1
             let served = ledger[.faultsServed]
-            let active: Worker
-            if let ready = standby { active = ready } else { active = try launch() }
-            standby = nil
+            let active = spares.isEmpty ? try launch() : spares.removeFirst()
             assign(active, generation: generation, session: session, ledger: ledger, peerWatch: peerWatch)
-            standby = try? launch()
-            let outcome = try supervise(active, standby: &standby, session: session, peerWatch: peerWatch, extra: stopDescriptors)
+            if spares.isEmpty, let standby = try? launch() { spares.append(standby) }
+            let outcome = try supervise(active, spares: &spares, session: session, peerWatch: peerWatch, extra: stopDescriptors)
             let how = active.handle.reap()
             if let endedBy = outcome {
                 return PageServerReport(ledger: ledger, session: session, mode: mode, workersStarted: generation, endedBy: endedBy)
@@ -152,7 +154,7 @@ public final class PageServerSupervisor: @unchecked Sendable {
 
     /// Waits until the serving worker ends (nil: put the standby to work) or the session
     /// should end (why). A standby that dies is replaced, up to 5 times in a row.
-    func supervise(_ worker: Worker, standby: inout Worker?, session: ServeSession, peerWatch: ProcessWatch?,
+    func supervise(_ worker: Worker, spares: inout [Worker], session: ServeSession, peerWatch: ProcessWatch?,
                    extra: [(fd: Int32, name: String)]) throws(PageServerError) -> String? {
         var listening = true, standbyDeaths = 0
         while true {
@@ -161,7 +163,7 @@ public final class PageServerSupervisor: @unchecked Sendable {
                 (listening ? worker.control.fd.rawValue : -1, .readable),
                 (peerWatch?.fd.rawValue ?? -1, .readable),
                 (options.exitOnHangup ? session.connection.fd.rawValue : -1, .hangUp),
-                (standby?.handle.exitDescriptor ?? -1, .readable),
+                (spares.first?.handle.exitDescriptor ?? -1, .readable),
             ]
             fds += extra.map { ($0.fd, .readable) }
             let ready: [DescriptorPoll.Events]
@@ -187,11 +189,12 @@ public final class PageServerSupervisor: @unchecked Sendable {
             // Checked after the reasons to stop: a worker killed along with this process (a
             // terminal's Ctrl-C, a test harness's SIGTERM) is not restarted.
             if !ready[0].isEmpty { return nil }
-            if !ready[5].isEmpty, let dead = standby {
+            if !ready[5].isEmpty, !spares.isEmpty {
+                let dead = spares.removeFirst()
                 let how = dead.handle.reap()
                 standbyDeaths += 1
-                standby = standbyDeaths < 5 ? try? launch() : nil
-                log("the standby worker (\(dead.name)) ended (\(how))\(standby == nil ? "; none is kept now" : "; another is started")")
+                if standbyDeaths < 5, let standby = try? launch() { spares.insert(standby, at: 0) }
+                log("the standby worker (\(dead.name)) ended (\(how))\(spares.isEmpty ? "; none is kept now" : "; another is started")")
             }
         }
     }
