@@ -150,6 +150,7 @@ struct UffdServeCLITests {
     func supervisorKilled() throws {
         let file = try MemoryFile(mib: 16)
         let socket = socketPath()
+        defer { unlink(socket) }  // a killed server leaves its socket file behind
         let server = try Child(["uffd-serve", "--socket", socket, "--memory", file.path])
         #expect(waitForSocket(socket))
         let client = try Child(["uffd-serve", "client", "--socket", socket, "--memory", file.path, "--regions", "16M",
