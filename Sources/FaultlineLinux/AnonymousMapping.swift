@@ -15,9 +15,11 @@ public final class AnonymousMapping: @unchecked Sendable {
 
     /// Maps `size` bytes, read-write. `populate` faults every page in now (MAP_POPULATE), so
     /// later accesses never fault. `reserve: false` (MAP_NORESERVE) for address space that
-    /// only ever holds pages moved into it.
-    public init(size: Int, populate: Bool = false, reserve: Bool = true, label: String) throws(SystemError) {
+    /// only ever holds pages moved into it. `hugePages`: 2 MiB hugetlb pages (MAP_HUGETLB; needs
+    /// free reserved huge pages, and `size` a multiple of 2 MiB).
+    public init(size: Int, populate: Bool = false, reserve: Bool = true, hugePages: Bool = false, label: String) throws(SystemError) {
         let flags = MAP_PRIVATE | MAP_ANONYMOUS | (populate ? MAP_POPULATE : 0) | (reserve ? 0 : MAP_NORESERVE)
+            | (hugePages ? MAP_HUGETLB | (21 << MAP_HUGE_SHIFT) : 0)
         guard size > 0 else { throw SystemError("mmap \(label): size \(size)", errno: EINVAL) }
         let p = mmap(nil, size, PROT_READ | PROT_WRITE, flags, -1, 0)
         guard let p, p != MAP_FAILED else { throw SystemError("mmap \(label) \(size) bytes", errno: fl_errno()) }

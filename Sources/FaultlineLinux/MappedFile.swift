@@ -4,37 +4,57 @@ import FaultlineCore
 import Glibc
 #endif
 
-/// A regular file mapped read-only and private into this process (owned: unmapped and closed
-/// in deinit). Reading a hole reads zeros; a page is read from the page cache on first touch.
+/// A regular file mapped read-only and private into this process (a snapshot's memory file):
+/// owned, unmapped in deinit. Pages are read from the page cache on first touch; a hole reads
+/// as zeros.
 public final class MappedFile: @unchecked Sendable {
-    public let path: String
-    public let size: UInt64
     public let file: FileDescriptor
-    /// Nil for an empty file.
-    public let base: UnsafeRawPointer?
-
-    public init(path: String) throws(SystemError) {
-        self.path = path
-        let file = try FileDescriptor.open(path, flags: O_RDONLY)
-        self.file = file
-        var st = stat()
-        try systemCall("fstat \(path)") { fstat(file.rawValue, &st) }
-        guard st.st_mode & S_IFMT == S_IFREG else { throw SystemError("open \(path): not a regular file", errno: EINVAL) }
-        size = UInt64(st.st_size)
-        if size == 0 {
-            base = nil
-            return
-        }
-        let p = mmap(nil, Int(size), PROT_READ, MAP_PRIVATE | MAP_NORESERVE, file.rawValue, 0)
-        guard let p, p != MAP_FAILED else { throw SystemError("mmap \(path) \(size) bytes", errno: fl_errno()) }
-        base = UnsafeRawPointer(p)
-    }
+    public let base: UnsafeRawPointer
+    public let size: UInt64
+    public var path: String { file.label }
 
     /// lseek whence values (Linux, since 3.1); Glibc's module does not export them.
     static let seekData: Int32 = 3
     static let seekHole: Int32 = 4
 
-    deinit { if let base { munmap(UnsafeMutableRawPointer(mutating: base), Int(size)) } }
+    /// Opens `path` read-only.
+    public static func open(_ path: String) throws(SystemError) -> FileDescriptor {
+        try FileDescriptor.open(path, flags: O_RDONLY)
+    }
+
+    /// The size of the regular file behind `file`; an error for anything else (a directory,
+    /// a pipe, a device).
+    public static func regularFileSize(_ file: FileDescriptor) throws(SystemError) -> UInt64 {
+        var info = stat()
+        try systemCall("fstat \(file)") { fstat(file.rawValue, &info) }
+        guard info.st_mode & S_IFMT == S_IFREG else {
+            throw SystemError("\(file.label): not a regular file", errno: EINVAL)
+        }
+        return UInt64(info.st_size)
+    }
+
+    /// Opens and maps `path` (an empty file is an error: there is nothing to map).
+    public convenience init(path: String) throws(SystemError) {
+        try self.init(try MappedFile.open(path))
+    }
+
+    /// Maps all of `file` (an empty file is an error: there is nothing to serve).
+    public init(_ file: FileDescriptor) throws(SystemError) {
+        let size = try MappedFile.regularFileSize(file)
+        guard size > 0 else { throw SystemError("mmap \(file.label): the file is empty", errno: EINVAL) }
+        let p = mmap(nil, Int(size), PROT_READ, MAP_PRIVATE | MAP_NORESERVE, file.rawValue, 0)
+        guard let p, p != MAP_FAILED else { throw SystemError("mmap \(file.label) \(size) bytes", errno: fl_errno()) }
+        self.file = file
+        self.base = UnsafeRawPointer(p)
+        self.size = size
+    }
+
+    deinit { munmap(UnsafeMutableRawPointer(mutating: base), Int(size)) }
+
+    /// Asks the kernel to read `length` bytes from `offset` ahead (POSIX_FADV_WILLNEED).
+    public func adviseWillNeed(offset: UInt64, length: UInt64) {
+        _ = posix_fadvise(file.rawValue, Int(offset), Int(length), POSIX_FADV_WILLNEED)
+    }
 
     /// The byte ranges that hold data (SEEK_DATA / SEEK_HOLE); everything else is a hole.
     /// A file system without hole reporting reports the whole file as data.
@@ -55,11 +75,6 @@ public final class MappedFile: @unchecked Sendable {
             offset = hole
         }
         return ranges
-    }
-
-    /// Asks the kernel to read the file ahead (POSIX_FADV_SEQUENTIAL / WILLNEED on a range).
-    public func adviseWillNeed(offset: UInt64, length: UInt64) {
-        _ = posix_fadvise(file.rawValue, Int(offset), Int(length), POSIX_FADV_WILLNEED)
     }
 }
 

@@ -22,7 +22,6 @@ extension MappedFile {
     /// How many of the file's pages are in the page cache (mincore on this mapping reports the
     /// page cache for pages it has not touched), for `size` rounded up to whole pages.
     public func cachedPages() throws(SystemError) -> Int {
-        guard let base else { return 0 }
         let pages = Int((size + 4095) / 4096)
         let bytes = UnsafeMutablePointer<UInt8>.allocate(capacity: pages)
         defer { bytes.deallocate() }

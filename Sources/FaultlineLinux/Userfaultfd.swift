@@ -108,8 +108,22 @@ public final class Userfaultfd: @unchecked Sendable {
     }
 
     /// How the fd was obtained, for `probe`.
-    public enum Origin: String, Sendable { case devUserfaultfd = "/dev/userfaultfd", syscall = "userfaultfd(2)" }
+    public enum Origin: String, Sendable {
+        case devUserfaultfd = "/dev/userfaultfd", syscall = "userfaultfd(2)"
+        /// Created and initialized by another process, which passed it over a socket.
+        case received = "received (SCM_RIGHTS)"
+    }
     public let origin: Origin
+
+    /// Wraps a userfaultfd another process created and initialized (see
+    /// `Userfaultfd.adoptReceived`, which checks it first).
+    init(received fd: FileDescriptor, features: UffdFeatures, label: String) {
+        self.fd = fd
+        self.features = features
+        self.ioctls = 0
+        self.label = label
+        self.origin = .received
+    }
 
     /// Creates a userfaultfd (through /dev/userfaultfd, else the syscall) and negotiates
     /// `required` features. Throws naming the features the kernel lacks.

@@ -11,7 +11,8 @@ struct Faultline: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "faultline",
         abstract: "Post-copy live migration and lazy restore of KVM guest memory.",
-        subcommands: [Demo.self, Run.self, Receive.self, Restore.self, ServeSnapshot.self, SnapshotCommand.self, Probe.self, Bench.self, PrivateCommand.self]
+        subcommands: [Demo.self, Run.self, Receive.self, Restore.self, ServeSnapshot.self, SnapshotCommand.self, UffdServe.self, Probe.self,
+                      Bench.self, PrivateCommand.self]
     )
 }
 

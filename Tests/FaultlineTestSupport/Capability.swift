@@ -49,6 +49,8 @@ public enum Capability: String, CaseIterable, Sendable {
     case uffdMove = "uffd_move"
     /// UFFD_FEATURE_SIGBUS.
     case uffdSigbus = "uffd_sigbus"
+    /// UFFD_FEATURE_EVENT_REMOVE (a balloon's MADV_DONTNEED reported to the handler).
+    case uffdEventRemove = "uffd_event_remove"
 
     // Memory, scheduling, devices
     /// Free reserved 2 MiB huge pages (HugePages_Free in /proc/meminfo is not 0).

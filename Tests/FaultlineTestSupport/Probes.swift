@@ -61,6 +61,7 @@ enum Probes {
         case .uffdHugetlbfs: uffdOffers([.missingHugetlbfs, .minorHugetlbfs])
         case .uffdMove: uffdOffers(.move)
         case .uffdSigbus: uffdOffers(.sigbus)
+        case .uffdEventRemove: uffdOffers(.eventRemove)
         case .hugetlbReserved:
             Measurement(present: hugePagesFree() > 0, saw: "HugePages_Free is \(hugePagesFree())")
         case .hugetlbReservable: writable("/proc/sys/vm/nr_hugepages")

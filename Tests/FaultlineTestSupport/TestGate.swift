@@ -12,6 +12,13 @@ public enum TestGate: String, CaseIterable, Sendable {
     case userfaultfdOnTheRealKernel
     case uffdMoveStepsOverMappedPages
     case writeProtectDirtyLog
+    case receivedUserfaultfd
+    case pageServerProtocol
+    case pageServerBadInput
+    case pageServerRace
+    case pageServerSupervisor
+    case pageServerHugePages
+    case uffdServeCLI
     case uffdMinorWriteThenContinue
     case sigbusResolver
     case vmKeepsItsMemoryAlive
@@ -80,6 +87,11 @@ public enum TestGate: String, CaseIterable, Sendable {
         case .userfaultfdOnTheRealKernel: [.uffdKernel]
         case .uffdMoveStepsOverMappedPages: [.uffdKernel, .uffdMove]
         case .writeProtectDirtyLog: [.uffdUser, .uffdWP]
+        case .receivedUserfaultfd: [.uffdUser, .uffdEventRemove]
+        // Firecracker's userfaultfd catches kernel-mode faults too (KVM's, a read() into guest memory).
+        case .pageServerProtocol, .pageServerBadInput, .pageServerRace, .pageServerSupervisor: [.uffdKernel, .uffdMissing, .uffdEventRemove]
+        case .pageServerHugePages: [.uffdKernel, .uffdEventRemove, .uffdHugetlbfs, .hugetlbReserved]
+        case .uffdServeCLI: [.uffdKernel, .uffdMissing, .uffdEventRemove]
         case .uffdMinorWriteThenContinue: [.uffdKernel, .uffdMinor]
         case .sigbusResolver: [.uffdKernel, .uffdSigbus]
         case .cpuLatencyRequest, .postcopyCPULatencyHeld: [.cpuDMALatency]

@@ -45,10 +45,10 @@ public final class Snapshot: @unchecked Sendable {
         }
         let memoryPath = folder + "/" + manifest.memoryFile
         guard FileSystem.exists(memoryPath) else { throw SnapshotError.missing("\(memoryPath) does not exist") }
-        memory = try MappedFile(path: memoryPath)
-        guard memory.size == manifest.memorySize else {
-            throw SnapshotError.truncated(expected: manifest.memorySize, found: memory.size)
-        }
+        let file = try MappedFile.open(memoryPath)
+        let size = try MappedFile.regularFileSize(file)
+        guard size == manifest.memorySize else { throw SnapshotError.truncated(expected: manifest.memorySize, found: size) }
+        memory = try MappedFile(file)
         checked = PageBitmap(count: manifest.chunkCount)
     }
 
@@ -63,7 +63,7 @@ public final class Snapshot: @unchecked Sendable {
     }
 
     /// Memory of page `page` (reading it must be preceded by ``checkPages(_:)``).
-    @inline(__always) public func pagePointer(_ page: Int) -> UnsafeRawPointer { memory.base! + page * 4096 }
+    @inline(__always) public func pagePointer(_ page: Int) -> UnsafeRawPointer { memory.base + page * 4096 }
 
     /// Checks every chunk `pages` touch that was not checked yet; throws on the first bad one.
     /// Cheap once a chunk is checked (a bit test), so it stands in front of every read.
