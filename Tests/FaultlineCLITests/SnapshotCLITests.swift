@@ -65,6 +65,17 @@ struct SnapshotCLITests {
             #expect(q.status == 0 && qj?["digest_match"] as? Bool == true, "\(mode): \(q.stdout)\n\(q.stderr)")
             // All but the 2 x 64 pages the guest rewrites (and may have rewritten since) come from memory.
             #expect((qj?["digest_pages_from_memory"] as? Int ?? 0) >= 16 + 4096 - 128, "\(mode): \(q.stdout)")
+            // The demand path itself, forced: recording holds the background fill back, so every
+            // page the guest touches in that second is a fault served from the file.
+            let setFile = Self.folder + "-set-\(mode).json"
+            defer { try? FileManager.default.removeItem(atPath: setFile) }
+            let f = try run(["restore", Self.folder, "--lazy", "--fault-mode", mode, "--record-working-set", setFile,
+                             "--record-seconds", "1", "--run-after", "0.3", "--json"], timeout: 120)
+            let fj = lastJSON(f.stdout)
+            #expect(f.status == 0 && fj?["digest_match"] as? Bool == true, "\(mode): \(f.stdout)\n\(f.stderr)")
+            #expect((fj?["faults"] as? Int ?? 0) > 0 && (fj?["demand_pages"] as? Int ?? 0) > 0, "\(mode): \(f.stdout)")
+            let recorded = try? JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: setFile))) as? [String: Any]
+            #expect(((recorded?["pages"] as? [Int])?.count ?? 0) > 0, "\(mode): a working set was recorded")
             ran += 1
         }
         #expect(ran > 0, "no fault mode available: \(probe.stdout)")
