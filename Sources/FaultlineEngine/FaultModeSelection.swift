@@ -61,8 +61,17 @@ public enum FaultModeSelection {
 
     /// Resolves `requested` against `probe` (this process's by default). `option` names the
     /// flag in messages; `offerAuto` says whether the refusal may suggest `auto`.
+    ///
+    /// `probe`: what the kernel offers (nil: this process's ``VcpuFaultProbe/current``). Without
+    /// one, an explicit userfaultfd mode is checked by its registration alone, which is all it
+    /// needs: the probe's one-page VM is only run when it has something to decide.
     public static func resolve(requested: FaultModeChoice, option: String = "--fault-mode", offerAuto: Bool = true,
-                               probe: VcpuFaultProbe = .current) throws(Refusal) -> (mode: FaultMode, reason: String) {
+                               probe given: VcpuFaultProbe? = nil) throws(Refusal) -> (mode: FaultMode, reason: String) {
+        if given == nil, case .explicit(let mode) = requested, mode == .uffdMissing || mode == .uffdMinor,
+           VcpuFaultProbe.registrationObstacle(minor: mode == .uffdMinor) == nil {
+            return (mode, "requested")
+        }
+        let probe = given ?? .current
         switch requested {
         case .auto:
             if obstacle(to: .vcpuExit, probe: probe) == nil {

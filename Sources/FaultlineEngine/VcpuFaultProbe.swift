@@ -74,6 +74,14 @@ public struct VcpuFaultProbe: Equatable, Sendable {
     /// This process's probe, run on first use.
     public static let current = VcpuFaultProbe.run()
 
+    /// Runs `current` on a thread of its own, for a caller with other start-up work to do
+    /// meanwhile (a restore opens its snapshot): a later use of `current` waits only for what
+    /// is left of it. Join the thread before relying on it having finished; nil if no thread
+    /// could be started (then `current` runs on first use, as always).
+    public static func startInBackground() -> OSThread? {
+        try? OSThread(name: "fault probe") { _ = current }
+    }
+
     /// Guest layout of the probe VM: the program's page and the missing RAM page.
     static let codeGPA: UInt64 = 0x1000
     static let ramGPA: UInt64 = 0x10_0000

@@ -60,12 +60,41 @@ struct Restore: ParsableCommand {
 
     enum RestoreMode: String, EnumerableFlag { case lazy, eager }
 
+    /// The working set `--prefetch` names, if any.
+    func readPrefetch() throws -> WorkingSet? {
+        guard let prefetch else { return nil }
+        guard lazy == .lazy, remote.from == nil else { throw CLIError(description: "--prefetch needs a lazy restore of a local snapshot") }
+        do {
+            return try JSONDecoder().decode(WorkingSet.self, from: Data(contentsOf: URL(fileURLWithPath: prefetch)))
+        } catch {
+            throw CLIError(description: "cannot read the working set \(prefetch): \(error)")
+        }
+    }
+
     func run() {
         let started = MonotonicClock.nanoseconds()
         if clone.requested { return runClone(started: started) }
         do {
             try HeapPolicy.keepHeapForFaultPath()
+            // The fault-mode probe (a one-page VM), when the mode needs it, runs while a local
+            // snapshot is opened.
+            var userfaultfdMode = false
+            if case .explicit(let m) = faultMode { userfaultfdMode = m == .uffdMissing || m == .uffdMinor }
+            let probing = userfaultfdMode ? nil : VcpuFaultProbe.startInBackground()
+            let opened: Snapshot?
+            let tables: ZeroFilledArena?
+            let workingSet: WorkingSet?
+            do {
+                opened = try remote.from == nil ? folder.map { try Snapshot(folder: $0) } : nil
+                // The new guest's tables are allocated meanwhile too, and a working set read.
+                tables = opened.flatMap { MigrationDestination.tableArena(for: $0.layout) }
+                workingSet = try readPrefetch()
+            } catch {
+                probing?.join()
+                throw error
+            }
             let (mode, _) = try FaultModeSelection.resolve(requested: faultMode)
+            probing?.join()
             var options = SnapshotRestore.Options()
             options.lazy = lazy == .lazy
             options.destination.faultMode = mode
@@ -73,6 +102,7 @@ struct Restore: ParsableCommand {
             options.destination.readers = readers
             options.destination.faultAround = faultAround
             options.destination.faultPathCPU = faultCPU
+            options.destination.tableArena = tables
             options.destination.runAfterSeconds = runAfter
             options.source.faultPathCPU = faultCPU
             if recordWorkingSet != nil {
@@ -81,15 +111,8 @@ struct Restore: ParsableCommand {
                 }
                 options.recordWorkingSetSeconds = recordSeconds
             }
-            if let prefetch {
-                guard lazy == .lazy, remote.from == nil else { throw CLIError(description: "--prefetch needs a lazy restore of a local snapshot") }
-                do {
-                    options.prefetch = try JSONDecoder().decode(WorkingSet.self, from: Data(contentsOf: URL(fileURLWithPath: prefetch)))
-                } catch {
-                    throw CLIError(description: "cannot read the working set \(prefetch): \(error)")
-                }
-            }
-            let report = try remote.restore(folder: folder, options: options, started: started)
+            options.prefetch = workingSet
+            let report = try remote.restore(folder: folder, opened: opened, options: options, started: started)
             if let recordWorkingSet, let set = report.workingSet {
                 try Data(try jsonLine(set).utf8).write(to: URL(fileURLWithPath: recordWorkingSet))
                 if !json { print("working set: \(set.pages.count) pages recorded in \(recordWorkingSet)") }

@@ -19,7 +19,8 @@ struct RemoteRestoreArguments: ParsableArguments {
 
     /// Restores from the folder or from the server, with chaos between the snapshot side and
     /// the new guest when asked for (its summary is printed as one JSON line, whatever the end).
-    func restore(folder: String?, options: SnapshotRestore.Options, started: UInt64) throws -> RestoreReport {
+    /// `opened`: the folder's snapshot, if the caller has opened it already.
+    func restore(folder: String?, opened: Snapshot? = nil, options: SnapshotRestore.Options, started: UInt64) throws -> RestoreReport {
         var options = options
         options.retries = retries
         let chaos = try chaosSchedule(vcpus: nil)
@@ -49,7 +50,7 @@ struct RemoteRestoreArguments: ParsableArguments {
         }
         guard let folder else { throw CLIError(description: "restore needs a snapshot folder or --from HOST:PORT") }
         guard snapshot == nil else { throw CLIError(description: "--snapshot names a snapshot on a server: it needs --from") }
-        return try SnapshotRestore.run(Snapshot(folder: folder), options: options, started: started)
+        return try SnapshotRestore.run(opened ?? Snapshot(folder: folder), options: options, started: started)
     }
 
     /// The chaos schedule asked for: explicit events (`--chaos-event`, with `--retries`) or a

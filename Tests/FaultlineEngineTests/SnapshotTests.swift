@@ -197,7 +197,8 @@ struct RestoreWithFakesTests {
 @Suite("Working-set record and replay against fakes (no kernel)")
 struct WorkingSetTests {
     func restore(_ folder: SnapshotFolder, configure: (inout SnapshotRestore.Options) -> Void,
-                 faults: [UInt64] = [], beforeBulkMap: ((Int, Int) -> Void)? = nil) throws -> RestoreReport {
+                 faults: [UInt64] = [], beforeBulkMap: ((Int, Int) -> Void)? = nil,
+                 onScheduling: (@Sendable (VcpuScheduling) -> Void)? = nil) throws -> RestoreReport {
         let snapshot = try Snapshot(folder: folder.path)
         var options = SnapshotRestore.Options()
         options.destination.faultMode = .vcpuExit
@@ -208,6 +209,7 @@ struct WorkingSetTests {
         options.destination.machineFactory = { layout in
             let m = MemoryMachine(layout: layout)
             m.simulatedFaults = faults
+            m.onScheduling = onScheduling
             let mapper = MemoryPageMapper(pages: layout.totalPages)
             mapper.beforeBulkMap = beforeBulkMap
             return (m, mapper)
@@ -230,13 +232,17 @@ struct WorkingSetTests {
         #expect(report.workingSet?.snapshotDigest == (try Snapshot(folder: folder.path)).manifest.memoryDigest)
     }
 
-    @Test func replaySendsTheWorkingSetFirstInItsOrder() throws {
-        let folder = SnapshotFolder()
+    /// A 2048-page snapshot and a working set of three scattered pages of it.
+    func snapshotWithWorkingSet(_ folder: SnapshotFolder) throws -> WorkingSet {
         let machine = try patternedMachine(ramPages: 2048)
         _ = try SnapshotWriter.write(machine, to: folder.path, workload: "test")
         let snapshot = try Snapshot(folder: folder.path)
-        let low = machine.layout.lowPages
-        let set = WorkingSet(snapshotDigest: snapshot.manifest.memoryDigest, pages: [1800, 40, 1200].map { $0 + low })
+        return WorkingSet(snapshotDigest: snapshot.manifest.memoryDigest, pages: [1800, 40, 1200].map { $0 + machine.layout.lowPages })
+    }
+
+    @Test func replaySendsTheWorkingSetFirstInItsOrder() throws {
+        let folder = SnapshotFolder()
+        let set = try snapshotWithWorkingSet(folder)
         let mapped = Locked<[Int]>([])
         let report = try restore(folder, configure: { $0.prefetch = set },
                                  beforeBulkMap: { first, count in mapped.withLock { $0.append(contentsOf: first..<first + count) } })
@@ -244,6 +250,34 @@ struct WorkingSetTests {
         #expect(report.prefetchPages == 3)
         let order = mapped.withLock { $0 }
         #expect(Array(order.prefix(3)) == set.pages, "the working set went first: \(order.prefix(8))")
+    }
+
+    /// Once the working set is in, the rest of the fill gives way: the vCPUs are back at
+    /// normal priority before the linear fill has mapped the rest of RAM.
+    @Test func replayPutsTheGuestAheadOfTheFillOnceTheSetIsIn() throws {
+        let folder = SnapshotFolder()
+        let set = try snapshotWithWorkingSet(folder)
+        let mapped = Locked(0)
+        let mappedAtNormal = Locked<[Int]>([])
+        let report = try restore(folder, configure: { $0.prefetch = set },
+                                 beforeBulkMap: { _, count in mapped.withLock { $0 += count } },
+                                 onScheduling: { s in if s == .normal { mappedAtNormal.withLock { $0.append(mapped.withLock { $0 }) } } })
+        #expect(report.digestMatch)
+        let atNormal = mappedAtNormal.withLock { $0 }
+        #expect(atNormal.first.map { $0 < 1024 } == true, "pages mapped when the vCPUs got normal priority: \(atNormal)")
+    }
+
+    @Test func withoutReplayTheGuestStaysBehindTheFillUntilEveryPageIsIn() throws {
+        let folder = SnapshotFolder()
+        _ = try snapshotWithWorkingSet(folder)
+        let mapped = Locked(0)
+        let mappedAtNormal = Locked<[Int]>([])
+        let report = try restore(folder, configure: { _ in },
+                                 beforeBulkMap: { _, count in mapped.withLock { $0 += count } },
+                                 onScheduling: { s in if s == .normal { mappedAtNormal.withLock { $0.append(mapped.withLock { $0 }) } } })
+        #expect(report.digestMatch)
+        let atNormal = mappedAtNormal.withLock { $0 }
+        #expect(atNormal.allSatisfy { $0 >= 2048 }, "pages mapped when the vCPUs got normal priority: \(atNormal)")
     }
 
     @Test func aWorkingSetOfAnotherSnapshotIsRefused() throws {

@@ -27,19 +27,19 @@ public final class DestinationPageTable: @unchecked Sendable {
     public let claimed: PageBitmap
     /// CRC32C of each page's bytes as received (the per-page transfer check).
     public let receivedCRC: UnsafeMutablePointer<UInt32>
+    private let crcTable: ZeroedTable<UInt32>
     public private(set) var switchedOver = false
 
-    public init(count: Int) {
+    /// `allocator`: where the per-page CRCs live (zero-filled memory: nothing touched here).
+    public init(count: Int, allocator: ZeroFilledAllocator? = nil) {
         self.count = count
         precopied = PageBitmap(count: count)
         staleBits = PageBitmap(count: count)
         installed = PageBitmap(count: count)
         claimed = PageBitmap(count: count)
-        receivedCRC = .allocate(capacity: max(count, 1))
-        receivedCRC.initialize(repeating: 0, count: max(count, 1))
+        crcTable = ZeroedTable(count: count, allocator: allocator)
+        receivedCRC = crcTable.base
     }
-
-    deinit { receivedCRC.deallocate() }
 
     public func state(_ page: Int) -> DestinationPageState {
         if installed.contains(page) { return .installed }

@@ -410,10 +410,15 @@ public struct WireDecoder: Sendable {
     public let maxPayloadLength: Int
 
     /// `initialCapacity`: bytes of receive buffer allocated now, so that a decoder fed in
-    /// bounded reads never allocates while it runs (see ``WireChannel``).
+    /// bounded reads never allocates while it runs (see ``WireChannel``). The bytes are left
+    /// unwritten: only what a read put there is ever decoded, and a buffer of half a MiB
+    /// written with zeros up front would cost every connection its first touch of each page
+    /// (a millisecond on a nested host, on the way to a restored guest's first instruction).
     public init(maxPayloadLength: Int = WireProtocol.maxPayloadLength, initialCapacity: Int = 0) {
         self.maxPayloadLength = min(max(maxPayloadLength, 0), WireProtocol.maxPayloadLength)
-        if initialCapacity > 0 { storage = [UInt8](repeating: 0, count: initialCapacity) }
+        if initialCapacity > 0 {
+            storage = [UInt8](unsafeUninitializedCapacity: initialCapacity) { _, count in count = initialCapacity }
+        }
     }
 
     /// Bytes of receive buffer allocated (grows only when a read and the unread bytes do not fit).

@@ -23,7 +23,12 @@ public struct RestoreReport: Sendable, Codable, Equatable {
     public var snapshotDataPages: Int
     /// Eager: time to check every chunk and the digest before anything is installed.
     public var verifySeconds: Double?
+    /// From the start of the restore's work (after the process started and read its
+    /// arguments) to the vCPU threads running.
     public var firstInstructionMilliseconds = 0.0
+    /// The same moment on CLOCK_MONOTONIC, in nanoseconds: a caller that noted the clock when
+    /// it launched the restore measures from its own start (process start included).
+    public var firstInstructionMonotonicNanoseconds: UInt64 = 0
     public var residentMilliseconds = 0.0
     public var faults = 0
     public var vcpuExitFaults = 0
@@ -62,6 +67,7 @@ public struct RestoreReport: Sendable, Codable, Equatable {
         case side, snapshot, from, mode, faultMode = "fault_mode", vcpus, memoryBytes = "memory_bytes"
         case snapshotDataPages = "snapshot_data_pages", verifySeconds = "verify_seconds"
         case firstInstructionMilliseconds = "first_instruction_ms", residentMilliseconds = "resident_ms", faults
+        case firstInstructionMonotonicNanoseconds = "first_instruction_monotonic_ns"
         case vcpuExitFaults = "vcpu_exit_faults", faultLatencyMicroseconds = "fault_latency_us"
         case faultLatencyLog2 = "fault_latency_log2_us", demandPages = "demand_pages", backgroundPages = "background_pages"
         case pagesBeforeStart = "pages_before_start", zeroPages = "zero_pages"
@@ -83,6 +89,7 @@ public struct RestoreReport: Sendable, Codable, Equatable {
 
     mutating func fill(destination d: DestinationReport, sourceReconnects: Int, started: UInt64) {
         firstInstructionMilliseconds = Double(d.guestStartedAt &- started) / 1e6
+        firstInstructionMonotonicNanoseconds = d.guestStartedAt
         residentMilliseconds = Double(max(d.everyPageInAt, d.guestStartedAt) &- started) / 1e6
         faults = d.faults
         vcpuExitFaults = d.vcpuExitFaults

@@ -69,9 +69,17 @@ extension DestinationAttempt {
         destination.guestStarts.wrappingIncrement(ordering: .relaxed)
         try machine.startGuest(faultHandler: report.postcopy && options.faultMode == .vcpuExit ? self : nil,
                                scheduling: report.postcopy ? postcopyVcpuScheduling : .normal)
+        guestRunningSince = MonotonicClock.nanoseconds()  // the vCPU threads run; the fill starts next
         if report.postcopy, options.localFill, let supplier = options.localPages, let pipeline {
             localFill = try LocalFill(supplier: supplier, pipeline: pipeline, table: table, first: options.localFillFirst,
-                                      failures: failures, stopping: { [stopping] in stopping.load(ordering: .relaxed) })
+                                      failures: failures, afterFirst: { [machine, installer] in
+                                          machine?.setVcpuScheduling(.normal)
+                                          // Its installer too, unless a vCPU may wait for one of its runs
+                                          // (exclusive installs): a staged page a fault wants is mapped
+                                          // by the faulting thread itself.
+                                          if installer?.exclusiveInstalls == false { pipeline.setInstallerNiceness(LocalFill.restNiceness) }
+                                      },
+                                      stopping: { [stopping] in stopping.load(ordering: .relaxed) })
         }
     }
 

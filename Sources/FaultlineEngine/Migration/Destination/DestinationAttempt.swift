@@ -25,6 +25,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     /// Between `ready` and `commit`: everything is prepared, the vCPUs have not started.
     var awaitingCommit = false
     var guestStarted = false
+    /// Where the per-page tables written on the fault path live (``ZeroFilledArena``).
+    var tableArena: ZeroFilledArena?
+    /// When the vCPU threads were started (the guest's first instruction).
+    var guestRunningSince: UInt64 = 0
     /// Every page is in and the digest read back from memory matched (the verdict is sent).
     var verified = false
     /// The fault receiver lost its connection (the main loop reconnects both).
@@ -82,6 +86,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     /// Builds the guest, its page mapper and the fault path for `layout` (before or after the hello).
     func build(layout: MachineLayout) throws {
         self.layout = layout
+        // The tables' memory is allocated in the background while the guest is built (a
+        // restore reserved it earlier still, while the fault-mode probe ran).
+        let arena = options.tableArena.flatMap { $0.reserved ? $0 : nil } ?? MigrationDestination.tableArena(for: layout)
+        tableArena = arena
         report.guestMode = layout.mode
         if let factory = options.machineFactory {
             (machine, mapper) = try factory(layout)
@@ -109,20 +117,21 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
             mapper = try UffdPageMapper.armedForPrecopy(vm: vm, faultMode: options.faultMode, topology: options.uffd,
                                                         pool: gmem ? nil : destination.pool, writeLog: vm.guestWriteLog)
         }
-        table = DestinationPageTable(count: layout.totalPages)
-        book = FaultBook(pages: layout.totalPages, vcpus: layout.vcpus, vcpusAccountOwnStall: options.faultMode == .vcpuExit)
+        table = DestinationPageTable(count: layout.totalPages, allocator: arena?.allocator ?? AnonymousMapping.zeroFilled)
+        book = FaultBook(pages: layout.totalPages, vcpus: layout.vcpus, vcpusAccountOwnStall: options.faultMode == .vcpuExit,
+                         allocator: arena?.allocator ?? AnonymousMapping.zeroFilled)
         installer = PageInstaller(table: table, mapper: mapper, book: book, lowPages: layout.lowPages,
                                   exclusiveInstalls: options.faultMode == .uffdMinor)
         installer.damageAfterInstall = options.damageInstalledPage
         if options.faultMode == .vcpuExit { installer.afterBatch = { [waiters] in waiters.broadcast() } }
         requester = try FaultRequester(table: table, book: book, failures: failures, faultPathCPU: faultCPU, faultAround: options.faultAround)
-        requester.local = options.localPages.map { LocalDemand(supplier: $0, installer: installer) }
+        requester.local = options.localPages.map { LocalDemand(supplier: $0, installer: installer, replaying: options.localFillFirst) }
         failures.onFailure = { [weak self] in self?.abortOnThreadFailure() }
         // Post-copy's background stream: ready before the switch-over, so that starting it costs
         // nothing between the pause and the guest running. MINOR: a fault on a page staged for
         // the background waits for it (exclusive installs), so little is staged ahead there.
         pipeline = try InstallPipeline(installer: installer, depth: options.faultMode == .uffdMinor ? 2 : 8, scratchPages: 256,
-                                       runPages: bulkRunPages, installers: 1,
+                                       runPages: bulkRunPages, installers: 1, tableAllocator: arena?.allocator ?? AnonymousMapping.zeroFilled,
                                        onFailure: { [failures] in failures.record("installer", $0) })
         if let pipeline, pipeline.staged != nil {
             requester.resolveStaged = { [pipeline] in try pipeline.resolveStaged($0) }
@@ -209,7 +218,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     guard awaitingCommit else { throw MigrationError.protocolViolation("commit before the switch-over was prepared") }
                     switchPart("awaiting_commit")
                     try startGuest()
-                    tRunning = MonotonicClock.nanoseconds()
+                    tRunning = guestRunningSince
                     switchPart("start_guest")
                 case .ack(SessionAck.roundSent) where phase == .precopy && !awaitingCommit:
                     try precopyPipeline?.drain()  // stored, not queued
@@ -364,6 +373,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     /// path (idempotent). Returns the first vCPU error.
     @discardableResult
     func tearDown() -> String? {
+        tableArena?.finishPopulating()
         stopping.store(true, ordering: .relaxed)
         waiters.broadcast()
         bulk?.close()

@@ -9,6 +9,7 @@ import Histogram
 final class FaultBook: @unchecked Sendable {
     let requested: PageBitmap
     let requestTime: UnsafeMutablePointer<UInt64>
+    /// The requesting vCPU plus one (0: none).
     let requestVcpu: UnsafeMutablePointer<Int32>
     /// When the request for a faulting page left, and when the source's reply to it arrived
     /// (0: not yet): where a slow fault's wait went.
@@ -32,16 +33,20 @@ final class FaultBook: @unchecked Sendable {
     private let latency = Locked(Histogram<UInt32>(lowestDiscernibleValue: 1, highestTrackableValue: 120_000_000_000,
                                                   numberOfSignificantValueDigits: .two))
 
-    init(pages: Int, vcpus: Int, vcpusAccountOwnStall: Bool) {
+    /// The per-page tables, in zero-filled memory (nothing is touched until a fault writes it).
+    private let tables: (ZeroedTable<UInt64>, ZeroedTable<Int32>, ZeroedTable<UInt64>, ZeroedTable<UInt64>)
+
+    init(pages: Int, vcpus: Int, vcpusAccountOwnStall: Bool, allocator: ZeroFilledAllocator? = nil) {
         requested = PageBitmap(count: pages)
-        requestTime = .allocate(capacity: max(pages, 1))
-        requestTime.initialize(repeating: 0, count: max(pages, 1))
-        requestVcpu = .allocate(capacity: max(pages, 1))
-        requestVcpu.initialize(repeating: -1, count: max(pages, 1))
-        sentTime = .allocate(capacity: max(pages, 1))
-        sentTime.initialize(repeating: 0, count: max(pages, 1))
-        replyTime = .allocate(capacity: max(pages, 1))
-        replyTime.initialize(repeating: 0, count: max(pages, 1))
+        // The request's time and vCPU are written on every fault (`allocator`: memory allocated
+        // ahead); when a request left and when its reply came only for a source's answer.
+        tables = (ZeroedTable(count: pages, allocator: allocator), ZeroedTable(count: pages, allocator: allocator),
+                  ZeroedTable(count: pages, allocator: AnonymousMapping.zeroFilled),
+                  ZeroedTable(count: pages, allocator: AnonymousMapping.zeroFilled))
+        requestTime = tables.0.base
+        requestVcpu = tables.1.base
+        sentTime = tables.2.base
+        replyTime = tables.3.base
         stallNanoseconds = .allocate(capacity: max(vcpus, 1))
         stallNanoseconds.initialize(repeating: .init(0), count: max(vcpus, 1))
         self.vcpus = vcpus
@@ -53,17 +58,13 @@ final class FaultBook: @unchecked Sendable {
 
     deinit {
         slowRecords.deallocate()
-        requestTime.deallocate()
-        requestVcpu.deallocate()
-        sentTime.deallocate()
-        replyTime.deallocate()
         stallNanoseconds.deallocate()
     }
 
     /// Marks a page requested; false when a request is already outstanding.
     func noteRequest(_ page: Int, vcpu: Int, at time: UInt64) -> Bool {
         guard requested.insert(page) else { return false }
-        requestVcpu[page] = Int32(vcpu)
+        requestVcpu[page] = Int32(vcpu + 1)
         requestTime[page] = time
         _ = origin.compareExchange(expected: 0, desired: time, ordering: .relaxed)
         faults.wrappingIncrement(ordering: .relaxed)
@@ -84,7 +85,7 @@ final class FaultBook: @unchecked Sendable {
         let asked = requestTime[page]
         guard asked != 0 else { return }
         let waited = now &- asked
-        let v = Int(requestVcpu[page])
+        let v = Int(requestVcpu[page]) - 1  // -1: no vCPU recorded
         recordWait(waited, vcpu: v)
         if waited >= Self.slowNanoseconds {
             let sent = sentTime[page], reply = replyTime[page]

@@ -34,7 +34,7 @@ final class FaultRequester: @unchecked Sendable {
         didSet {
             guard local != nil else { return }
             vcpuScratches = (0..<max(book.vcpus, 1)).map { _ in PageInstaller.Scratch(pages: faultAround) }
-            for v in 0..<max(book.vcpus, 1) { vcpuEncoders[v].reserve(faultAround) }
+            for v in 0..<max(book.vcpus, 1) { vcpuEncoders[v].reserve(max(faultAround, local?.aheadPages ?? 0)) }
         }
     }
     private var vcpuScratches: [PageInstaller.Scratch] = []
@@ -130,7 +130,7 @@ final class FaultRequester: @unchecked Sendable {
         var events = UffdEventBuffer(capacity: 16)
         var encoder = WireEncoder(reservingCapacity: 64)
         let scratch = local.map { _ in PageInstaller.Scratch(pages: faultAround) }
-        if local != nil { encoder.reserve(faultAround) }
+        if let local { encoder.reserve(max(faultAround, local.aheadPages)) }
         do {
             while try uffd.waitReadable(orStop: stopEvent.fd) {
                 let n = try uffd.readEvents(into: &events)

@@ -33,14 +33,15 @@ final class InstallPipeline: @unchecked Sendable {
 
     /// `depth` scratches of `scratchPages` pages each; `installers` mapping threads (pre-copy:
     /// always one, since a later copy of a page must win).
+    /// `tableAllocator`: where the per-page staging entries live (zero-filled memory).
     init(_ stage: Stage = .postcopy, installer: PageInstaller, depth: Int, scratchPages: Int, runPages: Int, installers: Int,
-         onFailure: @escaping (Error) -> Void) throws {
+         tableAllocator: ZeroFilledAllocator? = nil, onFailure: @escaping (Error) -> Void) throws {
         self.stage = stage
         self.installer = installer
         self.runPages = runPages
         self.onFailure = onFailure
         scratches = (0..<max(depth, 1)).map { PageInstaller.Scratch(pages: scratchPages, index: $0) }
-        staged = stage == .postcopy ? StagedPages(pages: installer.table.count) : nil
+        staged = stage == .postcopy ? StagedPages(pages: installer.table.count, allocator: tableAllocator) : nil
         // Only the post-copy pipeline: the pre-copy one, built later on the same installer, must
         // not switch sealing off (a run written over a page a fault took would overwrite what
         // the guest wrote there since).
@@ -55,6 +56,11 @@ final class InstallPipeline: @unchecked Sendable {
     }
 
     deinit { stop() }
+
+    /// Sets the installer threads' niceness (best effort).
+    func setInstallerNiceness(_ value: Int32) {
+        for t in threads { try? ThreadScheduling.setNiceness(value, ofThread: t.threadID) }
+    }
 
     /// Receiver: stages `batch` and hands it to the installer threads. Throws the installers'
     /// failure, if any.

@@ -57,6 +57,9 @@ public struct DestinationOptions: Sendable {
     /// working set in ``localFillFirst`` first; the source then streams nothing.
     public var localFill = false
     public var localFillFirst: [Int] = []
+    /// Memory for the per-page tables, reserved ahead (``MigrationDestination/tableArena(for:)``)
+    /// by a caller that knows the layout before the guest is built; nil: the build reserves it.
+    public var tableArena: ZeroFilledArena?
     /// Report the pages the guest asked for, in the order of their first fault
     /// (``DestinationReport/firstTouches``).
     public var recordFirstTouches = false
@@ -180,6 +183,17 @@ public final class MigrationDestination: @unchecked Sendable {
     /// one before the start).
     public var guestHasStarted: Bool { guestStarts.load(ordering: .relaxed) > 0 }
     let guestStarts = ManagedAtomic<Int>(0)
+
+    /// Memory for the per-page tables a guest of `layout` writes on its fault path, reserved
+    /// and being allocated in the background (nil if it cannot be mapped: the tables then use
+    /// zero pages allocated on first write).
+    public static func tableArena(for layout: MachineLayout) -> ZeroFilledArena? {
+        // Received CRC 4, request time 8, requesting vCPU 4, staged entry 8 and its checksum 4
+        // bytes a page; five tables, each rounded up to a page.
+        let arena = ZeroFilledArena()
+        guard (try? arena.reserve(bytes: layout.totalPages * 28 + 5 * 4096)) != nil else { return nil }
+        return arena
+    }
 
     /// The port actually bound (for `--listen :0`).
     public var endpoint: SocketEndpoint { listener.endpoint }

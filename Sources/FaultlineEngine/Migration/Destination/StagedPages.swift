@@ -29,17 +29,14 @@ final class StagedPages: @unchecked Sendable {
     static let maxScratches = 4095
     static let maxSlots = 1 << 19
 
-    init(pages: Int) {
-        count = pages
-        entries = .allocate(capacity: max(pages, 1))
-        entries.initialize(repeating: .init(0), count: max(pages, 1))
-        checksums = .allocate(capacity: max(pages, 1))
-        checksums.initialize(repeating: 0, count: max(pages, 1))
-    }
+    /// Entries and checksums in zero-filled memory (0: nothing staged).
+    private let tables: (ZeroedTable<UnsafeAtomic<UInt64>.Storage>, ZeroedTable<UInt32>)
 
-    deinit {
-        entries.deallocate()
-        checksums.deallocate()
+    init(pages: Int, allocator: ZeroFilledAllocator? = nil) {
+        count = pages
+        tables = (ZeroedTable(count: pages, allocator: allocator), ZeroedTable(count: pages, allocator: allocator))
+        entries = tables.0.base
+        checksums = tables.1.base
     }
 
     static func encode(_ e: Entry) -> UInt64 {

@@ -24,6 +24,8 @@ public final class MemoryMachine: SourceMachine, DestinationMachine, @unchecked 
     public let guestWrites: PageBitmap
     /// Destination: RAM offsets a simulated vCPU touches right after the start (vcpu-exit faults).
     public var simulatedFaults: [UInt64] = []
+    /// Called with each change of the vCPUs' scheduling.
+    public var onScheduling: (@Sendable (VcpuScheduling) -> Void)?
     public private(set) var faultErrors: [String] = []
     private let dirty: PageBitmap
     private var logging = false
@@ -87,7 +89,7 @@ public final class MemoryMachine: SourceMachine, DestinationMachine, @unchecked 
         }
     }
 
-    public func setVcpuScheduling(_ scheduling: VcpuScheduling) {}
+    public func setVcpuScheduling(_ scheduling: VcpuScheduling) { onScheduling?(scheduling) }
     public func pauseGuest() {}
     public func resumeGuest() {}
 

@@ -15,6 +15,8 @@ final class PageSender: @unchecked Sendable {
     /// it (a page touched after it is in the next dirty log) or while the vCPUs are paused.
     let residency: UnsafeMutablePointer<UInt8>
     let residencyValid = ManagedAtomic<Bool>(false)
+    /// Both tables in zero-filled memory: nothing is touched before the pages are sent.
+    private let tables: (ZeroedTable<UInt32>, ZeroedTable<UInt8>)
     let zeroCount = ManagedAtomic<Int>(0)
     let batchPages: Int
 
@@ -22,15 +24,10 @@ final class PageSender: @unchecked Sendable {
         self.machine = machine
         layout = machine.layout
         self.batchPages = batchPages
-        sentCRC = .allocate(capacity: max(layout.totalPages, 1))
-        sentCRC.initialize(repeating: 0, count: max(layout.totalPages, 1))
-        residency = .allocate(capacity: max(layout.ramPages, 1))
-        residency.initialize(repeating: 1, count: max(layout.ramPages, 1))
-    }
-
-    deinit {
-        sentCRC.deallocate()
-        residency.deallocate()
+        tables = (ZeroedTable(count: layout.totalPages, allocator: AnonymousMapping.zeroFilled),
+                  ZeroedTable(count: layout.ramPages, allocator: AnonymousMapping.zeroFilled))
+        sentCRC = tables.0.base
+        residency = tables.1.base
     }
 
     func takeResidency() {
