@@ -93,8 +93,16 @@ struct Restore: ParsableCommand {
                 probing?.join()
                 throw error
             }
-            let (mode, _) = try FaultModeSelection.resolve(requested: faultMode)
-            probing?.join()
+            // vcpu-exit named: the new guest's build checks the probe (it is waited for only there,
+            // and refuses what this kernel cannot do before anything runs); otherwise resolved now.
+            let mode: FaultMode
+            if case .explicit(.vcpuExit) = faultMode {
+                mode = .vcpuExit
+            } else {
+                mode = try FaultModeSelection.resolve(requested: faultMode).mode
+                probing?.join()
+            }
+            defer { probing?.join() }
             var options = SnapshotRestore.Options()
             options.lazy = lazy == .lazy
             options.destination.faultMode = mode

@@ -86,6 +86,10 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
     /// Builds the guest, its page mapper and the fault path for `layout` (before or after the hello).
     func build(layout: MachineLayout) throws {
         self.layout = layout
+        if options.faultMode == .vcpuExit, options.machineFactory == nil,
+           let why = FaultModeSelection.obstacle(to: .vcpuExit, probe: .current) {
+            throw FaultModeSelection.Refusal("vcpu-exit cannot work on this kernel: \(why)")
+        }
         // The tables' memory is allocated in the background while the guest is built (a
         // restore reserved it earlier still, while the fault-mode probe ran).
         let arena = options.tableArena.flatMap { $0.reserved ? $0 : nil } ?? MigrationDestination.tableArena(for: layout)
