@@ -7,7 +7,7 @@ import Foundation
 /// `restore`'s options for a snapshot a `serve-snapshot` server serves, and for chaos on a
 /// restore's connections (`bench chaos --path restore`).
 struct RemoteRestoreArguments: ParsableArguments {
-    @Option(help: "HOST:PORT of a `faultline serve-snapshot`: restore the snapshot it serves (instead of a folder)")
+    @Option(help: "HOST:PORT of a `faultline serve-snapshot`: the snapshot it serves, fetched while the guest runs (instead of a local one)")
     var from: String?
     @Option(help: "With --from: the name of a snapshot folder inside the server's folder (default: the server's folder itself)")
     var snapshot: String?
@@ -21,6 +21,26 @@ struct RemoteRestoreArguments: ParsableArguments {
     /// the new guest when asked for (its summary is printed as one JSON line, whatever the end).
     /// `opened`: the folder's snapshot, if the caller has opened it already.
     func restore(folder: String?, opened: Snapshot? = nil, options: SnapshotRestore.Options, started: UInt64) throws -> RestoreReport {
+        try withChaos(options) { options in
+            if let from {
+                guard folder == nil else { throw CLIError(description: "give a snapshot folder or --from HOST:PORT, not both") }
+                return try SnapshotRestore.run(from: try server(from), snapshot: snapshot, options: options, started: started)
+            }
+            return try restoreLocal(folder: folder, opened: opened, options: options, started: started)
+        }
+    }
+
+    /// The server `--from` names.
+    func server(_ text: String) throws -> SocketEndpoint {
+        guard let server = SocketEndpoint(parsing: text), server.port != 0 else {
+            throw CLIError(description: "cannot read --from '\(text)' (HOST:PORT)")
+        }
+        return server
+    }
+
+    /// Runs `body` with `options` set for `--retries` and, when asked for, chaos between the
+    /// snapshot side and this one (its summary is printed as one JSON line, whatever the end).
+    func withChaos<T>(_ options: SnapshotRestore.Options, _ body: (SnapshotRestore.Options) throws -> T) throws -> T {
         var options = options
         options.retries = retries
         let chaos = try chaosSchedule(vcpus: nil)
@@ -30,7 +50,7 @@ struct RemoteRestoreArguments: ParsableArguments {
             options.dialThrough = { guest in
                 let p = try ChaosProxy(upstream: guest, schedule: chaos, host: guest.host)
                 proxy.withLock { $0 = p }
-                FaultlineLog.note("faultline restore: chaos schedule \(chaos)")
+                FaultlineLog.note("faultline: chaos schedule \(chaos)")
                 return p.endpoint
             }
         }
@@ -41,13 +61,10 @@ struct RemoteRestoreArguments: ParsableArguments {
                 fflush(stdout)
             }
         }
-        if let from {
-            guard folder == nil else { throw CLIError(description: "give a snapshot folder or --from HOST:PORT, not both") }
-            guard let server = SocketEndpoint(parsing: from), server.port != 0 else {
-                throw CLIError(description: "cannot read --from '\(from)' (HOST:PORT)")
-            }
-            return try SnapshotRestore.run(from: server, snapshot: snapshot, options: options, started: started)
-        }
+        return try body(options)
+    }
+
+    func restoreLocal(folder: String?, opened: Snapshot?, options: SnapshotRestore.Options, started: UInt64) throws -> RestoreReport {
         guard let folder else { throw CLIError(description: "restore needs a snapshot folder or --from HOST:PORT") }
         guard snapshot == nil else { throw CLIError(description: "--snapshot names a snapshot on a server: it needs --from") }
         return try SnapshotRestore.run(opened ?? Snapshot(folder: folder), options: options, started: started)

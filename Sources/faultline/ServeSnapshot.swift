@@ -25,6 +25,9 @@ struct ServeSnapshot: ParsableCommand {
     @Option(name: .customLong("max-restores"), help: "Restores served at once (a request beyond them is refused)")
     var maxRestores = 16
     @Flag(help: "One JSON line per request (after the `listening on` line)") var json = false
+    /// Holds each restore's background stream this long after the commit: every page asked for
+    /// meanwhile is served on demand (tests force that path with it).
+    @Option(name: .customLong("stream-delay-seconds"), help: .hidden) var streamDelaySeconds = 0.0
 
     func run() {
         do {
@@ -34,6 +37,7 @@ struct ServeSnapshot: ParsableCommand {
             var options = SnapshotService.Options(folder: folder, listen: endpoint)
             options.source.faultPathCPU = faultCPU
             options.source.reconnectSeconds = reconnectSeconds
+            options.source.streamDelaySeconds = streamDelaySeconds
             options.maxRestores = maxRestores
             let json = json
             let output = Locked(())

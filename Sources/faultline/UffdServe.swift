@@ -20,17 +20,24 @@ struct UffdServe: ParsableCommand {
 struct UffdServeServe: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve",
-        abstract: "Listen on --socket for Firecracker, then fill its guest's page faults from --memory.",
+        abstract: "Listen on --socket for Firecracker, then fill its guest's page faults from --memory (or --from a server).",
         discussion: """
         Firecracker connects (mem_backend {backend_type: "Uffd", backend_path: SOCKET}) and sends its \
         regions with the userfaultfd. A supervisor holds the userfaultfd and runs the serving in a \
         worker process, restarted if it dies; --in-process serves on a thread instead. The report \
         is printed when the peer exits, on SIGINT/SIGTERM, or (--exit-on-hangup) when the peer \
         closes its connection.
+
+        --from HOST:PORT serves the memory file of a snapshot a `faultline serve-snapshot` serves \
+        (the regions' offsets index its memory.bin): it is fetched while the guest runs, in the \
+        background and, for a page a fault needs first, on demand. The fetched memory lives in \
+        this process, so the serving does too (on a thread). A page that can never arrive (the \
+        fetch failed for good) is poisoned: the guest gets a memory error, never a wrong page.
         """)
 
     @Option(help: "Unix socket to listen on (created with mode 0600)") var socket: String
-    @Option(help: "The snapshot's memory file") var memory: String
+    @Option(help: "The snapshot's memory file") var memory: String?
+    @OptionGroup(title: "A snapshot on a server") var remote: RemoteRestoreArguments
     @Option(name: .customLong("allow-uid"), help: "A user id allowed to connect (repeatable; default: this process's)")
     var allowUID: [UInt32] = []
     @Option(name: .customLong("connect-timeout"), help: "Seconds to wait for the peer to connect (0: for ever)")
@@ -46,26 +53,53 @@ struct UffdServeServe: ParsableCommand {
     func run() {
         do {
             let signals = try TerminationSignals()
+            if let from = remote.from {
+                guard memory == nil else { throw CLIError(description: "give --memory or --from, not both") }
+                try serveRemote(from: from, signals: signals)
+                return
+            }
+            guard let memory else { throw CLIError(description: "uffd-serve needs --memory FILE or --from HOST:PORT") }
             let file: FileDescriptor
             do { file = try MappedFile.open(memory) } catch { throw PageServerError.memoryFile(path: memory, error) }
             _ = try MappedFile(file)  // readable, non-empty, mappable: fail now, not in a worker
-            var options = PageServerSupervisor.Options(policy: allowUID.isEmpty ? .ownUser : PeerPolicy(allowedUIDs: Set(allowUID)))
-            options.connectTimeoutSeconds = connectTimeout > 0 ? connectTimeout : nil
-            options.exitOnHangup = exitOnHangup
-            if crashAfterFaults != nil || crashAfterRemoves != nil {
-                options.crash = CrashInjection(afterFaults: crashAfterFaults, afterRemoves: crashAfterRemoves)
-            }
             let launcher: WorkerLauncher = inProcess ? ThreadWorkerLauncher()
                 : ProcessWorkerLauncher(executable: "/proc/self/exe", arguments: ["uffd-serve", "worker", "--control-fd", "3"])
-            let supervisor = try PageServerSupervisor(
-                socketPath: socket, memoryFile: file, launcher: launcher, mode: inProcess ? "in-process" : "supervised",
-                options: options, log: { fputs("uffd-serve: \($0)\n", stderr) })
-            fputs("uffd-serve: listening on \(socket) (pid \(HostProcess.id))\n", stderr)
-            let report = try supervisor.run(stopDescriptors: [(signals.fd.rawValue, "SIGINT or SIGTERM")])
+            let report = try serve(file: file, launcher: launcher, mode: inProcess ? "in-process" : "supervised", signals: signals)
             print(json ? report.json : report.text)
         } catch {
             fail(error)
         }
+    }
+
+    /// `--from`: fetches the served snapshot's memory into this process and serves from it.
+    func serveRemote(from: String, signals: TerminationSignals) throws {
+        let server = try remote.server(from)
+        try remote.withChaos(SnapshotRestore.Options()) { options in
+            let fetched = try RemoteSnapshotMemory(server: server, name: remote.snapshot, options: options)
+            fputs("uffd-serve: fetching the snapshot from \(server) (\(fetched.layout.totalPages) pages) while serving; "
+                  + "serving in this process, where the fetched memory is\n", stderr)
+            var report = try serve(file: fetched.memoryFile, launcher: ThreadWorkerLauncher(ensure: { try fetched.ensure($0) }),
+                                   mode: "in-process, fetching from \(server)", signals: signals)
+            // The peer is gone; the fetch ends at its own pace (bounded by its timeouts).
+            report.fetch = PageServerReport.RemoteFetch(from: "\(server)", outcome: fetched.finish(waitingSeconds: 600))
+            print(json ? report.json : report.text)
+            if report.fetch?.error != nil || report.fetch?.digest_match == false { Glibc.exit(1) }
+        }
+    }
+
+    /// Listens, serves one peer with `launcher`'s workers, and returns the report.
+    func serve(file: FileDescriptor, launcher: WorkerLauncher, mode: String, signals: TerminationSignals) throws -> PageServerReport {
+        var options = PageServerSupervisor.Options(policy: allowUID.isEmpty ? .ownUser : PeerPolicy(allowedUIDs: Set(allowUID)))
+        options.connectTimeoutSeconds = connectTimeout > 0 ? connectTimeout : nil
+        options.exitOnHangup = exitOnHangup
+        if crashAfterFaults != nil || crashAfterRemoves != nil {
+            options.crash = CrashInjection(afterFaults: crashAfterFaults, afterRemoves: crashAfterRemoves)
+        }
+        let supervisor = try PageServerSupervisor(
+            socketPath: socket, memoryFile: file, launcher: launcher, mode: mode,
+            options: options, log: { fputs("uffd-serve: \($0)\n", stderr) })
+        fputs("uffd-serve: listening on \(socket) (pid \(HostProcess.id))\n", stderr)
+        return try supervisor.run(stopDescriptors: [(signals.fd.rawValue, "SIGINT or SIGTERM")])
     }
 }
 

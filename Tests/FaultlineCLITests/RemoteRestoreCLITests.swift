@@ -30,8 +30,8 @@ struct RemoteRestoreCLITests {
     }()
 
     /// A `serve-snapshot --json` of the library on a free loopback port, and that endpoint.
-    func startServer(sourceLocation: SourceLocation = #_sourceLocation) throws -> (server: Child, endpoint: String) {
-        let server = try Child(["serve-snapshot", Self.library, "--listen", "127.0.0.1:0", "--json"])
+    static func startServer(_ extra: [String] = [], sourceLocation: SourceLocation = #_sourceLocation) throws -> (server: Child, endpoint: String) {
+        let server = try Child(["serve-snapshot", library, "--listen", "127.0.0.1:0", "--json"] + extra)
         let line = server.readLine(timeout: 30) ?? ""
         guard line.hasPrefix("listening on ") else {
             let stderr = server.finish(timeout: 5, sourceLocation: sourceLocation).stderr
@@ -53,7 +53,7 @@ struct RemoteRestoreCLITests {
 
     @Test("a 16 MiB snapshot restored from a server: digest and guest check", .timeLimit(.minutes(3)))
     func remoteRestoreCompletes() throws {
-        let (server, endpoint) = try startServer()
+        let (server, endpoint) = try Self.startServer()
         let r = try restore(endpoint, [])
         #expect(r.status == 0, "\(r.stdout)\n\(r.stderr)")
         let j = lastJSON(r.stdout)
@@ -72,7 +72,7 @@ struct RemoteRestoreCLITests {
 
     @Test("a cut after the commit is resumed; one before it fails cleanly and the server serves on", .timeLimit(.minutes(4)))
     func cutsAroundTheCommit() throws {
-        let (server, endpoint) = try startServer()
+        let (server, endpoint) = try Self.startServer()
         let after = try restore(endpoint, ["--chaos-event", "postcopy:bulk:to_destination:3:cut"])
         #expect(after.status == 0, "\(after.stdout)\n\(after.stderr)")
         let chaos = after.stdout.split(separator: "\n").compactMap {
@@ -98,7 +98,7 @@ struct RemoteRestoreCLITests {
 
     @Test("a corrupt snapshot is refused on both sides; the next request is served", .timeLimit(.minutes(3)))
     func corruptSnapshotRefused() throws {
-        let (server, endpoint) = try startServer()
+        let (server, endpoint) = try Self.startServer()
         let r = try run(["restore", "--from", endpoint, "--snapshot", "bad", "--json"], timeout: 60)
         #expect(r.status == 2, "\(r.stdout)\n\(r.stderr)")
         #expect(r.stderr.contains("refused the restore") && r.stderr.contains("snapshot memory is corrupt"), "\(r.stderr)")
@@ -113,7 +113,7 @@ struct RemoteRestoreCLITests {
 
     @Test("an unknown or invalid request is refused with the reason", .timeLimit(.minutes(3)))
     func invalidRequestsRefused() throws {
-        let (server, endpoint) = try startServer()
+        let (server, endpoint) = try Self.startServer()
         let address = try #require(SocketEndpoint(parsing: endpoint))
         func exchange(_ bytes: [UInt8]) throws -> String {
             let socket = try StreamSocket.connect(to: address, timeoutSeconds: 5)

@@ -61,6 +61,7 @@ public enum TestGate: String, CaseIterable, Sendable {
     case liveMigration
     case snapshotAndRestore
     case remoteRestore
+    case uffdServeFromServer
     case everyFaultModeMigrates
     case cpuLatencyHeldDuringPostcopy
     case netnsMigration
@@ -124,6 +125,7 @@ public enum TestGate: String, CaseIterable, Sendable {
         case .snapshotAndRestore: [.kvm, .uffdKernel, .uffdMissing]
         // serve-snapshot and restore --from in the fault mode `auto` picks.
         case .remoteRestore: [.kvm, .uffdKernel]
+        case .uffdServeFromServer: [.kvm, .uffdKernel, .uffdMissing, .uffdEventRemove]
         case .cpuLatencyHeldDuringPostcopy: [.kvm, .uffdKernel, .cpuDMALatency]
         case .netnsMigration: [.kvm, .uffdKernel, .netNamespaces]
         case .longModeMigration: [.kvm, .uffdKernel, .uffdMissing]

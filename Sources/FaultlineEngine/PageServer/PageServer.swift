@@ -43,11 +43,16 @@ public final class PageServer {
     let pending: UnsafeMutablePointer<PendingFault>
     let pendingCapacity: Int
     var pendingCount = 0
+    let ensure: ((Range<Int>) throws -> Void)?
     var faultsReadHere = 0
     var removesReadHere = 0
 
+    /// `ensure`: called with the memory file's page indexes a fill is about to copy, before it
+    /// does (a file still arriving: it returns once they are in; throws
+    /// ``PageServerError/pageUnavailable(_:)`` when they never will be). Nil: the file is whole.
     public init(uffd: Userfaultfd, layout: SnapshotLayout, file: MappedFile, ledger: PageServerLedger,
-                hooks: Hooks = Hooks(), pendingCapacity: Int = 4096) throws(SystemError) {
+                hooks: Hooks = Hooks(), pendingCapacity: Int = 4096, ensure: ((Range<Int>) throws -> Void)? = nil) throws(SystemError) {
+        self.ensure = ensure
         self.uffd = uffd
         self.layout = layout
         self.file = file
@@ -191,7 +196,17 @@ public final class PageServer {
         if zero, region.pageSize == 4096 {
             outcome = try uffd.attemptZeroPage(at: HostAddress(rawValue: page), length: 4096)
         } else {
-            let source = zero ? UnsafeRawPointer(zeros!.base) : file.base + Int(region.offset + (page - region.base))
+            let offset = Int(region.offset + (page - region.base))
+            if !zero, let ensure {
+                do {
+                    try ensure(offset / 4096..<(offset + Int(region.pageSize)) / 4096)
+                } catch PageServerError.pageUnavailable {
+                    ledger.add(.pagesUnavailable)
+                    _ = try? uffd.attemptPoison(at: HostAddress(rawValue: page), length: region.pageSize)
+                    return true
+                }
+            }
+            let source = zero ? UnsafeRawPointer(zeros!.base) : file.base + offset
             outcome = try uffd.attemptCopy(to: HostAddress(rawValue: page), from: source, length: region.pageSize)
         }
         switch outcome {

@@ -19,6 +19,8 @@ public enum PageServerError: Error, CustomStringConvertible {
     case badUserfaultfd(ReceivedUffdError)
     case memoryFile(path: String, SystemError)
     case worker(String)
+    /// A page that can never be served (its source failed for good): the fault is poisoned.
+    case pageUnavailable(String)
     case system(SystemError)
 
     public var description: String {
@@ -38,6 +40,7 @@ public enum PageServerError: Error, CustomStringConvertible {
         case .badUserfaultfd(let e): return "\(e)"
         case .memoryFile(let path, let e): return "memory file \(path): \(e)"
         case .worker(let what): return "page-server worker: \(what)"
+        case .pageUnavailable(let why): return "a page cannot be served: \(why)"
         case .system(let e): return "\(e)"
         }
     }

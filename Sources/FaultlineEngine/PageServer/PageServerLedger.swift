@@ -46,6 +46,9 @@ public final class PageServerLedger: @unchecked Sendable {
         case firstFaultNanoseconds
         case lastFillNanoseconds
         case latencyMaxNanoseconds
+        /// Faults on pages that could never be served (a remote snapshot's fetch failed for
+        /// good before they arrived): poisoned - the access gets a memory error, not zeros.
+        case pagesUnavailable
     }
 
     static let magic: UInt64 = 0x3144_454C_5350_4C46  // "FLPSLED1"

@@ -40,7 +40,45 @@ public struct PageServerReport: Codable, Equatable, Sendable {
     /// Events a worker found in the landing buffer that a dead worker had read.
     public var removes_replayed: UInt64
     public var faults_replayed: UInt64
+    /// Faults poisoned because their page could never arrive (a remote fetch that failed).
+    public var pages_unavailable: UInt64
     public var ended_by: String
+    /// Serving a remote snapshot (`--from`): how its fetch went.
+    public var fetch: RemoteFetch?
+
+    /// The fetch of a remote snapshot's memory, from the restore that did it.
+    public struct RemoteFetch: Codable, Equatable, Sendable {
+        public var from: String
+        /// Nil when the fetch completed.
+        public var error: String?
+        /// Every page arrived, and the digest read back from the fetched memory matched the snapshot's.
+        public var digest_match: Bool
+        public var demand_pages: Int
+        public var background_pages: Int
+        public var reconnects: Int
+        public var resident_ms: Double
+
+        public init(from: String, outcome: Result<RestoreReport, Error>?) {
+            self.from = from
+            switch outcome {
+            case .success(let r)?:
+                error = nil
+                digest_match = r.digestMatch
+                demand_pages = r.demandPages
+                background_pages = r.backgroundPages
+                reconnects = r.reconnects
+                resident_ms = r.residentMilliseconds
+            case .failure(let e)?:
+                error = "\(e)"
+                digest_match = false
+                demand_pages = 0; background_pages = 0; reconnects = 0; resident_ms = 0
+            case nil:
+                error = "still fetching when the page server ended"
+                digest_match = false
+                demand_pages = 0; background_pages = 0; reconnects = 0; resident_ms = 0
+            }
+        }
+    }
 
     /// The counters in `ledger`, with what the supervisor knows.
     init(ledger: PageServerLedger, session: ServeSession, mode: String, workersStarted: Int, endedBy: String) {
@@ -70,6 +108,7 @@ public struct PageServerReport: Codable, Equatable, Sendable {
         worker_restarts = max(workersStarted - 1, 0)
         removes_replayed = ledger[.removesReplayed]
         faults_replayed = ledger[.faultsReplayed]
+        pages_unavailable = ledger[.pagesUnavailable]
         ended_by = endedBy
     }
 
@@ -94,7 +133,20 @@ public struct PageServerReport: Codable, Equatable, Sendable {
           fault latency     p50 \(f(l.p50)) us, p90 \(f(l.p90)) us, p99 \(f(l.p99)) us, max \(f(l.max)) us (read to filled)
           throughput        \(Int(pages_per_second)) pages/s over \(f(serving_seconds * 1000)) ms
           workers           \(workers_started) started, \(worker_restarts) restarted; replayed \(removes_replayed) REMOVEs, \(faults_replayed) faults
-          lost faults       \(faults_dropped) on memory gone, \(faults_outside_regions) outside every region
-        """
+          lost faults       \(faults_dropped) on memory gone, \(faults_outside_regions) outside every region, \(pages_unavailable) never available
+        """ + fetchText
+    }
+
+    private var fetchText: String {
+        guard let fetch else { return "" }
+        let how: String
+        if let error = fetch.error {
+            how = "FAILED: \(error)"
+        } else {
+            let digest = fetch.digest_match ? "match" : "MISMATCH"
+            how = "\(fetch.demand_pages) pages on demand, \(fetch.background_pages) in the background, "
+                + "\(fetch.reconnects) reconnects, digest \(digest), every page in after \(Int(fetch.resident_ms)) ms"
+        }
+        return "\n  fetched from      \(fetch.from): " + how
     }
 }

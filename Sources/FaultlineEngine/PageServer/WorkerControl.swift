@@ -48,7 +48,9 @@ public enum PageServerWorker {
     /// it until told to stop (or, if the supervisor is gone, until the peer exits). Returns at
     /// once, quietly, if the supervisor closes the socket first (a standby not needed). `crash`
     /// runs where the assignment asks for an injected crash; it must not return normally.
-    public static func serve(control: UnixConnection, crash: @escaping () throws -> Void) throws {
+    /// `ensure`: see ``PageServer`` (a memory file still arriving; in-process workers only).
+    public static func serve(control: UnixConnection, crash: @escaping () throws -> Void,
+                             ensure: ((Range<Int>) throws -> Void)? = nil) throws {
         try? WorkerControl.send(WorkerNews(kind: .ready, pid: HostProcess.id), on: control)
         _ = try control.waitReadable(timeoutMilliseconds: -1)
         guard let (assignment, fds) = try WorkerControl.receive(WorkerAssignment.self, from: control) else { return }
@@ -65,7 +67,7 @@ public enum PageServerWorker {
             hooks.crashAfterFaults = assignment.crashAfterFaults
             hooks.crashAfterRemoves = assignment.crashAfterRemoves
         }
-        let server = try PageServer(uffd: uffd, layout: layout, file: file, ledger: ledger, hooks: hooks)
+        let server = try PageServer(uffd: uffd, layout: layout, file: file, ledger: ledger, hooks: hooks, ensure: ensure)
         try server.attach()
         try WorkerControl.send(WorkerNews(kind: .attached, pid: HostProcess.id), on: control)
         try server.run(until: control.fd.rawValue)

@@ -49,7 +49,12 @@ public struct ProcessWorkerLauncher: WorkerLauncher {
 /// boundary (`uffd-serve --in-process`, and tests that need no real process). An injected
 /// crash ends the thread without cleaning up (no `stopped` message), as a death would.
 public struct ThreadWorkerLauncher: WorkerLauncher {
-    public init() {}
+    /// Called before a fill copies from the memory file (one still arriving: ``RemoteSnapshotMemory``).
+    let ensure: (@Sendable (Range<Int>) throws -> Void)?
+
+    public init(ensure: (@Sendable (Range<Int>) throws -> Void)? = nil) {
+        self.ensure = ensure
+    }
 
     /// What an injected crash throws in a thread worker.
     struct InjectedCrash: Error {}
@@ -59,7 +64,7 @@ public struct ThreadWorkerLauncher: WorkerLauncher {
         let done = worker.done
         worker.thread = try OSThread(name: "uffd-worker-\(generation)") {
             do {
-                try PageServerWorker.serve(control: control, crash: { throw InjectedCrash() })
+                try PageServerWorker.serve(control: control, crash: { throw InjectedCrash() }, ensure: ensure)
                 worker.outcome.withLock { $0 = "returned" }
             } catch is InjectedCrash {
                 worker.outcome.withLock { $0 = "injected crash" }
