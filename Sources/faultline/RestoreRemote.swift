@@ -13,6 +13,8 @@ struct RemoteRestoreArguments: ParsableArguments {
     var snapshot: String?
     @Option(help: "Sessions the snapshot side may start after one fails before the restored guest started")
     var retries = 0
+    @Option(name: .customLong("reconnect-seconds"), help: "How long to wait for the snapshot side to reconnect after a cut, once the guest runs")
+    var reconnectSeconds = 30.0
     @Option(name: .customLong("chaos-seed"), help: .hidden) var chaosSeed: UInt64?
     @Option(name: .customLong("chaos-events"), help: .hidden) var chaosEvents = 3
     @Option(name: .customLong("chaos-event"), help: .hidden) var chaosEventSpecs: [String] = []
@@ -43,6 +45,8 @@ struct RemoteRestoreArguments: ParsableArguments {
     func withChaos<T>(_ options: SnapshotRestore.Options, _ body: (SnapshotRestore.Options) throws -> T) throws -> T {
         var options = options
         options.retries = retries
+        guard reconnectSeconds > 0 else { throw CLIError(description: "--reconnect-seconds must be positive") }
+        options.destination.reconnectSeconds = reconnectSeconds
         let chaos = try chaosSchedule(vcpus: nil)
         let proxy = Locked<ChaosProxy?>(nil)
         if let chaos {

@@ -68,6 +68,29 @@ struct UffdServeFromCLITests {
         #expect(report?.fetch?.digest_match == true && (report?.fetch?.reconnects ?? 0) >= 1, "\(served.stdout)\n\(served.stderr)")
     }
 
+    @Test("the snapshot server dies for good mid-way: pages that never arrived are poisoned, never served wrong")
+    func deadServerPoisons() throws {
+        let (snapshotServer, endpoint) = try RemoteRestoreCLITests.startServer(["--stream-delay-seconds", "60"])
+        let socket = "/tmp/faultline-uffd-from-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        let server = try Child(["uffd-serve", "--from", endpoint, "--snapshot", "s16", "--socket", socket, "--exit-on-hangup",
+                                "--reconnect-seconds", "2", "--json"])
+        let deadline = MonotonicClock.deadline(after: 60)
+        var info = stat()
+        while stat(socket, &info) != 0 && MonotonicClock.nanoseconds() < deadline { MonotonicClock.sleep(microseconds: 10_000) }
+        // One thread, slowly: the server is killed once 100 pages are in; the rest can never come.
+        let client = try Child(["uffd-serve", "client", "--socket", socket, "--memory", RemoteRestoreCLITests.library + "/s16/memory.bin",
+                                "--regions", "16M", "--threads", "1", "--touch-delay-us", "500", "--announce-after", "100", "--json"])
+        #expect(client.readLine(timeout: 60) == "touched 100 pages")
+        snapshotServer.kill()
+        let c = client.finish(timeout: 120)
+        #expect(c.status == 128 + SIGBUS, "the client's access to a page that never arrived is a memory error: \(c.status) \(c.stdout) \(c.stderr)")
+        let served = server.finish(timeout: 120)
+        #expect(served.status == 1, "\(served.stdout)\n\(served.stderr)")
+        let report = decode(Report.self, lastLineOf: served.stdout)
+        #expect((report?.pages_unavailable ?? 0) >= 1, "\(served.stdout)")
+        #expect(report?.fetch?.error != nil, "\(served.stdout)")
+    }
+
     @Test("a snapshot the server does not have, or --memory with --from, is refused before listening")
     func refusals() throws {
         let (snapshotServer, endpoint) = try RemoteRestoreCLITests.startServer()

@@ -83,8 +83,15 @@ public final class RemoteSnapshotMemory: @unchecked Sendable {
             guard page >= layout.lowPages, page < layout.totalPages else {
                 throw PageServerError.pageUnavailable("page \(page) of the memory file never arrived (low memory, or past the snapshot)")
             }
+            if case .failure? = ended.withLock({ outcomeBox.outcome }) {
+                throw PageServerError.pageUnavailable("page \(page) never arrived: \(failureText)")
+            }
             // One vCPU's worth of fault path: one request at a time.
-            try demand.withLock { _ in try handler.resolveOnVcpu(0, ramOffset: UInt64(page - layout.lowPages) * 4096) }
+            do {
+                try demand.withLock { _ in try handler.resolveOnVcpu(0, ramOffset: UInt64(page - layout.lowPages) * 4096) }
+            } catch {
+                throw PageServerError.pageUnavailable("page \(page) never arrived: \(error)")
+            }
             if !mapper.present.contains(page) {
                 throw PageServerError.pageUnavailable("page \(page) did not arrive: \(failureText)")
             }
