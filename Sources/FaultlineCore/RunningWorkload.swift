@@ -262,6 +262,14 @@ public struct RunningWorkload: Sendable {
         }
         asm.cmpPointer(.edx, .eax)
         asm.jb(page)                                // while edx < end of the working set
+        emitDirtierPassEnd(into: &asm)
+        asm.movPointer(.edx, .esi)
+        asm.jmp(page)
+    }
+
+    /// The end of a dirtier's pass: counted, then the next pass's tag in `ebx` and its
+    /// second-word offset in `ecx`.
+    private func emitDirtierPassEnd(into asm: inout X86Assembler) {
         emitPassEnd(into: &asm)
         asm.inc(.ebp)
         emitNextTag(into: &asm)
@@ -270,8 +278,6 @@ public struct RunningWorkload: Sendable {
         asm.shl(.ecx, by: 6)
         asm.and(.ecx, imm: 0xFC0)
         asm.add(.ecx, imm: 4)                       // ecx = dirtierSecondWordOffset(ebp)
-        asm.movPointer(.edx, .esi)
-        asm.jmp(page)
     }
 
     /// For each page: check both words against `ecx`, write `ebx` to both, spin; then the next
@@ -336,14 +342,7 @@ public struct RunningWorkload: Sendable {
         emitSpin(into: &asm)
         asm.dec(.esp)
         asm.jne(page)
-        emitPassEnd(into: &asm)
-        asm.inc(.ebp)
-        emitNextTag(into: &asm)
-        asm.mov(.ebx, .eax)
-        asm.mov(.ecx, .ebp)
-        asm.shl(.ecx, by: 6)
-        asm.and(.ecx, imm: 0xFC0)
-        asm.add(.ecx, imm: 4)                       // ecx = dirtierSecondWordOffset(ebp)
+        emitDirtierPassEnd(into: &asm)
         asm.mov(.esp, imm: UInt32(workingSetPages))
         asm.movPointer(.edx, .esi)
         asm.jmp(page)

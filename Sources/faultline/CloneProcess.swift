@@ -27,28 +27,19 @@ final class CloneProcess {
             for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
             if i == 0 { inPipe = fds } else { outPipe = fds }
         }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, inPipe[0], 0)
-        posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
-        posix_spawn_file_actions_addopen(&actions, 2, stderrPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP))
-        posix_spawnattr_setpgroup(&attributes, 0)
-        var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
-        defer { for p in argv { free(p) } }
-        var child: pid_t = 0
-        let rc = posix_spawn(&child, arguments[0], &actions, &attributes, &argv, environ)
-        close(inPipe[0])
-        close(outPipe[1])
-        guard rc == 0 else {
-            close(inPipe[1])
-            close(outPipe[0])
-            throw CLIError(description: "posix_spawn \(arguments[0]): \(String(cString: strerror(rc)))")
+        let child: pid_t
+        do {
+            child = try spawnInOwnGroup(arguments) { actions in
+                posix_spawn_file_actions_adddup2(&actions, inPipe[0], 0)
+                posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
+                posix_spawn_file_actions_addopen(&actions, 2, stderrPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+            }
+        } catch {
+            for fd in inPipe + outPipe { close(fd) }
+            throw error
         }
+        close(inPipe[0])  // the child's ends
+        close(outPipe[1])
         pid = child
         process = ChildProcessGroup(pid: child)
         input = inPipe[1]
