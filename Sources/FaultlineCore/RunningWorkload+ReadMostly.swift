@@ -3,9 +3,6 @@ extension RunningWorkload {
     /// that writes it: pass 1's tag.
     public static func readMostlyColdValue(vcpu id: Int) -> UInt32 { tag(vcpu: id, pass: 1) }
 
-    /// Bytes of the working set from the start of the chunk.
-    var workingSetBytes: UInt64 { UInt64(workingSetPages) * UInt64(GuestWorkload.pageSize) }
-
     /// Readmostly: selfcheck's loop, except that after pass 1 a page at or past the working set
     /// is checked against `esp` (pass 1's tag) and not written. The first instruction puts that
     /// tag in `esp` (`ebx` holds it at the start); a guest resumed elsewhere has it in its
@@ -16,13 +13,7 @@ extension RunningWorkload {
         let lastWord = Int32(Self.lastWordOffset)
         asm.mov(.esp, .ebx)                         // the cold value: tag(id, 1)
         asm.bind(page)
-        if mode == .long64 {                        // may exceed a sign-extended imm32
-            asm.mov(.rax, imm: workingSetBytes)
-            asm.add(.rax, .rsi)
-        } else {
-            asm.mov(.eax, .esi)
-            asm.add(.eax, imm: UInt32(workingSetBytes))
-        }
+        emitWorkingSetEnd(into: &asm)
         asm.cmpPointer(.edx, .eax)
         asm.jb(hot)                                 // in the working set
         asm.cmp(.ebp, imm: 1)

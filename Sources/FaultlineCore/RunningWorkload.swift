@@ -246,13 +246,31 @@ public struct RunningWorkload: Sendable {
     private func emitDirtier(into asm: inout X86Assembler) {
         let page = asm.makeLabel()
         asm.bind(page)
+        emitDirtierPageWrites(into: &asm)
+        asm.addPointer(.edx, imm: Int32(GuestWorkload.pageSize))
+        emitSpin(into: &asm)
+        emitWorkingSetEnd(into: &asm)
+        asm.cmpPointer(.edx, .eax)
+        asm.jb(page)                                // while edx < end of the working set
+        emitDirtierPassEnd(into: &asm)
+        asm.movPointer(.edx, .esi)
+        asm.jmp(page)
+    }
+
+    /// A dirtier's writes to the page at `edx`: `ebx` to its first word and to the word at this
+    /// pass's offset `ecx`.
+    func emitDirtierPageWrites(into asm: inout X86Assembler) {
         asm.storePointed(.ebx, to: .edx)            // first word
         asm.movPointer(.eax, .edx)
         asm.addPointer(.eax, .ecx)
         asm.storePointed(.ebx, to: .eax)            // second word, at this pass's offset
-        asm.addPointer(.edx, imm: Int32(GuestWorkload.pageSize))
-        emitSpin(into: &asm)
-        let workingSetBytes = UInt64(workingSetPages) * UInt64(GuestWorkload.pageSize)
+    }
+
+    /// Bytes of the working set from the start of the chunk.
+    var workingSetBytes: UInt64 { UInt64(workingSetPages) * UInt64(GuestWorkload.pageSize) }
+
+    /// `eax` = the end of this vCPU's working set (`esi` + its size).
+    func emitWorkingSetEnd(into asm: inout X86Assembler) {
         if mode == .long64 {                        // may exceed a sign-extended imm32
             asm.mov(.rax, imm: workingSetBytes)
             asm.add(.rax, .rsi)
@@ -260,11 +278,6 @@ public struct RunningWorkload: Sendable {
             asm.mov(.eax, .esi)
             asm.add(.eax, imm: UInt32(workingSetBytes))
         }
-        asm.cmpPointer(.edx, .eax)
-        asm.jb(page)                                // while edx < end of the working set
-        emitDirtierPassEnd(into: &asm)
-        asm.movPointer(.edx, .esi)
-        asm.jmp(page)
     }
 
     /// The end of a dirtier's pass: counted, then the next pass's tag in `ebx` and its
@@ -329,10 +342,7 @@ public struct RunningWorkload: Sendable {
     private func emitScatteredDirtier(into asm: inout X86Assembler) {
         let page = asm.makeLabel()
         asm.bind(page)
-        asm.storePointed(.ebx, to: .edx)            // first word
-        asm.movPointer(.eax, .edx)
-        asm.addPointer(.eax, .ecx)
-        asm.storePointed(.ebx, to: .eax)            // second word, at this pass's offset
+        emitDirtierPageWrites(into: &asm)
         asm.mov(.eax, .edx)                         // offset in the chunk (it fits 32 bits)
         asm.sub(.eax, .esi)
         asm.add(.eax, imm: UInt32(scatterStride * GuestWorkload.pageSize))
