@@ -85,7 +85,7 @@ public final class DemandPagingBenchmark {
                 // Refused up front where KVM_RUN cannot say which page a vCPU fault wants (TDP
                 // without KVM Userfault).
                 let p = probe()
-                _ = try FaultModeSelection.resolve(requested: .explicit(.vcpuExit), option: "--mode", offerAuto: false, probe: p)
+                _ = try FaultModeSelection.resolve(requested: .explicit(.vcpuExit), option: "mode", offerAuto: false, probe: p)
                 mechanism = FaultModeSelection.vcpuExitMechanism(probe: p)
             }
         }

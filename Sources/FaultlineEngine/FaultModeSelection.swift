@@ -65,7 +65,7 @@ public enum FaultModeSelection {
     /// `probe`: what the kernel offers (nil: this process's ``VcpuFaultProbe/current``). Without
     /// one, an explicit userfaultfd mode is checked by its registration alone, which is all it
     /// needs: the probe's one-page VM is only run when it has something to decide.
-    public static func resolve(requested: FaultModeChoice, option: String = "--fault-mode", offerAuto: Bool = true,
+    public static func resolve(requested: FaultModeChoice, option: String = "fault mode", offerAuto: Bool = true,
                                probe given: VcpuFaultProbe? = nil) throws(Refusal) -> (mode: FaultMode, reason: String) {
         if given == nil, case .explicit(let mode) = requested, mode == .uffdMissing || mode == .uffdMinor,
            VcpuFaultProbe.registrationObstacle(minor: mode == .uffdMinor) == nil {

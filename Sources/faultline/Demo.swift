@@ -47,7 +47,7 @@ struct Demo: ParsableCommand {
             try HeapPolicy.keepHeapForFaultPath()
             let (backend, why) = BackendSelection.resolve(nil)
             guard backend == .kvm else { throw CLIError(description: "the migration demo needs KVM: \(why)") }
-            let (mode, modeReason) = try FaultModeSelection.resolve(requested: faultMode)
+            let (mode, modeReason) = try FaultModeSelection.resolve(requested: faultMode, option: "--fault-mode")
             // The destination's post-copy knobs, checked as `receive` checks them, before it is spawned.
             var knobs = DestinationOptions(listen: SocketEndpoint(host: "127.0.0.1", port: 0))
             knobs.faultAround = faultAround

@@ -22,8 +22,26 @@ struct CLIError: Error, CustomStringConvertible {
 }
 
 func fail(_ error: Error) -> Never {
-    fputs("faultline: error: \(error)\n", stderr)
+    fputs("faultline: error: \(describe(error))\n", stderr)
     Glibc.exit(2)
+}
+
+/// An error as a user of the command line reads it: a setting the engine refused is named by
+/// its flag.
+func describe(_ error: Error) -> String {
+    guard let invalid = error as? InvalidSetting else { return "\(error)" }
+    return "\(flag(for: invalid.setting)) \(invalid.problem)"
+}
+
+/// The flag that sets `setting`.
+func flag(for setting: InvalidSetting.Setting) -> String {
+    switch setting {
+    case .faultAround: "--fault-around"
+    case .postcopyVcpuNiceness: "--postcopy-vcpu-nice"
+    case .faultMode: "--fault-mode"
+    case .vcpus: "--vcpus"
+    case .vmType: "--vm-type"
+    }
 }
 
 struct Probe: ParsableCommand {

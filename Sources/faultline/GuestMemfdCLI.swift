@@ -31,7 +31,7 @@ func planGuestMemfdMigration(_ vm: MigratableVM, precopyRounds: Int, postcopy: P
                   + "\"missing\":\"\(jsonEscape(error.missing))\",\"error\":\"\(jsonEscape(error.description))\","
                   + "\"private_pages\":\(vm.privatePageCount)}")
         }
-        fputs("faultline: error: migration refused before it started: \(error)\n", stderr)
+        fputs("faultline: error: migration refused before it started: \(describe(error))\n", stderr)
         fflush(stdout)
         exit(refusedBeforeStartExit)
     }

@@ -147,7 +147,7 @@ func migrateSource(_ vm: MigratableVM, options: MigrationOptions, baseline: Bool
         if json {
             print("{\"side\":\"source\",\"outcome\":\"failed_after_switchover\",\"error\":\"\(jsonEscape("\(error)"))\"}")
         }
-        fputs("faultline: error: \(error)\n", stderr)
+        fputs("faultline: error: \(describe(error))\n", stderr)
         fflush(stdout)
         exit(MigrationExit.failedAfterSwitchover)
     }
@@ -267,7 +267,7 @@ struct Receive: ParsableCommand {
         do {
             try HeapPolicy.keepHeapForFaultPath()
             guard let endpoint = SocketEndpoint(parsing: listen) else { throw CLIError(description: "cannot read --listen '\(listen)'") }
-            let (mode, modeReason) = try FaultModeSelection.resolve(requested: faultMode)
+            let (mode, modeReason) = try FaultModeSelection.resolve(requested: faultMode, option: "--fault-mode")
             var options = DestinationOptions(listen: endpoint)
             options.faultMode = mode
             options.guestMemfdVM = vmType == .swProtected
@@ -301,7 +301,7 @@ struct Receive: ParsableCommand {
             } catch let error as MigrationError {
                 if case .unrecoverable = error {
                     if json { print("{\"side\":\"destination\",\"outcome\":\"failed_after_switchover\",\"error\":\"\(jsonEscape("\(error)"))\"}") }
-                    fputs("faultline: error: \(error)\n", stderr)
+                    fputs("faultline: error: \(describe(error))\n", stderr)
                     fflush(stdout)
                     Foundation.exit(MigrationExit.failedAfterSwitchover)
                 }

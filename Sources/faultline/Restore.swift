@@ -99,7 +99,7 @@ struct Restore: ParsableCommand {
             if case .explicit(.vcpuExit) = faultMode {
                 mode = .vcpuExit
             } else {
-                mode = try FaultModeSelection.resolve(requested: faultMode).mode
+                mode = try FaultModeSelection.resolve(requested: faultMode, option: "--fault-mode").mode
                 probing?.join()
             }
             defer { probing?.join() }

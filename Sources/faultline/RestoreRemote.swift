@@ -109,6 +109,6 @@ func restoreFailed(_ error: Error, json: Bool) -> Never {
         print((try? jsonLine(["side": "restore", "outcome": outcome, "error": "\(error)"])) ?? "{}")
         fflush(stdout)
     }
-    fputs("faultline: error: \(error)\n", stderr)
+    fputs("faultline: error: \(describe(error))\n", stderr)
     exit(code)
 }

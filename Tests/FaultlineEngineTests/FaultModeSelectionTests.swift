@@ -58,11 +58,11 @@ struct FaultModeSelectionTests {
     @Test("vcpu-exit is refused up front on TDP, with the reason and what to use instead")
     func vcpuExitRefusedOnTDP() {
         #expect(throws: FaultModeSelection.Refusal(
-            "--fault-mode vcpu-exit cannot work on this kernel: a vCPU fault on missing RAM returns a bare EFAULT "
+            "fault mode vcpu-exit cannot work on this kernel: a vCPU fault on missing RAM returns a bare EFAULT "
                 + "from KVM_RUN (TDP without KVM Userfault); use uffd-missing or auto")) {
             try FaultModeSelection.resolve(requested: .explicit(.vcpuExit), probe: Self.tdp)
         }
-        // The benchmark's flag, without auto (bench has no auto).
+        // Named as a front end spells it, without auto (bench has no auto).
         #expect(throws: FaultModeSelection.Refusal(
             "--mode vcpu-exit cannot work on this kernel: a vCPU fault on missing RAM returns a bare EFAULT "
                 + "from KVM_RUN (TDP without KVM Userfault); use uffd-missing")) {
@@ -76,7 +76,7 @@ struct FaultModeSelectionTests {
         #expect(throws: FaultModeSelection.Refusal(
             "--fault-mode uffd-minor cannot work on this kernel: a userfaultfd MINOR registration on shmem fails "
                 + "(UFFDIO_API: the kernel lacks UFFD_FEATURE_MINOR_SHMEM); use vcpu-exit or auto")) {
-            try FaultModeSelection.resolve(requested: .explicit(.uffdMinor), probe: probe)
+            try FaultModeSelection.resolve(requested: .explicit(.uffdMinor), option: "--fault-mode", probe: probe)
         }
     }
 

@@ -55,3 +55,15 @@ struct MachineLayoutTests {
         #expect(throws: MachineLayout.Invalid.self) { try MachineLayout(vcpus: 1, memory: elsewhere) }
     }
 }
+
+@Suite("Settings the engine refuses name no CLI flag (no kernel)")
+struct InvalidSettingTests {
+    @Test func aRefusedSettingIsNamedByWhatItIsNotByAFlag() throws {
+        let refused = #expect(throws: InvalidSetting.self) { try MachineLayout(vcpus: 0, ramSize: 1 << 20) }
+        #expect(refused?.setting == .vcpus)
+        #expect(refused.map { "\($0)".hasPrefix("the vCPU count must be between 1 and") } == true, "\(String(describing: refused))")
+        for setting in InvalidSetting.Setting.allCases {
+            #expect(!InvalidSetting(setting, "is wrong").description.contains("--"))
+        }
+    }
+}

@@ -263,13 +263,13 @@ struct MigrationWithFakesTests {
         var d = DestinationOptions(listen: SocketEndpoint(host: "127.0.0.1", port: 0))
         for bad in [0, Int(WireProtocol.maxPagesPerRequest) + 1] {
             d.faultAround = bad
-            #expect(throws: DemandPagingConfig.Invalid.self) { try d.validate() }
+            #expect { try d.validate() } throws: { ($0 as? InvalidSetting)?.setting == .faultAround }
         }
         d.faultAround = Int(WireProtocol.maxPagesPerRequest)
         try d.validate()
         for bad: Int32 in [-1, 20] {
             d.vcpuNicenessDuringPostcopy = bad
-            #expect(throws: DemandPagingConfig.Invalid.self) { try d.validate() }
+            #expect { try d.validate() } throws: { ($0 as? InvalidSetting)?.setting == .postcopyVcpuNiceness }
         }
         d.vcpuNicenessDuringPostcopy = 0
         try d.validate()

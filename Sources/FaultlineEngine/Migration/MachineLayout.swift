@@ -25,7 +25,7 @@ public struct MachineLayout: Sendable, Equatable {
     /// - Parameter mode: nil = ``GuestMode/natural(forRAM:)``.
     public init(vcpus: Int, ramSize: UInt64, mode: GuestMode? = nil) throws {
         guard vcpus >= 1, vcpus <= DemandPagingConfig.maxVcpus else {
-            throw Invalid(description: "--vcpus must be between 1 and \(DemandPagingConfig.maxVcpus) (got \(vcpus))")
+            throw InvalidSetting(.vcpus, "must be between 1 and \(DemandPagingConfig.maxVcpus) (got \(vcpus))")
         }
         guard ramSize > 0, ramSize % (UInt64(vcpus) * Self.pageSize) == 0 else {
             throw Invalid(description: "memory size \(ramSize) must be a positive multiple of \(vcpus) x 4096 bytes")

@@ -14,7 +14,7 @@ extension MigratableVM {
     /// Sets RAM pages `pages` (indices into RAM) private or shared with KVM_SET_MEMORY_ATTRIBUTES.
     public func setPrivate(ramPages pages: Range<Int>, _ isPrivate: Bool = true) throws {
         guard let privateRAM else {
-            throw MachineLayout.Invalid(description: "private memory needs a guest_memfd VM (--vm-type sw-protected)")
+            throw InvalidSetting(.vmType, "must be a guest_memfd VM (KVM_X86_SW_PROTECTED_VM) for private memory")
         }
         guard pages.lowerBound >= 0, pages.upperBound <= layout.ramPages, !pages.isEmpty else {
             throw MachineLayout.Invalid(description: "private pages \(pages) outside RAM's \(layout.ramPages) pages")

@@ -54,7 +54,7 @@ public enum FirecrackerHandshake {
             }
             guard policy.allowedUIDs.contains(peer.uid) else {
                 let allowed = policy.allowedUIDs.sorted().map(String.init).joined(separator: ", ")
-                log("refused a connection on \(listener.path) from \(peer): uid \(peer.uid) is not allowed (--allow-uid: \(allowed))")
+                log("refused a connection on \(listener.path) from \(peer): uid \(peer.uid) is not allowed (allowed uids: \(allowed))")
                 continue
             }
             return (connection, peer)

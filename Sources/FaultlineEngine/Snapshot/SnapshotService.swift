@@ -66,7 +66,7 @@ public final class SnapshotService: @unchecked Sendable {
                 socket = try listener.accept(timeoutSeconds: 1)
             } catch {
                 if stopping.load(ordering: .relaxed) { return }
-                FaultlineLog.warn("faultline serve-snapshot: accept failed: \(error)")
+                FaultlineLog.warn("snapshot server: accept failed: \(error)")
                 MonotonicClock.sleep(microseconds: 100_000)  // e.g. out of file descriptors: do not spin
                 continue
             }

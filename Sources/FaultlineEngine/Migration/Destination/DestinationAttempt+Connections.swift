@@ -20,7 +20,7 @@ extension DestinationAttempt {
     /// After the commit the connection broke: keep everything; the guest waits for its pages
     /// while the source reconnects.
     func reconnect(after cause: Error) throws {
-        FaultlineLog.note("faultline receive: connection lost (\(cause)); waiting for the source to reconnect")
+        FaultlineLog.note("destination: connection lost (\(cause)); waiting for the source to reconnect")
         closeChannels()
         let pair: SessionAcceptor.Pair
         do {

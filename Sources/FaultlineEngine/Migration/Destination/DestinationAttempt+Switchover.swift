@@ -93,7 +93,7 @@ extension DestinationAttempt {
             throw AttemptAbandoned(cause: cause)
         }
         guard pair.hello.sessionID == sessionID else { throw AttemptAbandoned(cause: cause, next: pair) }
-        FaultlineLog.note("faultline receive: the source reconnected after the commit; starting the guest")
+        FaultlineLog.note("destination: the source reconnected after the commit; starting the guest")
         try startGuest()
         try resume(pair)
     }

@@ -289,7 +289,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                     // Everything is in and checked; only the source's receipt of the verdict is
                     // missing. Wait for it to reconnect and ask again, but succeed either way.
                     do { try reconnect(after: cause) } catch {
-                        FaultlineLog.warn("faultline receive: verified, but the source did not confirm the verdict: \(error)")
+                        FaultlineLog.warn("destination: verified, but the source did not confirm the verdict: \(error)")
                         break receiveLoop
                     }
                     continue
@@ -304,7 +304,7 @@ final class DestinationAttempt: RAMFaultHandler, @unchecked Sendable {
                 case .unrecoverable:
                     tellSource("destination: \(cause)")
                     MonotonicClock.sleep(microseconds: 200_000)
-                    FaultlineLog.warn("faultline receive: unrecoverable after the switch-over: \(cause); the guest and "
+                    FaultlineLog.warn("destination: unrecoverable after the switch-over: \(cause); the guest and "
                                       + "its \(table.installedCount) installed pages are kept as they are")
                     throw MigrationError.unrecoverable("\(cause)")
                 }

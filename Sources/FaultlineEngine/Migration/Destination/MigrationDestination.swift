@@ -70,18 +70,18 @@ public struct DestinationOptions: Sendable {
 
     public func validate() throws {
         guard faultAround >= 1 && faultAround <= Int(WireProtocol.maxPagesPerRequest) else {
-            throw DemandPagingConfig.Invalid("--fault-around must be 1...\(WireProtocol.maxPagesPerRequest) pages (got \(faultAround))")
+            throw InvalidSetting(.faultAround, "must be 1...\(WireProtocol.maxPagesPerRequest) pages (got \(faultAround))")
         }
         guard (0...19).contains(vcpuNicenessDuringPostcopy) else {
-            throw DemandPagingConfig.Invalid("--postcopy-vcpu-nice must be 0...19 (got \(vcpuNicenessDuringPostcopy))")
+            throw InvalidSetting(.postcopyVcpuNiceness, "must be 0...19 (got \(vcpuNicenessDuringPostcopy))")
         }
         guard [.vcpuExit, .uffdMissing, .uffdMinor].contains(faultMode) else {
-            throw DemandPagingConfig.Invalid("--fault-mode must be vcpu-exit, uffd-missing or uffd-minor")
+            throw InvalidSetting(.faultMode, "must be vcpu-exit, uffd-missing or uffd-minor (got \(faultMode))")
         }
         if guestMemfdVM && faultMode == .uffdMinor {
             // No dirty log on a guest_memfd slot: guest writes are tracked by write-protecting
             // the anonymous shared view, which Faultline does for MISSING installs only.
-            throw DemandPagingConfig.Invalid("a guest_memfd VM's destination needs --fault-mode uffd-missing or vcpu-exit (KVM Userfault) "
+            throw InvalidSetting(.faultMode, "must be uffd-missing or vcpu-exit (KVM Userfault) for a guest_memfd VM's destination "
                 + "(got \(faultMode)): its guest writes are tracked with userfaultfd write-protect on the anonymous shared "
                 + "mapping, since the kernel refuses KVM_MEM_LOG_DIRTY_PAGES on a KVM_MEM_GUEST_MEMFD memslot")
         }
@@ -246,7 +246,7 @@ public final class MigrationDestination: @unchecked Sendable {
             } catch let abandon as AttemptAbandoned {
                 attempt.tearDown()
                 abandoned.append("\(abandon.cause)")
-                FaultlineLog.note("faultline receive: attempt \(abandoned.count) failed before the switch-over (\(abandon.cause)); "
+                FaultlineLog.note("destination: attempt \(abandoned.count) failed before the switch-over (\(abandon.cause)); "
                                   + "everything it received is discarded; waiting \(Int(options.acceptSeconds)) s for a retry")
                 next = try abandon.next ?? sessions.acceptPair(timeout: options.acceptSeconds, session: nil)
             } catch {

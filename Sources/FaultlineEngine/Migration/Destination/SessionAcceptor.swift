@@ -28,7 +28,7 @@ final class SessionAcceptor: @unchecked Sendable {
             for (role, channel) in channels where channel.socket.peerHasClosed {
                 channel.close()
                 channels[role] = nil
-                FaultlineLog.note("faultline receive: dropped a \(role) connection its source had already closed")
+                FaultlineLog.note("destination: dropped a \(role) connection its source had already closed")
             }
             if channels.isEmpty { hello = nil }
             let left = MonotonicClock.secondsLeft(until: deadline)
@@ -44,14 +44,14 @@ final class SessionAcceptor: @unchecked Sendable {
                 // A stranger, a corrupt hello or a peer that went away: turn it away, keep listening.
                 try? probe.send(.error(message: "\(error)"))
                 probe.close()
-                FaultlineLog.warn("faultline receive: turned away a connection from \(socket.peer): \(error)")
+                FaultlineLog.warn("destination: turned away a connection from \(socket.peer): \(error)")
                 if channels.isEmpty && !orNewSession && session == nil, case WireError.unsupportedVersion = error { throw error }
                 continue
             }
             guard case .hello(let h) = message else {
                 try? probe.send(.reject(reason: "expected hello"))
                 probe.close()
-                FaultlineLog.warn("faultline receive: turned away \(socket.peer): its first message is \(message.type), not hello")
+                FaultlineLog.warn("destination: turned away \(socket.peer): its first message is \(message.type), not hello")
                 continue
             }
             let expected = hello?.sessionID ?? (orNewSession ? nil : session)

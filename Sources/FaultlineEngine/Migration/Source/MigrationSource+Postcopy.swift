@@ -120,13 +120,13 @@ extension MigrationSource {
     func recover(from error: Error) throws {
         switch FailurePolicy.action(phase: phase, kind: FailureClassifier.classify(error)) {
         case .reconnect:
-            FaultlineLog.note("faultline run: connection lost after the switch-over (\(error)); reconnecting")
+            FaultlineLog.note("source: connection lost after the switch-over (\(error)); reconnecting")
             try reconnectAndResume(after: error)
         case .abandonAttempt, .unrecoverable:
             try? bulk.send(.error(message: "source: \(error)"))
             try? fault.send(.error(message: "source: \(error)"))
             faultServer.stop()
-            FaultlineLog.warn("faultline run: unrecoverable after the switch-over: \(error); the paused guest is kept")
+            FaultlineLog.warn("source: unrecoverable after the switch-over: \(error); the paused guest is kept")
             throw MigrationError.unrecoverable("\(error)")
         }
     }
@@ -240,7 +240,7 @@ public enum SourceMigration {
                 return (source, report)
             } catch let failed as SourceAttemptFailed {
                 causes.append("\(failed)")
-                FaultlineLog.note("faultline run: attempt \(attempt + 1) failed \(failed); the guest keeps running"
+                FaultlineLog.note("source: attempt \(attempt + 1) failed \(failed); the guest keeps running"
                                   + (attempt < options.retries ? ", retrying in \(options.retryDelaySeconds) s" : ""))
                 if attempt < options.retries { MonotonicClock.sleep(microseconds: UInt64(options.retryDelaySeconds * 1e6)) }
             }

@@ -213,7 +213,7 @@ public final class MigrationSource: @unchecked Sendable {
         case .nextRound: break
         case .stopAndCopy(let why): report.precopyStop = "\(why)"; stopAndCopy = true
         case .postcopy(let why): report.precopyStop = report.precopyRounds.isEmpty ? "no pre-copy" : "\(why)"
-        case .fail(let why): throw MigrationError.didNotConverge("\(why) (--postcopy never)")
+        case .fail(let why): throw MigrationError.didNotConverge("\(why) (post-copy is not allowed)")
         }
         report.mode = stopAndCopy ? "precopy" : "postcopy"
         phase = .switchover
