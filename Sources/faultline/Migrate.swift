@@ -89,7 +89,7 @@ extension MigrationOptions {
         retries = m.retries
         reconnectSeconds = m.reconnectSeconds
         postcopyCPULatencyMicroseconds = m.postcopyCPULatency.microseconds
-        self.progress = progress
+        self.progress = progress && StandardError.isTerminal ? ProgressBar.draw : nil
         self.faultPathCPU = faultPathCPU
         disconnectAfterPages = injection.disconnectAfter
         disconnectDuringPrecopyAfterPages = injection.precopyDisconnectAfter

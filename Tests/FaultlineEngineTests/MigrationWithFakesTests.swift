@@ -204,6 +204,22 @@ struct MigrationWithFakesTests {
         #expect(d.digestMatch && pair.memoriesMatch())
     }
 
+    /// The engine reports post-copy's progress to whoever asks, and draws nothing itself.
+    @Test func postcopyProgressIsReportedThroughTheCallback() throws {
+        let pair = try FakePair(ramPages: 9000)
+        let seen = Locked<[MigrationProgress]>([])
+        let r = try pair.migrate(source: { o in
+            o.postcopy = .always
+            o.precopyRounds = 0
+            o.progress = { p in seen.withLock { $0.append(p) } }
+        })
+        #expect(try r.destination.get().digestMatch)
+        let steps = seen.withLock { $0 }
+        #expect(steps.count >= 3, "every 4096 pages, and at the end: \(steps)")
+        #expect(steps.last == MigrationProgress(pagesDone: pair.layout.totalPages, pagesTotal: pair.layout.totalPages, finished: true))
+        #expect(zip(steps, steps.dropFirst()).allSatisfy { $0.pagesDone <= $1.pagesDone } && steps.dropLast().allSatisfy { !$0.finished })
+    }
+
     @Test func aCorruptPostcopyPageIsNeverInstalledAndIsFetchedAgain() throws {
         let pair = try FakePair()
         let r = try pair.migrate(source: { $0.corruptOnePage = true })

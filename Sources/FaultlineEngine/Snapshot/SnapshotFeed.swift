@@ -79,7 +79,7 @@ enum SnapshotServing {
         options.precopyRounds = 0
         options.retries = retries
         options.retryDelaySeconds = min(options.retryDelaySeconds, 0.2)
-        options.progress = false
+        options.progress = nil
         if lazy {
             options.postcopy = .always
         } else {

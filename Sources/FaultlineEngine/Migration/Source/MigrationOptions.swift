@@ -62,11 +62,27 @@ public struct MigrationOptions: Sendable {
     /// Skip pre-copy and stop-and-copy at once, for this reason (a guest_memfd VM whose RAM
     /// slot cannot log dirty pages, asked for `--postcopy never`: GuestMemfdMigrationPlanner).
     public var immediateStopAndCopy: String?
-    /// Print a progress bar (stderr, when it is a terminal).
-    public var progress = false
+    /// Told how post-copy's background stream goes: every 4096 pages it sends, and once at the
+    /// end. Called on the stream's thread: it must return quickly.
+    public var progress: (@Sendable (MigrationProgress) -> Void)?
 
     public init(destination: SocketEndpoint) { self.destination = destination }
+}
 
+/// How far post-copy has come: pages the destination has (sent or installed) of all of them.
+public struct MigrationProgress: Sendable, Equatable {
+    public var pagesDone: Int
+    public var pagesTotal: Int
+    public var finished: Bool
+
+    public init(pagesDone: Int, pagesTotal: Int, finished: Bool) {
+        self.pagesDone = pagesDone
+        self.pagesTotal = pagesTotal
+        self.finished = finished
+    }
+}
+
+extension MigrationOptions {
     mutating func clearInjections() {
         disconnectAfterPages = nil
         disconnectDuringPrecopyAfterPages = nil

@@ -65,7 +65,9 @@ extension MigrationSource {
                         if corrupt { injectedCorruption = true }
                     }
                     sentBackground += 1
-                    if options.progress && sentBackground % 4096 == 0 { progressBar(done.populationCount, layout.totalPages) }
+                    if let progress = options.progress, sentBackground % 4096 == 0 {
+                        progress(MigrationProgress(pagesDone: done.populationCount, pagesTotal: layout.totalPages, finished: false))
+                    }
                     if let cut = options.disconnectAfterPages, !injectedCut, sentBackground >= cut {
                         injectedCut = true
                         bulk.close()
@@ -99,7 +101,7 @@ extension MigrationSource {
             }
         }
         report.backgroundPages = sentBackground
-        if options.progress && StandardError.isTerminal { progressBar(layout.totalPages, layout.totalPages); StandardError.write("\n") }
+        options.progress?(MigrationProgress(pagesDone: layout.totalPages, pagesTotal: layout.totalPages, finished: true))
     }
 
     /// The next page for the background stream: the pages of ``MigrationOptions/streamFirst``
@@ -129,13 +131,6 @@ extension MigrationSource {
             FaultlineLog.warn("source: unrecoverable after the switch-over: \(error); the paused guest is kept")
             throw MigrationError.unrecoverable("\(error)")
         }
-    }
-
-    func progressBar(_ have: Int, _ total: Int) {
-        guard StandardError.isTerminal else { return }
-        let width = 40, filled = total > 0 ? have * width / total : width
-        StandardError.write("\r[" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
-              + "] \(have * 100 / max(total, 1))% of \(total) pages")
     }
 
     /// After a broken connection: reconnect within the timeout, learn from the destination
