@@ -21,13 +21,13 @@ struct SnapshotCommand: ParsableCommand {
                 let snapshot = try Snapshot(folder: folder)
                 let r = try snapshot.verify()
                 if json {
-                    print(try jsonLine(r, extra: ["outcome": "verified", "snapshot": folder]))
+                    print(try jsonLine(Merged(r, OutcomeFields(outcome: "verified", snapshot: folder))))
                 } else {
                     print("snapshot \(folder) verified: \(r.pages) pages (\(r.dataPages) with data), \(r.chunks) chunks, "
                           + "\(snapshot.layout.vcpus) vCPU(s), \(snapshot.layout.ramSize >> 20) MiB RAM, \(r.seconds) s")
                 }
             } catch {
-                if json { print((try? jsonLine(["outcome": "refused", "error": "\(error)"])) ?? "{}") }
+                if json { printJSON(FailureReport(outcome: "refused", error: "\(error)")) }
                 fail(error)
             }
         }
