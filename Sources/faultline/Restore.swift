@@ -135,15 +135,3 @@ struct Restore: ParsableCommand {
         }
     }
 }
-
-/// One line of JSON from a Codable value; `extra` string fields are merged in.
-func jsonLine<T: Encodable>(_ value: T, extra: [String: String] = [:]) throws -> String {
-    let encoder = JSONEncoder()
-    encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-    var data = try encoder.encode(value)
-    if !extra.isEmpty, var object = try JSONSerialization.jsonObject(with: data) as? [String: Any] {
-        for (k, v) in extra { object[k] = v }
-        data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
-    }
-    return String(decoding: data, as: UTF8.self)
-}
