@@ -21,6 +21,8 @@ struct ChaosProxyReport: Codable, Sendable, Equatable {
         }
     }
 
+    init(chaos: Schedule) { self.chaos = chaos }
+
     init(_ s: ChaosProxy.Summary) {
         chaos = Schedule(seed: s.schedule.seed, retries: s.schedule.retries, attempts: s.attempts,
                          disturbedAttemptsBeforeCommit: s.disturbedAttemptsBeforeCommit,
