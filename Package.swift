@@ -80,7 +80,7 @@ let package = Package(
         // Runs the built `faultline` binary: exit codes and messages of the CLI.
         .testTarget(
             name: "FaultlineCLITests",
-            dependencies: ["faultline", "FaultlineCore", "FaultlineLinux", "CFaultlineShim", "FaultlineTestSupport"]
+            dependencies: ["faultline", "FaultlineEngine", "FaultlineCore", "FaultlineLinux", "CFaultlineShim", "FaultlineTestSupport"]
         ),
         // The gates themselves, against made-up measurements: needs no kernel.
         .testTarget(name: "FaultlineTestSupportTests", dependencies: ["FaultlineTestSupport"]),

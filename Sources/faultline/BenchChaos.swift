@@ -43,7 +43,13 @@ struct BenchChaos: ParsableCommand {
         let outcome: String
         let wrong: String?
         let seconds: Double
-        let chaos: [String: Any]
+        let chaos: ChaosProxyReport.Schedule
+
+        var report: ChaosRunReport {
+            ChaosRunReport(seed: seed, faultMode: mode, workload: workload, outcome: outcome, correct: wrong == nil, wrong: wrong,
+                           seconds: rounded(seconds, 2), retries: chaos.retries,
+                           disturbedAttemptsBeforeCommit: chaos.disturbedAttemptsBeforeCommit, fired: chaos.fired)
+        }
     }
 
     func modes() -> [String] {
@@ -68,7 +74,7 @@ struct BenchChaos: ParsableCommand {
             let child = try BoundedChild(arguments: arguments).run(timeout: timeout)
             return (child, Self.judge(child, seed: s, mode: mode, workload: workload))
         }
-        try summarize(results, failedKey: "failed_before_switchover", failedText: "failed before the switch-over with the guest running")
+        try summarize(results)
     }
 
     /// Runs every schedule (`body` runs schedule `i` with its seed and judges it), printing
@@ -78,20 +84,13 @@ struct BenchChaos: ParsableCommand {
         for i in 0..<schedules {
             let s = seed &+ UInt64(i)
             let (child, result) = try body(i, s)
-            let mode = result.mode, workload = result.workload
             if let logDir {
                 try? FileManager.default.createDirectory(atPath: logDir, withIntermediateDirectories: true)
                 try? child.stdout.write(toFile: "\(logDir)/seed-\(s).stdout", atomically: false, encoding: .utf8)
                 try? child.stderr.write(toFile: "\(logDir)/seed-\(s).stderr", atomically: false, encoding: .utf8)
             }
             results.append(result)
-            if json {
-                print(Self.line(result))
-            } else {
-                let fired = (result.chaos["fired"] as? [String] ?? []).joined(separator: "; ")
-                print("seed \(s) \(mode) \(workload): \(result.outcome)\(result.wrong.map { " - WRONG: \($0)" } ?? "") "
-                      + "(\(String(format: "%.1f", result.seconds)) s; fired: \(fired.isEmpty ? "nothing" : fired))")
-            }
+            if json { printJSON(result.report) } else { print(result.report.text) }
             if result.wrong != nil {
                 FileHandle.standardError.write(Data(("seed \(s) stderr (last 40 lines):\n"
                     + child.stderr.split(separator: "\n").suffix(40).joined(separator: "\n") + "\n").utf8))
@@ -102,41 +101,43 @@ struct BenchChaos: ParsableCommand {
     }
 
     /// The summary line; exits 1 if any run was wrong, or `batchWrong` names something wrong
-    /// beyond the runs. `failedKey`: the outcome of a clean failure on this path; `extra`: more
-    /// JSON fields (and text) for the summary.
-    func summarize(_ results: [RunResult], failedKey: String, failedText: String, extra: [(json: String, text: String)] = [],
-                   batchWrong: String? = nil) throws {
+    /// beyond the runs. `server`: `--path restore`'s snapshot server, alive or not, and its
+    /// requests by outcome.
+    func summarize(_ results: [RunResult], server: (alive: Bool, requests: [String: Int])? = nil, batchWrong: String? = nil) throws {
         let wrong = results.filter { $0.wrong != nil }
-        let completed = results.filter { $0.outcome == "completed" }.count
+        let failedKey = path == .migration ? "failed_before_switchover" : "failed_before_start"
         let failedBefore = results.filter { $0.outcome == failedKey }.count
         var phases: [String: Int] = [:]
-        for r in results { for p in r.chaos["fired_phases"] as? [String] ?? [] { phases[p, default: 0] += 1 } }
-        let phaseText = phases.sorted { $0.key < $1.key }.map { "\"\($0.key)\":\($0.value)" }.joined(separator: ",")
-        if json {
-            print("{\"path\":\"\(path.rawValue)\",\"schedules\":\(results.count),\"completed\":\(completed),\"\(failedKey)\":\(failedBefore),"
-                  + "\"wrong\":\(wrong.count),\"wrong_seeds\":[\(wrong.map { String($0.seed) }.joined(separator: ","))],"
-                  + "\"events_fired_by_phase\":{\(phaseText)},\"memory\":\"\(memory)\",\"first_seed\":\(seed)"
-                  + extra.map { "," + $0.json }.joined() + "}")
-        } else {
-            print("\(results.count) schedules: \(completed) completed, \(failedBefore) \(failedText), "
-                  + "\(wrong.count) WRONG\(wrong.isEmpty ? "" : " (seeds \(wrong.map(\.seed)))"); "
-                  + "events fired by phase: \(phases.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))"
-                  + extra.map { "; " + $0.text }.joined())
-        }
+        for r in results { for p in r.chaos.firedPhases { phases[p, default: 0] += 1 } }
+        let report = ChaosBatchReport(
+            path: path.rawValue, schedules: results.count, completed: results.filter { $0.outcome == "completed" }.count,
+            failedBeforeSwitchover: path == .migration ? failedBefore : nil, failedBeforeStart: path == .restore ? failedBefore : nil,
+            wrong: wrong.count, wrongSeeds: wrong.map(\.seed), eventsFiredByPhase: phases, memory: memory, firstSeed: seed,
+            serverAlive: server?.alive, serverRequests: server?.requests)
+        if json { printJSON(report) } else { print(report.text) }
         if let batchWrong { FileHandle.standardError.write(Data("WRONG: \(batchWrong)\n".utf8)) }
         if !wrong.isEmpty || batchWrong != nil { throw ExitCode(1) }
     }
 
+    /// A run's chaos line (the proxy's schedule) and its report line: the last JSON line that is not the chaos one.
+    static func readLines(_ stdout: String) -> (chaos: ChaosProxyReport.Schedule, report: [String: Any]) {
+        var chaos = ChaosProxyReport.Schedule()
+        var report: [String: Any] = [:]
+        for line in stdout.split(separator: "\n") where line.hasPrefix("{") {
+            if let c = try? decodeJSONLine(ChaosProxyReport.self, from: String(line)) {
+                chaos = c.chaos
+            } else if let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] {
+                report = object
+            }
+        }
+        return (chaos, report)
+    }
+
     /// Decides whether a run ended in one of the two allowed ways.
     static func judge(_ child: BoundedChild.Outcome, seed: UInt64, mode: String, workload: String) -> RunResult {
-        var chaos: [String: Any] = [:]
-        var report: [String: Any] = [:]
-        for line in child.stdout.split(separator: "\n") where line.hasPrefix("{") {
-            guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else { continue }
-            if let c = object["chaos"] as? [String: Any] { chaos = c } else { report = object }
-        }
-        let retries = chaos["retries"] as? Int ?? 0
-        let disturbed = chaos["disturbed_attempts_before_commit"] as? Int ?? 0
+        let (chaos, report) = readLines(child.stdout)
+        let retries = chaos.retries
+        let disturbed = chaos.disturbedAttemptsBeforeCommit
         let outcome: String
         var wrong: String?
         if child.timedOut {
@@ -161,13 +162,5 @@ struct BenchChaos: ParsableCommand {
         }
         return RunResult(seed: seed, mode: mode, workload: workload, outcome: outcome, wrong: wrong, seconds: child.seconds,
                          chaos: chaos)
-    }
-
-    static func line(_ r: RunResult) -> String {
-        let fired = (r.chaos["fired"] as? [String] ?? []).map { "\"\(jsonEscape($0))\"" }.joined(separator: ",")
-        return "{\"seed\":\(r.seed),\"fault_mode\":\"\(r.mode)\",\"workload\":\"\(r.workload)\",\"outcome\":\"\(r.outcome)\","
-            + "\"correct\":\(r.wrong == nil),\"wrong\":\(r.wrong.map { "\"\(jsonEscape($0))\"" } ?? "null"),"
-            + "\"seconds\":\(String(format: "%.2f", r.seconds)),\"retries\":\(r.chaos["retries"] as? Int ?? 0),"
-            + "\"disturbed_attempts_before_commit\":\(r.chaos["disturbed_attempts_before_commit"] as? Int ?? 0),\"fired\":[\(fired)]}"
     }
 }

@@ -51,17 +51,11 @@ extension BenchChaos {
             guard let o = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], o["request"] != nil else { continue }
             outcomes[o["outcome"] as? String ?? "?", default: 0] += 1
         }
-        let counts = outcomes.sorted { $0.key < $1.key }
         if !alive {
             FileHandle.standardError.write(Data(("the snapshot server exited (status \(served.status)); its stderr:\n"
                 + served.stderr.split(separator: "\n").suffix(40).joined(separator: "\n") + "\n").utf8))
         }
-        try summarize(results, failedKey: "failed_before_start", failedText: "failed before the restored guest started",
-                      extra: [(json: "\"server_alive\":\(alive),\"server_requests\":{"
-                                 + counts.map { "\"\($0.key)\":\($0.value)" }.joined(separator: ",") + "}",
-                               text: "the server \(alive ? "kept running" : "DID NOT keep running") and saw "
-                                 + counts.map { "\($0.value) \($0.key)" }.joined(separator: ", "))],
-                      batchWrong: alive ? nil : "the snapshot server did not survive the batch")
+        try summarize(results, server: (alive, outcomes), batchWrong: alive ? nil : "the snapshot server did not survive the batch")
     }
 
     /// The endpoint a started `serve-snapshot` prints first ("listening on HOST:PORT").
@@ -79,14 +73,9 @@ extension BenchChaos {
 
     /// Decides whether a restore run ended in one of the two allowed ways.
     static func judgeRestore(_ child: BoundedChild.Outcome, seed: UInt64, mode: String) -> RunResult {
-        var chaos: [String: Any] = [:]
-        var report: [String: Any] = [:]
-        for line in child.stdout.split(separator: "\n") where line.hasPrefix("{") {
-            guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else { continue }
-            if let c = object["chaos"] as? [String: Any] { chaos = c } else { report = object }
-        }
-        let retries = chaos["retries"] as? Int ?? 0
-        let disturbed = chaos["disturbed_attempts_before_commit"] as? Int ?? 0
+        let (chaos, report) = readLines(child.stdout)
+        let retries = chaos.retries
+        let disturbed = chaos.disturbedAttemptsBeforeCommit
         let outcome: String
         var wrong: String?
         if child.timedOut {

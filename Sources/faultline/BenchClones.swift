@@ -92,7 +92,7 @@ struct BenchClones: ParsableCommand {
             m.targetMiB = target
             m.met = m.wrong == nil && m.residentMiB <= target
             results.append(m)
-            print(json ? try jsonLine(m, extra: ["bench": "clones"]) : text(m))
+            print(json ? try jsonLine(Merged(m, BenchName(bench: "clones"))) : text(m))
             fflush(stdout)
         }
         let resident = results.map(\.residentMiB).sorted(), pss = results.map(\.totalPssMiB).sorted()
@@ -223,3 +223,8 @@ private func median(_ sorted: [Double]) -> Double {
 }
 
 private func format(_ v: Double) -> String { fmt(v, 1) }
+
+/// The key naming the benchmark on each `bench clones --json` measurement line.
+struct BenchName: Codable, Sendable, Equatable {
+    var bench: String
+}

@@ -23,15 +23,8 @@ struct BenchInstall: ParsableCommand {
             // Alternate the order so that no method always runs first (or last) on a busy machine.
             for method in r % 2 == 0 ? chosen : chosen.reversed() {
                 let result = try InstallBench.run(method, megabytes: mib, runPages: max(runPages, 1))
-                if json {
-                    print("{\"run\":\(r),\"method\":\"\(method.rawValue)\",\"pages\":\(result.pages),\"run_pages\":\(runPages),"
-                          + "\"prepare_seconds\":\(fmt(result.prepareSeconds, 6)),\"install_seconds\":\(fmt(result.installSeconds, 6)),"
-                          + "\"pages_per_second\":\(fmt(result.pagesPerSecond, 0)),"
-                          + "\"pages_per_second_with_prepare\":\(fmt(result.pagesPerSecondWithPrepare, 0))}")
-                } else {
-                    print("run \(r) \(method.rawValue): \(fmt(result.pagesPerSecond, 0)) pages/s "
-                          + "(prepare \(fmt(result.prepareSeconds, 3)) s, install \(fmt(result.installSeconds, 3)) s)")
-                }
+                let report = InstallBenchReport(run: r, method: method, runPages: runPages, result: result)
+                if json { printJSON(report) } else { print(report.text) }
             }
         }
     }

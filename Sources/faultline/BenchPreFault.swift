@@ -25,19 +25,8 @@ struct BenchPreFault: ParsableCommand {
                 do { result = try PreFaultBenchmark.run(bytes: UInt64(mib) << 20, preFault: preFault,
                                                          transparentHugePages: transparentHugePages) } catch { fail(error) }
                 if !result.verified { failed = true }
-                let total = result.preFaultSeconds + result.touchSeconds
-                if json {
-                    print("{\"run\":\(r),\"pre_fault\":\(preFault),\"thp\":\(transparentHugePages),\"pages\":\(result.pages),"
-                          + "\"pre_fault_seconds\":\(fmt(result.preFaultSeconds, 6)),\"pre_fault_calls\":\(result.preFaultCalls),"
-                          + "\"pre_fault_retries\":\(result.preFaultRetries),\"touch_seconds\":\(fmt(result.touchSeconds, 6)),"
-                          + "\"touch_ns_per_page\":\(fmt(result.touchNanosecondsPerPage, 0)),\"total_seconds\":\(fmt(total, 6)),"
-                          + "\"verified\":\(result.verified)}")
-                } else {
-                    print("run \(r) \(preFault ? "pre-faulted" : "plain      "): first touch \(fmt(result.touchSeconds * 1000, 2)) ms "
-                          + "(\(fmt(result.touchNanosecondsPerPage, 0)) ns/page)"
-                          + (preFault ? ", KVM_PRE_FAULT_MEMORY \(fmt(result.preFaultSeconds * 1000, 2)) ms in \(result.preFaultCalls) call(s)" : "")
-                          + (result.verified ? "" : " - VERIFICATION FAILED"))
-                }
+                let report = PreFaultBenchReport(run: r, preFault: preFault, transparentHugePages: transparentHugePages, result: result)
+                if json { printJSON(report) } else { print(report.text) }
             }
         }
         if failed { fail(CLIError(description: "a guest's writes did not all land")) }

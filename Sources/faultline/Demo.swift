@@ -127,7 +127,7 @@ struct Demo: ParsableCommand {
             let printChaos = {
                 guard let chaos else { return }
                 chaos.stop()
-                print(chaosJSON(chaos.summary))
+                printJSON(ChaosProxyReport(chaos.summary))
             }
 
             // The source: this process.
@@ -155,54 +155,24 @@ struct Demo: ParsableCommand {
             let rest = String(decoding: reader.readDataToEndOfFile(), as: UTF8.self)
             child.waitUntilExit()
             printChaos()
-            let destinationJSON = rest.split(separator: "\n").last(where: { $0.hasPrefix("{") }).map(String.init)
-            guard let destinationJSON, let object = try JSONSerialization.jsonObject(with: Data(destinationJSON.utf8)) as? [String: Any] else {
+            let destinationLine = rest.split(separator: "\n").last(where: { $0.hasPrefix("{") }).map(String.init)
+            guard let destinationLine, var destination = try? decodeJSONLine(DestinationMigrationReport.self, from: destinationLine) else {
                 throw CLIError(description: "the destination process failed (exit \(child.terminationStatus))")
             }
-            let digestMatch = object["digest_match"] as? Bool ?? false
-            let guestCheck = (object["guest_check"] as? Bool ?? false) && report.guestCheck
+            let digestMatch = destination.digestMatch
+            let guestCheck = destination.guestCheck && report.guestMismatchesBeforeMigration == 0
+            destination.side = nil
+            destination.guestCheck = guestCheck
+            let demo = DemoReport(source: SourceMigrationReport(report, standalone: false), guestMemfdPlan: plan?.report(ran: report),
+                                  destination: destination)
             if json {
-                let dest = destinationJSON.dropFirst().dropLast().replacingOccurrences(of: "\"side\":\"destination\",", with: "")
-                    .replacingOccurrences(of: "\"guest_check\":\(object["guest_check"] as? Bool ?? false)", with: "\"guest_check\":\(guestCheck)")
-                print("{" + (report.jsonFields + (plan?.jsonFields(ran: report) ?? [])).joined(separator: ",") + "," + dest + "}")
+                printJSON(demo)
             } else {
-                print(report.human)
-                if let plan { print(plan.human(ran: report)) }
-                let l = object["fault_latency_us"] as? [String: Double] ?? [:]
-                print("destination (fault mode \(mode): \(modeReason))")
-                let via = (object["vcpu_exit_via"] as? String).map { " (\(object["vcpu_exit_faults"] ?? 0) as vCPU exits via \($0))" } ?? ""
-                print("  faults                \(object["faults"] ?? 0)\(via), latency p50 \(l["p50"] ?? 0) us, p90 \(l["p90"] ?? 0) us, "
-                      + "p99 \(l["p99"] ?? 0) us, max \(l["max"] ?? 0) us")
-                print("  vCPU stall (ms)       \(object["vcpu_stall_ms"] ?? [])")
-                if let c = object["postcopy_cpu_latency"] as? [String: Any], let us = c["requested_us"] as? Int {
-                    let outcome = CPULatencyOutcome(requestedMicroseconds: Int32(us), held: c["held"] as? Bool ?? false,
-                                                    error: c["error"] as? String)
-                    print("  CPU latency request   \(cpuLatencyText(outcome))")
-                }
-                if let pf = object["pre_fault"] as? [String: Any] {
-                    for (key, label) in [("switchover", "at switch-over"), ("after_postcopy", "after post-copy")] {
-                        guard let p = pf[key] as? [String: Any] else { continue }
-                        let error = (p["error"] as? String).map { " - stopped: \($0)" } ?? ""
-                        print("  pre-fault \(label)\(key == "switchover" ? " " : "") \(p["bytes"] ?? 0) bytes in \(p["ms"] ?? 0) ms "
-                              + "(\(p["calls"] ?? 0) calls, \(p["retries"] ?? 0) retried)\(error)")
-                    }
-                }
-                print("  digest_match          \(digestMatch)")
-                print("  guest_check           \(guestCheck ? "green" : "RED") (\(object["guest_mismatches"] ?? 0) mismatches on the destination, "
-                      + "\(object["passes_after_migration"] ?? 0) passes after the migration)")
+                print(demo.text(guestMemfdPlan: plan.map { $0.human(ran: report) }))
             }
             if child.terminationStatus != 0 || !digestMatch || !guestCheck { Foundation.exit(1) }
         } catch {
             fail(error)
         }
     }
-}
-
-/// One JSON line: the chaos schedule and what of it fired (`bench chaos` reads it).
-func chaosJSON(_ s: ChaosProxy.Summary) -> String {
-    func list(_ items: [String]) -> String { "[" + items.map { "\"\(jsonEscape($0))\"" }.joined(separator: ",") + "]" }
-    let fired = s.fired.map { "attempt \($0.attempt): \($0.event) (frame type \($0.frameType))" }
-    return "{\"chaos\":{\"seed\":\(s.schedule.seed),\"retries\":\(s.schedule.retries),\"attempts\":\(s.attempts),"
-        + "\"disturbed_attempts_before_commit\":\(s.disturbedAttemptsBeforeCommit),\"fired\":\(list(fired)),"
-        + "\"fired_phases\":\(list(s.fired.map(\.event.phase.rawValue))),\"unfired\":\(list(s.unfired.map(\.description)))}}"
 }

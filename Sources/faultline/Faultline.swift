@@ -52,11 +52,7 @@ struct Probe: ParsableCommand {
     func run() throws {
         let p = SystemProbe.collect()
         if json {
-            var fields = p.rows.map { "\"\(jsonEscape($0.name))\":\"\(jsonEscape($0.value))\"" }
-            fields.append("\"modes\":{" + p.modes.map { "\"\(jsonEscape($0.0))\":\($0.1 == nil ? "true" : "false")" }.joined(separator: ",") + "}")
-            fields.append("\"fault_mode_auto\":\"\(p.autoFaultMode.mode)\",\"fault_mode_auto_reason\":\"\(jsonEscape(p.autoFaultMode.reason))\"")
-            fields.append(guestMemfdProbeJSON(GuestMemfdProbe.collect()))
-            print("{" + fields.joined(separator: ",") + "}")
+            printJSON(ProbeReport(p, guestMemfd: GuestMemfdProbe.collect()))
             return
         }
         let width = p.rows.map(\.name.count).max() ?? 10
@@ -74,19 +70,6 @@ struct Probe: ParsableCommand {
         print("Migration --fault-mode auto: \(p.autoFaultMode.mode) (\(p.autoFaultMode.reason))")
         print(guestMemfdProbeText(GuestMemfdProbe.collect()))
     }
-}
-
-func jsonEscape(_ s: String) -> String {
-    var out = ""
-    for c in s.unicodeScalars {
-        switch c {
-        case "\"": out += "\\\""
-        case "\\": out += "\\\\"
-        case "\n": out += "\\n"
-        default: out.unicodeScalars.append(c)
-        }
-    }
-    return out
 }
 
 struct Bench: ParsableCommand {
@@ -153,7 +136,7 @@ struct DemandPaging: ParsableCommand {
             var failed = false
             for _ in 0..<max(1, self.repeat) {
                 let result = try DemandPagingBenchmark(config: config).run()
-                print(json ? result.jsonLine : result.humanReport)
+                if json { printJSON(DemandPagingReport(result)) } else { print(result.humanReport) }
                 if !result.verified { failed = true }
             }
             if failed { Glibc.exit(1) }
@@ -180,18 +163,6 @@ extension DemandPagingResult {
         """
     }
 
-    var jsonLine: String {
-        let c = config
-        let l = latencyMicroseconds
-        return "{\"implementation\":\"faultline\",\"backend\":\"\(backend)\",\"mode\":\"\(c.mode)\",\"uffd\":\"\(c.uffd)\","
-            + "\"readers\":\(c.readers),\"vcpus\":\(c.vcpus),\"mem_per_vcpu_mib\":\(c.bytesPerVcpu >> 20),"
-            + "\"delay_us\":\(c.delayMicroseconds),\"backing\":\"\(c.effectiveBacking)\",\"pattern\":\"\(c.pattern)\","
-            + "\"seconds\":\(fmt(seconds, 6)),\"pages_per_sec_per_vcpu\":\(fmt(pagesPerSecondPerVcpu, 0)),"
-            + "\"pages_per_sec\":\(fmt(pagesPerSecond, 0)),\"resolved\":\(resolved),\"raced\":\(raced),\"bad_pages\":\(badPages),"
-            + "\"checksum_failures\":\(checksumFailures),"
-            + (vcpuExitMechanism.map { "\"vcpu_exit_via\":\"\($0.rawValue)\",\"uffd_fallback_faults\":\(uffdFallbackFaults)," } ?? "")
-            + "\"latency_us\":{\"p50\":\(fmt(l.p50, 2)),\"p90\":\(fmt(l.p90, 2)),\"p99\":\(fmt(l.p99, 2)),\"max\":\(fmt(l.max, 2))}}"
-    }
 }
 
 func fmt(_ v: Double, _ digits: Int) -> String {

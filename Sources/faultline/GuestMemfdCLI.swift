@@ -27,9 +27,7 @@ func planGuestMemfdMigration(_ vm: MigratableVM, precopyRounds: Int, postcopy: P
     } catch {
         _ = vm.stop()
         if json {
-            print("{\"side\":\"source\",\"outcome\":\"refused_before_start\",\"vm_type\":\"sw-protected\","
-                  + "\"missing\":\"\(jsonEscape(error.missing))\",\"error\":\"\(jsonEscape(error.description))\","
-                  + "\"private_pages\":\(vm.privatePageCount)}")
+            printJSON(RefusedBeforeStartReport(missing: error.missing, error: error.description, privatePages: vm.privatePageCount))
         }
         fputs("faultline: error: migration refused before it started: \(describe(error))\n", stderr)
         fflush(stdout)
@@ -51,12 +49,12 @@ extension GuestMemfdMigrationPlan {
                 + "\(report.stopAndCopyPages) pages (\(report.precopyStop))")
     }
 
-    func jsonFields(ran report: SourceReport) -> [String] {
+    /// The keys `demo` adds to its report for a guest_memfd VM.
+    func report(ran report: SourceReport) -> GuestMemfdPlanReport {
         let (ranPath, how) = ran(report)
-        let paths = self.paths.map { "\"\($0.path)\":\"\(jsonEscape($0.missing.map { "needs \($0)" } ?? "allowed"))\"" }
-        return ["\"vm_type\":\"sw-protected\"", "\"migration_path\":\"\(ranPath)\"",
-                "\"migration_path_reason\":\"\(jsonEscape("ran: \(how); planned: \(reason)"))\"",
-                "\"migration_plan\":\"\(path)\"", "\"guest_memfd_paths\":{\(paths.joined(separator: ","))}"]
+        return GuestMemfdPlanReport(
+            migrationPath: ranPath.rawValue, migrationPathReason: "ran: \(how); planned: \(reason)", migrationPlan: path.rawValue,
+            paths: Dictionary(uniqueKeysWithValues: paths.map { ($0.path.rawValue, $0.missing.map { "needs \($0)" } ?? "allowed") }))
     }
 
     /// Before the migration: the plan and what each path needs.
@@ -94,10 +92,34 @@ func guestMemfdProbeText(_ r: GuestMemfdProbe.Result) -> String {
     return lines.joined(separator: "\n")
 }
 
-func guestMemfdProbeJSON(_ r: GuestMemfdProbe.Result) -> String {
-    let paths = GuestMemfdMigrationPath.allCases.map { path in
-        "\"\(path)\":" + (r.features.swProtectedVM && GuestMemfdMigrationPlanner.missing(path, kernel: r.features) == nil ? "true" : "false")
+/// `probe --json`'s `guest_memfd_migration`: which paths this kernel allows, and its answers.
+func guestMemfdProbeReport(_ r: GuestMemfdProbe.Result) -> GuestMemfdProbeReport {
+    GuestMemfdProbeReport(
+        paths: Dictionary(uniqueKeysWithValues: GuestMemfdMigrationPath.allCases.map { path in
+            (path.rawValue, r.features.swProtectedVM && GuestMemfdMigrationPlanner.missing(path, kernel: r.features) == nil)
+        }),
+        kernel: Dictionary(r.notes.map { ($0.name, $0.answer) }, uniquingKeysWith: { first, _ in first }))
+}
+
+/// `demo --vm-type sw-protected`: the migration path that ran, the plan, and what each path needs.
+struct GuestMemfdPlanReport: Codable, Sendable, Equatable {
+    var vmType = "sw-protected"
+    var migrationPath: String
+    var migrationPathReason: String
+    var migrationPlan: String
+    /// Each path: "allowed", or "needs FEATURE".
+    var paths: [String: String]
+
+    enum CodingKeys: String, CodingKey {
+        case vmType = "vm_type", migrationPath = "migration_path", migrationPathReason = "migration_path_reason"
+        case migrationPlan = "migration_plan", paths = "guest_memfd_paths"
     }
-    let notes = r.notes.map { "\"\(jsonEscape($0.name))\":\"\(jsonEscape($0.answer))\"" }
-    return "\"guest_memfd_migration\":{\"paths\":{\(paths.joined(separator: ","))},\"kernel\":{\(notes.joined(separator: ","))}}"
+}
+
+/// `probe --json`: guest_memfd migration on this kernel.
+struct GuestMemfdProbeReport: Codable, Sendable, Equatable {
+    /// Each migration path: whether this kernel allows it.
+    var paths: [String: Bool]
+    /// What the kernel answered, by question.
+    var kernel: [String: String]
 }

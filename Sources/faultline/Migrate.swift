@@ -131,9 +131,8 @@ func migrateSource(_ vm: MigratableVM, options: MigrationOptions, baseline: Bool
         let err = vm.stop()
         onFailure()
         if json {
-            print("{\"side\":\"source\",\"outcome\":\"failed_before_switchover\",\"error\":\"\(jsonEscape("\(failed)"))\","
-                  + "\"attempts\":\(failed.causes.count),\"guest_running\":\(running),\"passes_at_failure\":\(passesAtFailure),"
-                  + "\"passes_after_failure\":\(passesAfter)}")
+            printJSON(FailedBeforeSwitchoverReport(error: "\(failed)", attempts: failed.causes.count, guestRunning: running,
+                                                   passesAtFailure: passesAtFailure, passesAfterFailure: passesAfter))
         } else {
             print("migration failed before the switch-over after \(failed.causes.count) attempt(s); the guest "
                   + (running ? "kept running (\(passesAfter - passesAtFailure) passes in the \(runAfterFailure) s after the failure)"
@@ -145,7 +144,7 @@ func migrateSource(_ vm: MigratableVM, options: MigrationOptions, baseline: Bool
     } catch {
         onFailure()
         if json {
-            print("{\"side\":\"source\",\"outcome\":\"failed_after_switchover\",\"error\":\"\(jsonEscape("\(error)"))\"}")
+            printJSON(FailureReport(side: "source", outcome: "failed_after_switchover", error: "\(error)"))
         }
         fputs("faultline: error: \(describe(error))\n", stderr)
         fflush(stdout)
@@ -233,7 +232,8 @@ struct Run: ParsableCommand {
             guard let (_, report) = migrateSource(vm, options: options, baseline: baseline, json: json,
                                                   runAfterFailure: runAfterFailure) else { return }
             _ = vm.stop()
-            print(json ? report.json : report.human)
+            let document = SourceMigrationReport(report, standalone: true)
+            if json { printJSON(document) } else { print(document.text) }
         } catch {
             fail(error)
         }
@@ -300,14 +300,15 @@ struct Receive: ParsableCommand {
                 }
             } catch let error as MigrationError {
                 if case .unrecoverable = error {
-                    if json { print("{\"side\":\"destination\",\"outcome\":\"failed_after_switchover\",\"error\":\"\(jsonEscape("\(error)"))\"}") }
+                    if json { printJSON(FailureReport(side: "destination", outcome: "failed_after_switchover", error: describe(error))) }
                     fputs("faultline: error: \(describe(error))\n", stderr)
                     fflush(stdout)
                     Foundation.exit(MigrationExit.failedAfterSwitchover)
                 }
                 throw error
             }
-            print(json ? report.json(faultModeReason: modeReason) : report.human(faultModeReason: modeReason))
+            let document = DestinationMigrationReport(report, faultModeReason: modeReason, standalone: true)
+            if json { printJSON(document) } else { print(document.text) }
             if !report.digestMatch || report.guestMismatches > 0 {
                 if !report.digestMatch { fputs("faultline: error: memory digest mismatch (computed from destination memory)\n", stderr) }
                 Foundation.exit(1)
@@ -329,8 +330,8 @@ func snapshotGuest(_ vm: MigratableVM, to folder: String, after seconds: Double,
     let err = vm.stop()
     let mismatches = vm.counters.mismatches.load(ordering: .relaxed)
     if json {
-        print(try jsonLine(report, extra: ["outcome": "snapshot_written", "passes_before_snapshot": "\(passes)",
-                                           "guest_mismatches": "\(mismatches)", "pause_ms": "\(pausedMilliseconds)"]))
+        print(try jsonLine(Merged(report, SnapshotWrittenFields(passesBeforeSnapshot: passes, guestMismatches: UInt64(mismatches),
+                                                                pauseMilliseconds: rounded(pausedMilliseconds, 6)))))
     } else {
         print("snapshot written to \(folder): \(report.pages) pages, \(report.dataPages) with data (\(report.bytesWritten >> 20) MiB), "
               + "in \(report.seconds) s; the guest had run \(passes) passes, \(mismatches) mismatches")

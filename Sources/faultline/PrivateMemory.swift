@@ -66,7 +66,7 @@ struct PrivateCommand: ParsableCommand {
     func run() {
         do {
             let report = try PrivateMemoryRun.run(try options.config(readbacks: true))
-            print(json ? report.jsonLine : report.humanReport)
+            if json { printJSON(PrivateMemoryBenchReport(report)) } else { print(report.humanReport) }
             if !report.verified { Glibc.exit(1) }
         } catch {
             fail(error)
@@ -93,7 +93,7 @@ struct BenchConversions: ParsableCommand {
             var failed = false
             for _ in 0..<max(1, self.repeat) {
                 let report = try PrivateMemoryRun.run(config)
-                print(json ? report.jsonLine : report.humanReport)
+                if json { printJSON(PrivateMemoryBenchReport(report)) } else { print(report.humanReport) }
                 if !report.verified { failed = true }
             }
             if failed { Glibc.exit(1) }
@@ -136,28 +136,5 @@ extension PrivateMemoryReport {
         for m in contentMismatches { lines.append("MISMATCH: \(m)") }
         lines.append("Verification: \(verified ? "OK" : "FAILED")")
         return lines.joined(separator: "\n")
-    }
-
-    var jsonLine: String {
-        let c = config, g = config.guest, k = costs
-        var s = "{\"implementation\":\"faultline\",\"discard\":\"\(g.baseline ? "baseline" : c.policy.name)\","
-        if case .lazy(let b) = c.policy { s += "\"batch_pages\":\(b)," }
-        s += "\"buffer_pages\":\(g.bufferPages),\"region_pages\":\(g.regionPages),\"shared_backing\":\"\(c.sharedBacking)\","
-        s += "\"hypercall\":\"\(hypercallInstruction.rawValue)\",\"conversions\":\(k.conversions),\"guest_conversions\":\(guestConversions),"
-        s += "\"seconds\":\(fmt(seconds, 6)),\"conversions_per_sec\":\(fmt(conversionsPerSecond, 0)),\"exits\":\(exits),"
-        s += "\"hypercalls\":\(hypercalls),\"hypercalls_per_sec\":\(fmt(hypercallsPerSecond, 0)),\"us_per_exit_kvm_run\":\(fmt(perCall(kvmRunNanoseconds, exits), 2)),\"us_per_exit_userspace\":\(fmt(perCall(userspaceNanoseconds, exits), 2)),"
-        s += "\"us_per_conversion\":{\"set_attributes\":\(fmt(perCall(k.attributeNanoseconds, k.conversions), 2)),"
-        s += "\"discard\":\(fmt(perCall(k.discardNanoseconds, k.conversions), 2)),"
-        s += "\"kvm_run\":\(fmt(perCall(kvmRunNanoseconds, k.conversions), 2)),"
-        s += "\"userspace\":\(fmt(perCall(userspaceNanoseconds, k.conversions), 2)),"
-        s += "\"total\":\(fmt(conversionsPerSecond > 0 ? 1e6 / conversionsPerSecond : 0, 2))},"
-        s += "\"discard_calls\":\(k.discardCalls),\"discard_calls_at_end\":\(discardCallsAtEnd),\"us_per_discard_call\":\(fmt(perCall(k.discardNanoseconds, k.discardCalls), 2)),"
-        s += "\"discarded_private_pages\":\(k.discardedPrivatePages),\"discarded_shared_pages\":\(k.discardedSharedPages),"
-        s += "\"cancelled_discard_pages\":\(cancelledDiscardPages),\"refused\":\(k.refused),\"implicit_conversions\":\(k.implicitConversions),"
-        s += "\"checked_observations\":\(checkedObservations),\"kept\":{\"shared\":\(survivedShared),\"private\":\(survivedPrivate)},"
-        s += "\"discarded_seen\":{\"shared\":\(zeroShared),\"private\":\(zeroPrivate)},"
-        s += "\"readback_mismatches\":\(readbacks.reduce(0) { $0 + $1.mismatchCount }),\"readbacks\":\(readbacks.count),"
-        s += "\"verified\":\(verified)}"
-        return s
     }
 }

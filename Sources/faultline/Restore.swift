@@ -21,13 +21,13 @@ struct SnapshotCommand: ParsableCommand {
                 let snapshot = try Snapshot(folder: folder)
                 let r = try snapshot.verify()
                 if json {
-                    print(try jsonLine(r, extra: ["outcome": "verified", "snapshot": folder]))
+                    print(try jsonLine(Merged(r, OutcomeFields(outcome: "verified", snapshot: folder))))
                 } else {
                     print("snapshot \(folder) verified: \(r.pages) pages (\(r.dataPages) with data), \(r.chunks) chunks, "
                           + "\(snapshot.layout.vcpus) vCPU(s), \(snapshot.layout.ramSize >> 20) MiB RAM, \(r.seconds) s")
                 }
             } catch {
-                if json { print((try? jsonLine(["outcome": "refused", "error": "\(error)"])) ?? "{}") }
+                if json { printJSON(FailureReport(outcome: "refused", error: "\(error)")) }
                 fail(error)
             }
         }
@@ -134,16 +134,4 @@ struct Restore: ParsableCommand {
             restoreFailed(error, json: json)
         }
     }
-}
-
-/// One line of JSON from a Codable value; `extra` string fields are merged in.
-func jsonLine<T: Encodable>(_ value: T, extra: [String: String] = [:]) throws -> String {
-    let encoder = JSONEncoder()
-    encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-    var data = try encoder.encode(value)
-    if !extra.isEmpty, var object = try JSONSerialization.jsonObject(with: data) as? [String: Any] {
-        for (k, v) in extra { object[k] = v }
-        data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
-    }
-    return String(decoding: data, as: UTF8.self)
 }

@@ -41,7 +41,7 @@ extension Restore {
             }
             if self.clone.hold && shortOfPasses == nil {
                 try clone.pause()
-                print(try jsonLine(clone.report, extra: ["outcome": "holding", "pid": "\(getpid())"]))
+                print(try jsonLine(Merged(clone.report, OutcomeFields(outcome: "holding", pid: "\(getpid())"))))
                 fflush(stdout)
                 _ = readLine()  // a line, or the end of input
             }
@@ -56,7 +56,7 @@ extension Restore {
                 Foundation.exit(1)
             }
         } catch {
-            if json { print((try? jsonLine(["side": "restore", "mode": "clone", "outcome": "failed", "error": "\(error)"])) ?? "{}") }
+            if json { printJSON(FailureReport(side: "restore", mode: "clone", outcome: "failed", error: "\(error)")) }
             fail(error)
         }
     }

@@ -61,7 +61,7 @@ struct RemoteRestoreArguments: ParsableArguments {
         defer {
             if let p = proxy.withLock({ $0 }) {
                 p.stop()
-                print(chaosJSON(p.summary))
+                printJSON(ChaosProxyReport(p.summary))
                 fflush(stdout)
             }
         }
@@ -106,7 +106,7 @@ func restoreFailed(_ error: Error, json: Bool) -> Never {
     default: ("failed", 2)
     }
     if json {
-        print((try? jsonLine(["side": "restore", "outcome": outcome, "error": "\(error)"])) ?? "{}")
+        printJSON(FailureReport(side: "restore", outcome: outcome, error: "\(error)"))
         fflush(stdout)
     }
     fputs("faultline: error: \(describe(error))\n", stderr)

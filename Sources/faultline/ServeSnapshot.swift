@@ -56,10 +56,10 @@ struct ServeSnapshot: ParsableCommand {
                 let line: String
                 switch checked {
                 case .success(let s):
-                    line = json ? ((try? jsonLine(s, extra: ["outcome": "verified"])) ?? "{}")
+                    line = json ? ((try? jsonLine(Merged(s, OutcomeFields(outcome: "verified")))) ?? "{}")
                         : "snapshot \(folder) verified: \(s.vcpus) vCPU(s), \(s.ramBytes >> 20) MiB, \(s.dataPages) data pages"
                 case .failure(let error):
-                    line = json ? ((try? jsonLine(["outcome": "refused", "snapshot": folder, "error": "\(error)"])) ?? "{}")
+                    line = json ? ((try? jsonLine(FailureReport(outcome: "refused", error: "\(error)", snapshot: folder))) ?? "{}")
                         : "snapshot \(folder) cannot be served (requests for it are refused): \(error)"
                 }
                 output.withLock { _ in

@@ -158,9 +158,7 @@ struct UffdServeClient: ParsableCommand {
             let file = try MappedFile(try MappedFile.open(memory))
             let result = try FirecrackerPeerRun.play(plan, socketPath: socket, file: file)
             if json {
-                let encoder = JSONEncoder()
-                encoder.outputFormatting = [.sortedKeys]
-                print(String(decoding: try encoder.encode(result), as: UTF8.self))
+                printJSON(result)
             } else {
                 print("\(result.pages) pages of \(result.page_size) bytes from \(result.threads) thread(s) in \(String(format: "%.3f", result.seconds)) s: \(Int(result.pages_per_second)) pages/s")
                 if let m = result.mismatched_pages { print(m == 0 ? "verified: every byte as expected" : "MISMATCH: \(m) pages, first \(result.first_mismatch ?? "")") }

@@ -159,6 +159,8 @@ public struct DestinationReport: Sendable {
     public var everyVcpuWholePassAt: UInt64 = 0
     /// With ``DestinationOptions/recordFirstTouches``: the pages faults asked for, first asked first.
     public var firstTouches: [Int] = []
+
+    public init() {}
 }
 
 /// The destination side: listens, takes one migration attempt at a time and returns when one

@@ -148,6 +148,8 @@ public struct SourceReport: Sendable {
     public var postcopyCPULatency: CPULatencyOutcome?
     /// Attempts that failed before the switch-over, with their causes (the guest kept running).
     public var failedAttempts: [String] = []
+    public init() {}
+
     public var throughputMBps: Double { postcopySeconds > 0 ? Double(bytesSent) / postcopySeconds / 1e6 : 0 }
 }
 
