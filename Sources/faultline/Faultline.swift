@@ -38,6 +38,7 @@ struct Probe: ParsableCommand {
             fields.append("\"modes\":{" + p.modes.map { "\"\(jsonEscape($0.0))\":\($0.1 == nil ? "true" : "false")" }.joined(separator: ",") + "}")
             fields.append("\"fault_mode_auto\":\"\(p.autoFaultMode.mode)\",\"fault_mode_auto_reason\":\"\(jsonEscape(p.autoFaultMode.reason))\"")
             fields.append(guestMemfdProbeJSON(GuestMemfdProbe.collect()))
+            fields.append(guestMemfdOnlyProbeJSON(p.guestMemfdOnly))
             print("{" + fields.joined(separator: ",") + "}")
             return
         }
@@ -55,6 +56,7 @@ struct Probe: ParsableCommand {
         }
         print("Migration --fault-mode auto: \(p.autoFaultMode.mode) (\(p.autoFaultMode.reason))")
         print(guestMemfdProbeText(GuestMemfdProbe.collect()))
+        print(guestMemfdOnlyProbeText(p.guestMemfdOnly))
     }
 }
 
