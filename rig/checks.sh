@@ -20,9 +20,27 @@ elif ! grep -q "^Migration --fault-mode auto: " "$out"; then flunk "a (probe)" "
 else pass "a (probe)" "$(took "$t") s; vCPU fault on missing RAM: $(sed -n 's/^  vCPU fault on missing RAM *\(.*[^ ]\) *(userfaultfd.*/\1/p' "$out"); auto picks $(sed -n 's/^Migration --fault-mode auto: \([a-z-]*\).*/\1/p' "$out")"
 fi
 auto=$(sed -n 's/^Migration --fault-mode auto: \([a-z-]*\).*/\1/p' "$out")
+probe=$(mktemp); cp "$out" "$probe"
 # KVM Userfault: the memslot flag is accepted (the probe tries it; the capability number is not used).
 userfault=no; grep -q "^  KVM_MEM_USERFAULT *yes" "$out" && userfault=yes
 mechanism=$(sed -n 's/^  vcpu-exit mechanism *\([a-z-]*\).*/\1/p' "$out")
+
+# (k) where a guest_memfd maps (the 7.3 kernel), the probe's guest_memfd-only section: each
+#     thing tried on a default VM worked, and the fault and migration paths follow from it.
+if grep -q "^  guest_memfd mmap  *yes" "$probe"; then
+  no=""
+  for row in "userfaultfd MISSING" "userfaultfd MINOR" "write() populates (WRITE)" "KVM_MEM_USERFAULT memslot" \
+             "fault path uffd-missing" "fault path uffd-minor" "fault path vcpu-exit" "path stop-and-copy" \
+             "path postcopy-userfaultfd" "path postcopy-kvm-userfault"; do
+    grep -q "^  $row  *yes" "$probe" || no="$no${no:+, }$row"
+  done
+  flags=$(sed -n 's/^  KVM_CAP_GUEST_MEMFD_FLAGS (VM)  *\(.*\)/\1/p' "$probe")
+  if [ -n "$no" ]; then cp "$probe" "$out"; : >"$err"; flunk "k (guest_memfd-only probe)" "not yes: $no"
+  else pass "k (guest_memfd-only probe)" "flags $flags; mmap, userfaultfd MISSING and MINOR, write(), KVM_MEM_USERFAULT: yes; $(sed -n '/^guest_memfd-only VM/,$p' "$probe" | grep -c '^  path [a-z-]*  *yes') of 5 migration paths allowed"
+  fi
+else
+  echo "rig check k: skipped - $(sed -n 's/^  \(guest_memfd mmap  *no.*\)/\1/p' "$probe" | tr -s ' ')"
+fi
 
 # (b) the default demo (fault mode auto) migrates with matching digests and a green guest.
 t=$(clock)
@@ -113,6 +131,6 @@ private_check() {  # label, options...
 private_check "p1 (private --discard lazy)" --discard lazy
 private_check "p2 (private --discard eager --shared-backing memfd)" --discard eager --shared-backing memfd
 
-rm -f "$out" "$err"
+rm -f "$out" "$err" "$probe"
 echo "rig checks: $failed failed, $(took "$begin") s inside the rig"
 exit $failed

@@ -14,6 +14,8 @@ public struct SystemProbe: Sendable {
     public var uffdError: String?
     public var uffdFeatures: UffdFeatures = []
     public var guestMemfdFlags: Int32 = 0
+    /// What a guest_memfd-only VM can do here, each thing tried (GuestMemfdOnlyProbe).
+    public var guestMemfdOnly = GuestMemfdOnlyFeatures()
     public var hugePages = 0
     /// Mode name -> nil when it can run here, else why not.
     public var modes: [(String, String?)] = []
@@ -44,10 +46,7 @@ public struct SystemProbe: Sendable {
                 case .vmTypes:
                     note = VMType.allCases.filter { v & (1 << Int32($0.rawValue)) != 0 }.map { "\($0)" }.joined(separator: ",")
                 case .guestMemfdFlags:
-                    var names: [String] = []
-                    if v & 1 != 0 { names.append("MMAP") }
-                    if v & 2 != 0 { names.append("INIT_SHARED") }
-                    note = names.joined(separator: "|")
+                    note = GuestMemfdFlagNames.describe(capability: v)
                     p.guestMemfdFlags = v
                 case .memoryAttributes: note = v & 8 != 0 ? "PRIVATE" : "no private memory"
                 case .preFaultMemory: note = v == 0 ? "KVM_PRE_FAULT_MEMORY unsupported (EOPNOTSUPP without TDP)" : ""
@@ -87,6 +86,8 @@ public struct SystemProbe: Sendable {
         p.hugePages = hugePagesFree()
         row("hugepages free (2 MiB)", "\(p.hugePages)", p.hugePages == 0 ? "hugetlb backing unavailable" : "")
 
+        p.guestMemfdOnly = GuestMemfdOnlyProbe.collect()
+
         let kvmOK = p.kvmError == nil
         let uffdOK = p.uffdError == nil
         func need(_ ok: Bool, _ why: String) -> String? { ok ? nil : why }
@@ -97,7 +98,7 @@ public struct SystemProbe: Sendable {
             ("uffd-minor (kvm)", need(kvmOK && p.uffdFeatures.contains(.minorShmem), "needs /dev/kvm and UFFD_FEATURE_MINOR_SHMEM")),
             ("vcpu-exit (kvm)", kvmOK ? FaultModeSelection.obstacle(to: .vcpuExit, probe: VcpuFaultProbe.current) : "needs /dev/kvm"),
             ("uffd-* / vcpu-exit (soft)", need(uffdOK, "needs userfaultfd")),
-            ("backing guest-memfd", need(kvmOK && p.guestMemfdFlags & 1 != 0, "needs KVM_CAP_GUEST_MEMFD_FLAGS with MMAP")),
+            ("backing guest-memfd", need(p.guestMemfdOnly.mmap.works, "needs \(GuestMemfdOnlyPlanner.mmap): \(p.guestMemfdOnly.mmap.detail)")),
             ("backing hugetlb", need(p.hugePages > 0, "no free 2 MiB huge pages")),
             ("vcpu-exit via KVM Userfault (kvm)", kvmUserfaultObstacle(p)),
             ("private memory (faultline private)", kvm.map { PrivateMemoryVM.obstacle($0) } ?? "needs /dev/kvm"),

@@ -12,7 +12,8 @@ public enum MemoryBacking: String, CaseIterable, Sendable, CustomStringConvertib
     case memfd
     /// hugetlbfs 2 MiB pages (needs reserved pages: /proc/sys/vm/nr_hugepages).
     case hugetlb
-    /// KVM guest_memfd with the MMAP flag: fd-based guest memory; no userfaultfd support.
+    /// KVM guest_memfd with the MMAP flag: fd-based guest memory (userfaultfd on its mapping
+    /// needs a kernel with guest_memfd's userfaultfd operations).
     case guestMemfd = "guest-memfd"
     /// A regular file mapped private and writable (copy-on-write): pages never written are the
     /// file's page cache, shared with every other mapping of it; a written page becomes this
@@ -81,8 +82,10 @@ public final class GuestMemoryRegion: @unchecked Sendable {
         }
     }
 
-    /// Maps `size` bytes of `backing`. `vm` is needed for guest_memfd.
-    public init(backing: MemoryBacking, size: UInt64, vm: VirtualMachine? = nil, label: String = "guest-ram") throws {
+    /// Maps `size` bytes of `backing`. `vm` is needed for guest_memfd, created with
+    /// `guestMemfdFlags` (MMAP is what lets it be mapped; INIT_SHARED, that its pages fault in).
+    public init(backing: MemoryBacking, size: UInt64, vm: VirtualMachine? = nil, label: String = "guest-ram",
+                guestMemfdFlags: GuestMemfdFlags = [.mmap, .initShared]) throws {
         guard size > 0, size % backing.pageSize == 0 else { throw RegionError.badSize(size, pageSize: backing.pageSize) }
         self.backing = backing
         self.size = size
@@ -107,7 +110,7 @@ public final class GuestMemoryRegion: @unchecked Sendable {
             throw RegionError.needsFile
         case .guestMemfd:
             guard let vm else { throw RegionError.needsVM }
-            let g = try vm.createGuestMemfd(size: size, flags: [.mmap, .initShared])
+            let g = try vm.createGuestMemfd(size: size, flags: guestMemfdFlags)
             gmem = g
             file = g.fd
             mapping = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED, g.fd.rawValue, 0)

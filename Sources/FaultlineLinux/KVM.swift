@@ -68,6 +68,9 @@ public struct GuestMemfdFlags: OptionSet, Sendable {
     public static let mmap = GuestMemfdFlags(rawValue: 1 << 0)
     /// GUEST_MEMFD_FLAG_INIT_SHARED: pages start shared.
     public static let initShared = GuestMemfdFlags(rawValue: 1 << 1)
+    /// GUEST_MEMFD_FLAG_WRITE: write()/pwrite() populate the guest_memfd (Firecracker's
+    /// guest_memfd write series; bit 3, bit 2 being NO_DIRECT_MAP's on kernels that have it).
+    public static let write = GuestMemfdFlags(rawValue: 1 << 3)
 }
 
 /// The KVM system fd (/dev/kvm).

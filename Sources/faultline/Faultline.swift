@@ -69,6 +69,7 @@ struct Probe: ParsableCommand {
         }
         print("Migration --fault-mode auto: \(p.autoFaultMode.mode) (\(p.autoFaultMode.reason))")
         print(guestMemfdProbeText(GuestMemfdProbe.collect()))
+        print(guestMemfdOnlyProbeText(p.guestMemfdOnly))
     }
 }
 

@@ -86,9 +86,17 @@ func guestMemfdProbeText(_ r: GuestMemfdProbe.Result) -> String {
         lines.append("  path \(path.rawValue.padding(toLength: width - 5, withPad: " ", startingAt: 0))  "
                      + (missing.map { "no: needs \($0)" } ?? "yes (shared memory only)"))
     }
-    lines.append("  private pages: refused (needs \(GuestMemfdMigrationPlanner.guestMemfdMmap) to read them"
-                 + (r.features.kvmUserfault ? ")" : ", and \(GuestMemfdMigrationPlanner.userfaultfdOnGuestMemfd) or "
-                    + "\(GuestMemfdMigrationPlanner.kvmUserfault) to post-copy them)"))
+    // What the planner answers for a VM with one private page, from the probed features.
+    let request = GuestMemfdMigrationRequest(precopyRounds: 0, postcopy: .never, faultMode: .uffdMissing)
+    let privatePages: String
+    do {
+        _ = try GuestMemfdMigrationPlanner.plan(kernel: r.features, memory: GuestMemfdMemoryState(ramPages: 1, privatePages: 1),
+                                                request: request)
+        privatePages = "migrate"
+    } catch {
+        privatePages = "refused (needs \(error.missing))"
+    }
+    lines.append("  private pages: \(privatePages)")
     return lines.joined(separator: "\n")
 }
 

@@ -10,6 +10,7 @@ struct ProbeReport: Codable, Sendable, Equatable {
     var faultModeAuto: String
     var faultModeAutoReason: String
     var guestMemfdMigration: GuestMemfdProbeReport
+    var guestMemfdOnly: GuestMemfdOnlyProbeReport
 
     struct Capability: Sendable, Equatable {
         var name: String
@@ -18,7 +19,7 @@ struct ProbeReport: Codable, Sendable, Equatable {
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case modes, faultModeAuto = "fault_mode_auto", faultModeAutoReason = "fault_mode_auto_reason"
-        case guestMemfdMigration = "guest_memfd_migration"
+        case guestMemfdMigration = "guest_memfd_migration", guestMemfdOnly = "guest_memfd_only"
     }
 
     init(_ p: SystemProbe, guestMemfd: GuestMemfdProbe.Result) {
@@ -27,6 +28,7 @@ struct ProbeReport: Codable, Sendable, Equatable {
         faultModeAuto = p.autoFaultMode.mode
         faultModeAutoReason = p.autoFaultMode.reason
         guestMemfdMigration = guestMemfdProbeReport(guestMemfd)
+        guestMemfdOnly = GuestMemfdOnlyProbeReport(p.guestMemfdOnly)
     }
 
     init(from decoder: Decoder) throws {
@@ -35,6 +37,7 @@ struct ProbeReport: Codable, Sendable, Equatable {
         faultModeAuto = try c.decode(String.self, forKey: .faultModeAuto)
         faultModeAutoReason = try c.decode(String.self, forKey: .faultModeAutoReason)
         guestMemfdMigration = try c.decode(GuestMemfdProbeReport.self, forKey: .guestMemfdMigration)
+        guestMemfdOnly = try c.decode(GuestMemfdOnlyProbeReport.self, forKey: .guestMemfdOnly)
         let fixed = Set(CodingKeys.allCases.map(\.stringValue))
         let all = try decoder.container(keyedBy: NamedKey.self)
         capabilities = try all.allKeys.filter { !fixed.contains($0.stringValue) }.sorted { $0.stringValue < $1.stringValue }
@@ -47,6 +50,7 @@ struct ProbeReport: Codable, Sendable, Equatable {
         try c.encode(faultModeAuto, forKey: .faultModeAuto)
         try c.encode(faultModeAutoReason, forKey: .faultModeAutoReason)
         try c.encode(guestMemfdMigration, forKey: .guestMemfdMigration)
+        try c.encode(guestMemfdOnly, forKey: .guestMemfdOnly)
         var all = encoder.container(keyedBy: NamedKey.self)
         for cap in capabilities where CodingKeys(rawValue: cap.name) == nil { try all.encode(cap.value, forKey: NamedKey(cap.name)) }
     }

@@ -96,7 +96,10 @@ struct GuestMemfdMigrationTests {
         #expect(j?["outcome"] as? String == "refused_before_start")
         #expect(j?["private_pages"] as? Int == 16)
         let missing = j?["missing"] as? String ?? ""
-        #expect(missing.contains("guest_memfd mmap (GUEST_MEMFD_FLAG_MMAP)"), "\(missing)")
+        // Where the kernel maps this VM's guest_memfd and has KVM Userfault (7.3 rig kernel), what
+        // is missing is Faultline's own transfer of private pages.
+        #expect(missing.contains("guest_memfd mmap (GUEST_MEMFD_FLAG_MMAP)") || missing == "private-page transfer in Faultline",
+                "\(missing)")
         #expect(r.stderr.contains("migration refused before it started"), "\(r.stderr)")
         #expect(!r.stdout.contains("destination pid"), "nothing started")
         #expect(j?["bytes_sent"] == nil)

@@ -35,6 +35,8 @@ struct CapabilityProbeTests {
                     "\(Capability.vcpuExit.measured.saw)")
             #expect(Capability.guestMemfdMmap.measured.present == (probe.guestMemfdFlags & 1 != 0),
                     "\(Capability.guestMemfdMmap.measured.saw)")
+            #expect(Capability.guestMemfdInitShared.measured.present == probe.guestMemfdOnly.mmap.works,
+                    "\(Capability.guestMemfdInitShared.measured.saw) / \(probe.guestMemfdOnly.mmap.detail)")
             let privateMemory = [Capability.swProtectedVM, .memoryAttributes, .guestMemfd].allSatisfy(\.measured.present)
             #expect(privateMemory == (obstacle["private memory (faultline private)"] == .some(nil)))
         }

@@ -23,6 +23,13 @@ public enum Capability: String, CaseIterable, Sendable {
     case guestMemfdMmap = "guest_memfd_mmap"
     /// A default VM's guest_memfd with MMAP | INIT_SHARED maps and takes a store.
     case guestMemfdInitShared = "guest_memfd_init_shared"
+    /// UFFDIO_REGISTER MODE_MISSING on a default VM's MMAP|INIT_SHARED guest_memfd mapping,
+    /// and UFFDIO_COPY into it (guest_memfd's userfaultfd operations; the 7.3 rig kernel).
+    case guestMemfdUffdMissing = "guest_memfd_uffd_missing"
+    /// UFFDIO_REGISTER MODE_MINOR on such a mapping, and UFFDIO_CONTINUE of a cached page.
+    case guestMemfdUffdMinor = "guest_memfd_uffd_minor"
+    /// GUEST_MEMFD_FLAG_WRITE: pwrite() populates such a guest_memfd.
+    case guestMemfdWrite = "guest_memfd_write"
     /// KVM_X86_SW_PROTECTED_VM in KVM_CAP_VM_TYPES, and such a VM can be created.
     case swProtectedVM = "sw_protected_vm"
     /// KVM_CAP_MEMORY_ATTRIBUTES with KVM_MEMORY_ATTRIBUTE_PRIVATE.
@@ -78,6 +85,7 @@ public enum Capability: String, CaseIterable, Sendable {
         case .vcpuExit, .kvmUserfault, .preFault, .guestMemfd, .swProtectedVM, .memoryAttributes: [.kvm]
         case .guestMemfdMmap: [.guestMemfd]
         case .guestMemfdInitShared: [.guestMemfdMmap]
+        case .guestMemfdUffdMissing, .guestMemfdUffdMinor, .guestMemfdWrite: [.guestMemfdInitShared]
         case .netNamespaces: [.root]
         default: []
         }

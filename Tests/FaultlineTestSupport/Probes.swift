@@ -40,6 +40,9 @@ enum Probes {
         case .guestMemfd: guestMemfd()
         case .guestMemfdMmap: guestMemfdMmap()
         case .guestMemfdInitShared: guestMemfdInitShared()
+        case .guestMemfdUffdMissing: guestMemfdOnly(\.uffdMissing)
+        case .guestMemfdUffdMinor: guestMemfdOnly(\.uffdMinor)
+        case .guestMemfdWrite: guestMemfdOnly(\.write)
         case .swProtectedVM: swProtectedVM()
         case .memoryAttributes:
             kvmCheck { kvm in
@@ -156,6 +159,15 @@ enum Probes {
                             + "(KVM_CAP_GUEST_MEMFD_FLAGS is \(kvm.check(.guestMemfdFlags)))")
         }
     }
+
+    /// What `faultline probe` tried on a guest_memfd-only VM's memory (GuestMemfdOnlyProbe,
+    /// run once for the three capabilities it answers).
+    static func guestMemfdOnly(_ answer: KeyPath<GuestMemfdOnlyFeatures, ProbeOutcome>) -> Measurement {
+        let outcome = guestMemfdOnlyFeatures[keyPath: answer]
+        return Measurement(present: outcome.works, saw: outcome.detail)
+    }
+
+    static let guestMemfdOnlyFeatures = GuestMemfdOnlyProbe.collect()
 
     static func swProtectedVM() -> Measurement {
         kvmCheck { kvm in

@@ -28,6 +28,8 @@ public enum TestGate: String, CaseIterable, Sendable {
     case threadKeepsOffACPU
     case privateMemoryRefusedWithoutIt
     case privateMemoryVMOnTheRig
+    case guestMemfdMissingFaults
+    case guestMemfdMinorFaultsAfterWrite
 
     // FaultlineEngineTests
     case kvmDemandPaging
@@ -50,6 +52,7 @@ public enum TestGate: String, CaseIterable, Sendable {
     case privateMemoryRunRefusedWithoutIt
     case privateMemoryFaultOnTheRig
     case cloneRestoreOnKVM
+    case guestMemfdOnlyProbeWithoutIt
 
     // FaultlineCLITests
     case hugetlbRefusedWithoutReservedPages
@@ -85,6 +88,9 @@ public enum TestGate: String, CaseIterable, Sendable {
         // A clone's RAM is a private file mapping: no userfaultfd, only a VM.
         case .cloneRestoreOnKVM, .clonesCLI: [.kvm]
         case .guestMemfdSlotSharedWithItsMapping, .guestMemfdBaselines: [.kvm, .guestMemfdInitShared]
+        case .guestMemfdMissingFaults: [.guestMemfdUffdMissing]
+        case .guestMemfdMinorFaultsAfterWrite: [.guestMemfdUffdMinor, .guestMemfdWrite]
+        case .guestMemfdOnlyProbeWithoutIt: [.kvm]
         case .userfaultfdOnTheRealKernel: [.uffdKernel]
         case .uffdMoveStepsOverMappedPages: [.uffdKernel, .uffdMove]
         case .writeProtectDirtyLog: [.uffdUser, .uffdWP]
@@ -142,6 +148,7 @@ public enum TestGate: String, CaseIterable, Sendable {
         case .privateMemoryRefusedWithoutIt: [.memoryAttributes]
         case .privateMemoryRunRefusedWithoutIt, .privateMemoryCLIRefusedWithoutIt: [.swProtectedVM, .memoryAttributes]
         case .hugetlbRefusedWithoutReservedPages: [.hugetlbReserved]
+        case .guestMemfdOnlyProbeWithoutIt: [.guestMemfdInitShared]
         default: []
         }
     }
@@ -152,6 +159,8 @@ public enum TestGate: String, CaseIterable, Sendable {
         case .privateMemoryVMOnTheRig, .privateMemoryRunOnTheRig, .privateMemoryFaultOnTheRig: "rig/tests PrivateMemory"
         case .guestMemfdMigration: "rig/tests GuestMemfdMigration"
         case .preFaultOnTheRealKernel: "rig/tests PreFault"
+        case .guestMemfdMissingFaults, .guestMemfdMinorFaultsAfterWrite:
+            "rig/tests --kernel ../shared/rig/bzImage-7.3-gmem-uffd GuestMemfdUffd"
         case .kvmUserfaultOnTheRealKernel, .kvmUserfaultNeverToggledOnGuestMemfd:
             "rig/tests --kernel ../shared/rig/bzImage-6.12-userfault KVMUserfault"
         default: nil

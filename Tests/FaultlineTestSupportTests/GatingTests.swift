@@ -102,6 +102,7 @@ struct GatesInTheSourcesTests {
     static let allowedConditions = [
         "Rig.requested && !Rig.insideRig", "Rig.hasKernel", "Rig.hasReleaseBinary", "Rig.releaseBinaryIsCurrent",
         "FileManager.default.fileExists(atPath: Rig.userfaultKernel.path)",
+        "FileManager.default.fileExists(atPath: Rig.gmemUffdKernel.path)",
         #"ProcessInfo.processInfo.environment["FAULTLINE_INSIDE_RIG"] == "1""#,
         "CRC32C.usesHardware",
     ]

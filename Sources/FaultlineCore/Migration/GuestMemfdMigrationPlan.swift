@@ -17,7 +17,8 @@ public struct GuestMemfdKernelFeatures: Sendable, Equatable {
     public var kvmUserfault = false
     /// KVM_CREATE_GUEST_MEMFD accepts GUEST_MEMFD_FLAG_MMAP (6.12 accepts no flag at all).
     public var guestMemfdMmap = false
-    /// UFFDIO_REGISTER accepts a guest_memfd mapping (proposed upstream; no kernel here has it).
+    /// UFFDIO_REGISTER accepts a mapping of such a VM's guest_memfd (guest_memfd's userfaultfd
+    /// operations; they need INIT_SHARED, which x86 refuses on this VM type).
     public var userfaultfdOnGuestMemfd = false
     /// userfaultfd write-protect on anonymous memory including pages not yet touched
     /// (UFFD_FEATURE_WP_UNPOPULATED): a dirty log for the shared view without KVM's.

@@ -29,12 +29,23 @@ public enum GuestMemfdProbe {
         let attributes = vm.check(.memoryAttributes)
         r.features.privateAttribute = attributes & (1 << 3) != 0
         r.notes.append(("KVM_CAP_MEMORY_ATTRIBUTES (VM)", "0x\(String(attributes, radix: 16))"))
+        // Such a VM's guest_memfd cannot start shared (x86 refuses INIT_SHARED where memory can
+        // be private): mapped with MMAP alone, it is registered for userfaultfd but never touched.
         do {
-            _ = try vm.createGuestMemfd(size: 1 << 16, flags: .mmap)
+            let mapped = try GuestMemoryRegion(backing: .guestMemfd, size: 1 << 16, vm: vm, label: "gmem-probe mmap",
+                                               guestMemfdFlags: .mmap)
             r.features.guestMemfdMmap = true
-            r.notes.append(("KVM_CREATE_GUEST_MEMFD GUEST_MEMFD_FLAG_MMAP", "accepted"))
+            r.notes.append(("KVM_CREATE_GUEST_MEMFD GUEST_MEMFD_FLAG_MMAP, mmap", "accepted"))
+            do {
+                let u = try GuestMemfdOnlyProbe.userfaultfd([.missingShmem])
+                try u.register(start: mapped.hostAddress, length: mapped.size, mode: .missing)
+                r.features.userfaultfdOnGuestMemfd = true
+                r.notes.append(("UFFDIO_REGISTER MODE_MISSING on that mapping", "accepted"))
+            } catch {
+                r.notes.append(("UFFDIO_REGISTER MODE_MISSING on that mapping", error.errnoName))
+            }
         } catch {
-            r.notes.append(("KVM_CREATE_GUEST_MEMFD GUEST_MEMFD_FLAG_MMAP", "\(error.errnoName)"))
+            r.notes.append(("KVM_CREATE_GUEST_MEMFD GUEST_MEMFD_FLAG_MMAP, mmap", (error as? SystemError)?.errnoName ?? "\(error)"))
         }
         guard let shared = try? GuestMemoryRegion(backing: .anonymous, size: 1 << 16, label: "gmem-probe"),
               let gmem = try? vm.createGuestMemfd(size: 3 << 16, flags: []) else {
@@ -67,9 +78,6 @@ public enum GuestMemfdProbe {
         let uffdFeatures = try? Userfaultfd.availableFeatures()
         r.features.userfaultfdWriteProtect = uffdFeatures?.contains(.wpUnpopulated) ?? false
         r.notes.append(("userfaultfd UFFD_FEATURE_WP_UNPOPULATED", uffdFeatures.map { $0.contains(.wpUnpopulated) ? "yes" : "no" } ?? "no userfaultfd"))
-        // userfaultfd can only register a mapping, and 6.12 cannot map a guest_memfd at all;
-        // no kernel here accepts UFFDIO_REGISTER on a guest_memfd mapping (only proposed).
-        r.features.userfaultfdOnGuestMemfd = false
         return r
     }
 }
