@@ -8,6 +8,8 @@ begin=$(date +%s.%N)
 failed=0
 pass() { echo "rig check $1: ok${2:+ - $2}"; }
 flunk() { echo "rig check $1: FAILED - $2"; echo "--- stdout"; cat "$out"; echo "--- stderr"; cat "$err"; failed=$((failed + 1)); }
+# has PATTERN: the last command's JSON (in $out) holds PATTERN (a grep -E pattern; keys in any order).
+has() { grep -Eq "$1" "$out"; }
 clock() { date +%s.%N; }
 took() { awk -v a="$1" -v b="$(clock)" 'BEGIN { printf "%.1f", b - a }'; }
 
@@ -78,7 +80,8 @@ if [ "$userfault" = yes ]; then
   t=$(clock)
   if ! "$bin" bench demand-paging --mode vcpu-exit --vcpus 2 --mem-per-vcpu 4 --json >"$out" 2>"$err"; then
     flunk "g (bench demand-paging --mode vcpu-exit on KVM Userfault)" "exit status $?"
-  elif ! grep -q '"vcpu_exit_via":"kvm-userfault","uffd_fallback_faults":0' "$out" || ! grep -q '"bad_pages":0,"checksum_failures":0' "$out"; then
+  elif ! has '"vcpu_exit_via":"kvm-userfault"' || ! has '"uffd_fallback_faults":0[,}]' || ! has '"bad_pages":0[,}]' \
+       || ! has '"checksum_failures":0[,}]'; then
     flunk "g (bench demand-paging --mode vcpu-exit on KVM Userfault)" "not every page verified through KVM Userfault exits"
   else pass "g (bench demand-paging --mode vcpu-exit, 2 vCPUs x 4 MiB)" "$(took "$t") s; every page verified; $(sed -n 's/.*"pages_per_sec":\([0-9]*\).*/\1/p' "$out") pages/s; all faults KVM Userfault exits"
   fi

@@ -76,7 +76,8 @@ public final class DemandPagingBenchmark {
     public let vcpuExitMechanism: VcpuExitMechanism?
 
     /// `probe`: what this kernel does with a vCPU fault (this process's probe by default).
-    public init(config: DemandPagingConfig, probe: @autoclosure () -> VcpuFaultProbe = .current) throws {
+    /// `modeOption`: how a refusal names the mode setting (a front end's spelling of it).
+    public init(config: DemandPagingConfig, probe: @autoclosure () -> VcpuFaultProbe = .current, modeOption: String = "mode") throws {
         try config.validate()
         var mechanism: VcpuExitMechanism?
         if config.mode == .vcpuExit {
@@ -85,7 +86,7 @@ public final class DemandPagingBenchmark {
                 // Refused up front where KVM_RUN cannot say which page a vCPU fault wants (TDP
                 // without KVM Userfault).
                 let p = probe()
-                _ = try FaultModeSelection.resolve(requested: .explicit(.vcpuExit), option: "mode", offerAuto: false, probe: p)
+                _ = try FaultModeSelection.resolve(requested: .explicit(.vcpuExit), option: modeOption, offerAuto: false, probe: p)
                 mechanism = FaultModeSelection.vcpuExitMechanism(probe: p)
             }
         }

@@ -136,7 +136,7 @@ struct DemandPaging: ParsableCommand {
             if !json { print("backend: \(backend) (\(why))") }
             var failed = false
             for _ in 0..<max(1, self.repeat) {
-                let result = try DemandPagingBenchmark(config: config).run()
+                let result = try DemandPagingBenchmark(config: config, modeOption: "--mode").run()
                 if json { printJSON(DemandPagingReport(result)) } else { print(result.humanReport) }
                 if !result.verified { failed = true }
             }
