@@ -58,6 +58,7 @@ let package = Package(
             dependencies: [
                 "FaultlineEngine", "FaultlineLinux", "FaultlineCore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         // Test-only (in no product): one probe per capability the tests gate on, measured once

@@ -42,7 +42,10 @@ struct Demo: ParsableCommand {
     @Option(name: .customLong("chaos-events"), help: .hidden) var chaosEvents = 3
     @Option(name: .customLong("chaos-event"), help: .hidden) var chaosEventSpecs: [String] = []
 
+    @OptionGroup(title: "Logging") var logging: LoggingArguments
+
     func run() {
+        logging.apply()
         do {
             try HeapPolicy.keepHeapForFaultPath()
             let (backend, why) = BackendSelection.resolve(nil)

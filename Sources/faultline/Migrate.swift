@@ -191,7 +191,10 @@ struct Run: ParsableCommand {
     @Flag(help: "One JSON line") var json = false
     @OptionGroup var injection: SourceFaultInjection
 
+    @OptionGroup(title: "Logging") var logging: LoggingArguments
+
     func run() {
+        logging.apply()
         do {
             try HeapPolicy.keepHeapForFaultPath()
             let (layout, wl) = try migrationGuest(vcpus: vcpus, memory: memory, mode: guestMode, workload: workload,
@@ -263,7 +266,10 @@ struct Receive: ParsableCommand {
     @Flag(name: .customLong("inject-fault-thread-failure"), help: .hidden) var failFaultThread = false
     @Option(name: .customLong("inject-exit-during-precopy-after-pages"), help: .hidden) var exitDuringPrecopy: Int?
 
+    @OptionGroup(title: "Logging") var logging: LoggingArguments
+
     func run() {
+        logging.apply()
         do {
             try HeapPolicy.keepHeapForFaultPath()
             guard let endpoint = SocketEndpoint(parsing: listen) else { throw CLIError(description: "cannot read --listen '\(listen)'") }

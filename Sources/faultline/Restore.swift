@@ -71,8 +71,11 @@ struct Restore: ParsableCommand {
         }
     }
 
+    @OptionGroup(title: "Logging") var logging: LoggingArguments
+
     func run() {
         let started = MonotonicClock.nanoseconds()
+        logging.apply()
         if clone.requested { return runClone(started: started) }
         do {
             try HeapPolicy.keepHeapForFaultPath()

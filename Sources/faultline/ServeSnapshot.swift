@@ -29,7 +29,10 @@ struct ServeSnapshot: ParsableCommand {
     /// meanwhile is served on demand (tests force that path with it).
     @Option(name: .customLong("stream-delay-seconds"), help: .hidden) var streamDelaySeconds = 0.0
 
+    @OptionGroup(title: "Logging") var logging: LoggingArguments
+
     func run() {
+        logging.apply()
         do {
             try HeapPolicy.keepHeapForFaultPath()
             guard let endpoint = SocketEndpoint(parsing: listen) else { throw CLIError(description: "cannot read --listen '\(listen)'") }

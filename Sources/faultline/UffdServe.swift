@@ -50,7 +50,10 @@ struct UffdServeServe: ParsableCommand {
     @Option(name: .customLong("inject-worker-exit-after-faults"), help: .hidden) var crashAfterFaults: Int?
     @Option(name: .customLong("inject-worker-exit-after-removes"), help: .hidden) var crashAfterRemoves: Int?
 
+    @OptionGroup(title: "Logging") var logging: LoggingArguments
+
     func run() {
+        logging.apply()
         do {
             let signals = try TerminationSignals()
             if let from = remote.from {

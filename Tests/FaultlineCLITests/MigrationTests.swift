@@ -157,6 +157,16 @@ struct MigrationTests {
         #expect(stderr.contains("timed out: waiting for the source"), "\(stderr)")
     }
 
+    @Test func logLevelErrorKeepsWarningsOffStderrButNotTheError() throws {
+        // The same stranger: its warning is below --log-level error; the final error is not a log line.
+        let (receiver, port) = try startReceiver(["--accept-seconds", "3", "--log-level", "error"])
+        try rawSend(port: port, Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
+        let (status, _, stderr, _) = receiver.finish(timeout: 60)
+        #expect(status == 2)
+        #expect(!stderr.contains("not a Faultline peer") && !stderr.contains("warning"), "\(stderr)")
+        #expect(stderr.contains("timed out: waiting for the source"), "\(stderr)")
+    }
+
     @Test func aWrongProtocolVersionIsNamed() throws {
         let (receiver, port) = try startReceiver()
         let layout = try GuestMemoryLayout(regions: [GuestMemoryRange(start: GuestPhysicalAddress(0), size: 0x10000)!])
